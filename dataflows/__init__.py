@@ -1,0 +1,1 @@
+"""Bytewax dataflows: streaming blocks, user sequences (thin flows over features/)."""

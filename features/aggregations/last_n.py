@@ -1,0 +1,105 @@
+"""``last_n``: the most recent N values of a field, with their timestamps.
+
+Rep: a tuple of ``(ts, value)`` pairs ordered newest first, at most N long. Ties on ``ts``
+are broken by the value so that ``combine`` is commutative. Values are numbers or strings
+(one type per feature).
+"""
+
+from __future__ import annotations
+
+import heapq
+import struct
+from typing import Any
+
+import numpy as np
+
+from features.aggregations.base import Aggregation
+from features.errors import RepDecodeError
+
+_HEAD = struct.Struct("<BI")  # value kind, count
+_KIND_NUM, _KIND_STR = 0, 1
+
+
+class LastNAgg(Aggregation):
+    """Keep the ``n`` most recent (ts, value) pairs."""
+
+    kind = "last_n"
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"last_n needs n >= 1, got {n}")
+        self.n = int(n)
+
+    def identity(self) -> tuple:
+        return ()
+
+    def map(self, value: Any, ts: int) -> tuple:
+        return ((int(ts), value),)
+
+    def combine(self, a: tuple, b: tuple) -> tuple:
+        if not a:
+            return b[: self.n]
+        if not b:
+            return a[: self.n]
+        merged = heapq.nlargest(self.n, a + b, key=_order_key)
+        return tuple(merged)
+
+    def finalize(self, rep: tuple) -> list:
+        return [v for _, v in rep]
+
+    def group_reduce(self, group_ids, n_groups, values, ts):
+        reps: list[list] = [[] for _ in range(n_groups)]
+        vals = values.tolist() if isinstance(values, np.ndarray) else list(values)
+        for g, t, v in zip(group_ids.tolist(), ts.tolist(), vals):
+            reps[g].append((t, v))
+        return [tuple(heapq.nlargest(self.n, r, key=_order_key)) for r in reps]
+
+    def to_bytes(self, rep: tuple) -> bytes:
+        n = len(rep)
+        if n == 0:
+            return _HEAD.pack(_KIND_NUM, 0)
+        ts = np.array([t for t, _ in rep], dtype="<i8").tobytes()
+        if isinstance(rep[0][1], str):
+            parts = [_HEAD.pack(_KIND_STR, n), ts]
+            for _, v in rep:
+                raw = v.encode()
+                parts.append(struct.pack("<H", len(raw)))
+                parts.append(raw)
+            return b"".join(parts)
+        vals = np.array([v for _, v in rep], dtype="<f8").tobytes()
+        return _HEAD.pack(_KIND_NUM, n) + ts + vals
+
+    def from_bytes(self, data: bytes | memoryview) -> tuple:
+        data = bytes(data)
+        if len(data) < _HEAD.size:
+            raise RepDecodeError(f"last_n rep truncated: {len(data)} bytes")
+        kind, n = _HEAD.unpack_from(data)
+        pos = _HEAD.size
+        if len(data) < pos + 8 * n:
+            raise RepDecodeError(f"last_n rep truncated: {n} timestamps need {8 * n} bytes")
+        ts = np.frombuffer(data, dtype="<i8", count=n, offset=pos).tolist()
+        pos += 8 * n
+        if kind == _KIND_NUM:
+            if len(data) != pos + 8 * n:
+                raise RepDecodeError("last_n rep has the wrong length for numeric values")
+            vals = np.frombuffer(data, dtype="<f8", count=n, offset=pos).tolist()
+        elif kind == _KIND_STR:
+            vals = []
+            for _ in range(n):
+                if len(data) < pos + 2:
+                    raise RepDecodeError("last_n rep truncated inside a string value")
+                (ln,) = struct.unpack_from("<H", data, pos)
+                pos += 2
+                vals.append(data[pos : pos + ln].decode())
+                pos += ln
+        else:
+            raise RepDecodeError(f"last_n rep has unknown value kind {kind}")
+        return tuple(zip(ts, vals))
+
+    def __repr__(self) -> str:
+        return f"LastNAgg(n={self.n})"
+
+
+def _order_key(pair: tuple) -> tuple:
+    """Newest first; equal timestamps ordered by value so combine is commutative."""
+    return pair

@@ -1,0 +1,164 @@
+"""Window semantics and block tiling: the one function online and offline reads share.
+
+Window semantics (the contract every path follows)
+-------------------------------------------------
+All times are integer epoch milliseconds, UTC. Blocks are epoch-aligned half-open intervals
+``[start, start + size)``; an event with time ``ts`` belongs to the block of each size whose
+interval contains ``ts``. For a read at request time ``t`` of a window of length ``W`` with
+feature watermark ``wm``:
+
+* ``b`` is the streaming (finest) block size; ``W`` is a multiple of ``b``;
+* the window is ``[align_down(t, b) - W, end)`` with ``end = min(wm, align_down(t, b))``;
+* ``wm`` is the end of the last block the store trusts (sealed: the stream's event-time
+  watermark has passed it). The open block, and anything at or after ``wm``, is never read.
+
+So a window value counts exactly the events with ``start <= event_ts < end``; when the store
+lags (``wm < align_down(t, b)``) the window is shorter, never shifted. The value logged with an
+impression carries ``wm``; the offline backfill recomputes ``[align_down(t, b) - W, wm)`` from
+the same blocks, which makes online and offline agree by construction.
+
+Tiling
+------
+``cover_window`` covers ``[start, end)`` with the fewest aligned, non-overlapping blocks: at
+each point it takes the largest available size that is aligned there and still fits. With
+block sizes that each divide the next (5m | 1h | 1d) this greedy choice is optimal, and the
+blocks of one size form at most two runs (left edge and right edge of the coarser middle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from features.errors import TilingError
+from features.timeutil import align_down, format_duration
+
+
+@dataclass(frozen=True)
+class BlockRun:
+    """Consecutive aligned blocks of one ``size`` covering ``[start, end)``."""
+
+    size: int
+    start: int
+    end: int
+
+    @property
+    def count(self) -> int:
+        """Number of blocks in the run."""
+        return (self.end - self.start) // self.size
+
+
+@dataclass(frozen=True)
+class BlockCover:
+    """The fewest aligned blocks covering ``[start, end)``, grouped into runs."""
+
+    start: int
+    end: int
+    runs: tuple[BlockRun, ...]
+
+    @property
+    def n_blocks(self) -> int:
+        """Total number of blocks."""
+        return sum(r.count for r in self.runs)
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """Every block as ``(start, size)`` in time order."""
+        out = []
+        for r in sorted(self.runs, key=lambda r: r.start):
+            out.extend((s, r.size) for s in range(r.start, r.end, r.size))
+        return out
+
+
+@dataclass(frozen=True)
+class WindowBounds:
+    """The half-open event-time interval a windowed read covers."""
+
+    start: int
+    end: int
+
+    @property
+    def empty(self) -> bool:
+        """Whether the interval holds no time at all."""
+        return self.end <= self.start
+
+
+def validate_block_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
+    """Return ``sizes`` if ascending, positive, and each dividing the next.
+
+    Raises:
+        TilingError: naming the offending pair and the fix.
+    """
+    sizes = tuple(int(s) for s in sizes)
+    if not sizes:
+        raise TilingError("at least one block size is needed, e.g. [5m, 1h, 1d]")
+    if sizes[0] <= 0:
+        raise TilingError(f"block sizes must be positive, got {sizes[0]} ms")
+    for a, b in zip(sizes, sizes[1:]):
+        if b <= a or b % a:
+            raise TilingError(
+                f"block size {format_duration(b)} must be a larger multiple of "
+                f"{format_duration(a)}; list sizes ascending, each dividing the next "
+                "(e.g. 5m, 1h, 1d)"
+            )
+    return sizes
+
+
+def window_bounds(t: int, window: int, watermark: int, finest: int) -> WindowBounds:
+    """Return the interval a read at ``t`` of ``window`` ms may use, given watermark ``wm``.
+
+    ``[align_down(t, finest) - window, min(watermark, align_down(t, finest)))``; see the
+    module docstring. The end is also aligned down to ``finest`` so it is a block boundary.
+
+    Raises:
+        TilingError: ``window`` is not a positive multiple of ``finest``.
+    """
+    if window <= 0 or window % finest:
+        raise TilingError(
+            f"window {format_duration(window)} is not a multiple of the block size "
+            f"{format_duration(finest)}"
+        )
+    now = align_down(t, finest)
+    end = align_down(min(watermark, now), finest)
+    start = now - window
+    return WindowBounds(start=start, end=max(end, start))
+
+
+def cover_window(start: int, end: int, sizes: Sequence[int]) -> BlockCover:
+    """Cover ``[start, end)`` with the fewest aligned non-overlapping blocks of ``sizes``.
+
+    Args:
+        start, end: interval bounds, both multiples of the finest size.
+        sizes: available block sizes, ascending, each dividing the next.
+
+    Raises:
+        TilingError: bounds not aligned to the finest size, or bad sizes.
+    """
+    sizes = validate_block_sizes(sizes)
+    finest = sizes[0]
+    if start % finest or end % finest:
+        raise TilingError(
+            f"window bounds must be aligned to the finest block {format_duration(finest)}; "
+            f"got start={start}, end={end}"
+        )
+    runs: list[BlockRun] = []
+    cur = start
+    while cur < end:
+        size = _largest_fitting(cur, end, sizes)
+        # Take blocks of this size until a coarser block becomes aligned and fits, or the end.
+        stop = cur + ((end - cur) // size) * size
+        for bigger in sizes:
+            if bigger <= size:
+                continue
+            boundary = cur + (-cur % bigger)
+            if boundary + bigger <= end:
+                stop = min(stop, boundary)
+        runs.append(BlockRun(size, cur, stop))
+        cur = stop
+    return BlockCover(start=start, end=end, runs=tuple(runs))
+
+
+def _largest_fitting(cur: int, end: int, sizes: Sequence[int]) -> int:
+    for size in reversed(sizes):
+        if cur % size == 0 and cur + size <= end:
+            return size
+    raise TilingError(f"no block size fits at {cur} before {end}")  # unreachable when aligned

@@ -1,0 +1,1 @@
+"""Models: two-tower retrieval, L1/L2 rankers, ONNX export, HNSW index, registry (step 5)."""

@@ -1,0 +1,1 @@
+"""Wire contracts: Avro schemas of every topic and the Confluent-framed codec."""

@@ -1,0 +1,1 @@
+"""Serving endpoint: retrieval, hydration, ranking, forward logging (step 6)."""
