@@ -1,0 +1,589 @@
+"""Production online store on Aerospike (``aerospike`` Python client, server 6.0+).
+
+Data model (namespace from the URL):
+
+* One record per entity: set = entity type, user key = entity id.
+* Blocks of a family live in one **KEY_ORDERED map bin** ``family_bin(family)`` =
+  ``"b_" + 8 hex of sha1(family)`` (bin names are limited to 15 bytes). The map key is
+  ``encode_block_key(feature_key, size, start)`` (bytes that sort as ``(feature, size,
+  start)``), the value the rep bytes. ``put_blocks`` is one ``map_put_items`` per entity, all
+  entities in one ``batch_write``; reads are ``batch_read`` of that bin, converted to a
+  ``BlockTable`` by ``blocktable_from_map``. The bin-name table (bin -> family) lives in the
+  meta record ``\\0bins``; a hash collision between two families is refused on first write.
+* Sequences: bin ``seq``, a KEY_ORDERED map ``event_id -> [ts, event_id, item_id, action,
+  dwell_ms]``. Chosen over a list bin plus a separate dedup bin: one bin and one ``operate``
+  give dedup and trim atomically. ``map_put_items`` with CREATE_ONLY|NO_FAIL|PARTIAL makes a
+  replayed event id a no-op; ``map_remove_by_rank_range(-max_len, max_len, inverted=True)``
+  keeps the ``max_len`` greatest values, i.e. the newest by ``(ts, event_id)``, which is the
+  same total order the LMDB backend uses.
+* Values: bin ``"v_" + 8 hex`` of the table name holding ``records.encode_value`` bytes; the
+  column lists live in the meta record ``\\0values\\0<entity_type>\\0<table>``.
+* Watermarks: set ``tessera_wm``, one record per name (bins ``name``, ``ts``); raised with a
+  read-compare-write under a generation check, retried on conflict, so it never goes back.
+* Meta: set ``tessera_meta``, bin ``v``.
+
+Entity records get a TTL (``ttl_s``, default ``DEFAULT_TTL_S``, or ``ttl_for_specs``) that
+every write refreshes; watermarks and meta never expire. ``delete_blocks_before`` scans the
+set, which is a batch job, not a request-path call.
+
+Entity types named ``tessera_wm`` or ``tessera_meta`` are reserved.
+
+No server runs in this repository's CI: the pure helpers below are unit-tested, and the
+contract suite runs against a live server when ``TESSERA_AEROSPIKE_HOSTS`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+
+from features.store.base import (
+    ActionSequence,
+    BlockRow,
+    OnlineStore,
+    SequenceRow,
+    ValueRow,
+    ValuesResult,
+    check_part,
+    sequence_from_tuples,
+)
+from features.store.blocktable import BlockTable
+from features.store.errors import StoreError, StoreUnavailableError
+from features.store.records import columns_id, decode_values, encode_value
+from features.timeutil import DAY
+
+try:  # the client is a dependency, but keep the pure helpers importable without it
+    import aerospike
+    from aerospike import exception as aerospike_exception
+    from aerospike_helpers.batch.records import BatchRecords, Write
+    from aerospike_helpers.operations import map_operations, operations
+except ImportError:  # pragma: no cover - exercised only where the client is missing
+    aerospike = None
+
+MAX_BIN_NAME = 15
+DEFAULT_TTL_S = (30 * DAY + 2 * DAY) // 1000
+"""Default record TTL: the longest default window (30d) plus slack."""
+
+SEQUENCE_BIN = "seq"
+META_SET = "tessera_meta"
+WATERMARK_SET = "tessera_wm"
+_BATCH = 4096
+_KEY_NOT_FOUND = 2
+_BIN_NOT_FOUND = 17  # reported by some servers when a selected bin is absent
+_SIGN = 1 << 63
+
+
+# ---------------------------------------------------------------------- pure helpers
+
+
+def _hashed_bin(prefix: str, name: str) -> str:
+    bin_name = prefix + hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
+    if len(bin_name.encode("utf-8")) > MAX_BIN_NAME:  # pragma: no cover - prefixes are short
+        raise StoreError(f"bin name {bin_name!r} is longer than {MAX_BIN_NAME} bytes")
+    return bin_name
+
+
+def family_bin(family: str) -> str:
+    """Return the bin holding a family's blocks: ``"b_" + 8 hex of sha1(family)`` (10 bytes)."""
+    return _hashed_bin("b_", family)
+
+
+def values_bin(table: str) -> str:
+    """Return the bin holding a value table's row: ``"v_" + 8 hex of sha1(table)``."""
+    return _hashed_bin("v_", table)
+
+
+def encode_block_key(feature_key: str, size: int, start: int) -> bytes:
+    """Return the map key of a block: utf8 feature key, NUL, big-endian size and start.
+
+    The start is stored with its sign bit flipped so that byte order equals numeric order;
+    a KEY_ORDERED map then keeps blocks sorted like a ``BlockTable``.
+    """
+    if "\x00" in feature_key:
+        raise StoreError(f"feature key must not contain NUL, got {feature_key!r}")
+    return (
+        feature_key.encode("utf-8")
+        + b"\x00"
+        + int(size).to_bytes(8, "big")
+        + ((int(start) + _SIGN) % (1 << 64)).to_bytes(8, "big")
+    )
+
+
+def decode_block_key(key: bytes) -> tuple[str, int, int]:
+    """Invert ``encode_block_key``: return ``(feature_key, size, start)``."""
+    key = bytes(key)
+    if len(key) < 18 or key[-17] != 0:
+        raise StoreError(f"not a block map key: {key!r}")
+    return (
+        key[:-17].decode("utf-8"),
+        int.from_bytes(key[-16:-8], "big"),
+        int.from_bytes(key[-8:], "big") - _SIGN,
+    )
+
+
+def blocktable_from_map(blocks: Mapping[bytes, bytes]) -> BlockTable:
+    """Convert a family bin (``{block key: rep}``) into a ``BlockTable``.
+
+    Sizes and starts of all keys are parsed with one ``np.frombuffer``; only the feature
+    names are split per key.
+    """
+    if not blocks:
+        return BlockTable.empty()
+    keys = [bytes(k) for k in blocks]
+    n = len(keys)
+    if any(len(k) < 18 or k[-17] != 0 for k in keys):
+        raise StoreError("a family bin holds a key that is not a block key")
+    tails = np.frombuffer(b"".join(k[-16:] for k in keys), ">u8").reshape(n, 2)
+    sizes = tails[:, 0].astype(np.int64)
+    starts = (tails[:, 1] ^ np.uint64(_SIGN)).view(np.int64)
+    names = [k[:-17].decode("utf-8") for k in keys]
+    reps = [bytes(v) for v in blocks.values()]
+    return BlockTable.from_arrays(names, starts, sizes, reps)
+
+
+def blocks_to_drop(blocks: Mapping[bytes, bytes], ts: int) -> list[bytes]:
+    """Return the map keys of the blocks whose end is ``<= ts``."""
+    keys = [bytes(k) for k in blocks]
+    if not keys:
+        return []
+    tails = np.frombuffer(b"".join(k[-16:] for k in keys), ">u8").reshape(len(keys), 2)
+    ends = (tails[:, 1] ^ np.uint64(_SIGN)).view(np.int64) + tails[:, 0].astype(np.int64)
+    return [keys[i] for i in np.flatnonzero(ends <= ts).tolist()]
+
+
+def sequence_items(rows: Iterable[SequenceRow]) -> dict[str, dict[str, list]]:
+    """Group sequence rows into ``{entity_id: {event_id: [ts, event_id, item, action, dwell]}}``.
+
+    Within one call the first row of an event id wins, as in the LMDB backend.
+    """
+    out: dict[str, dict[str, list]] = defaultdict(dict)
+    for entity_id, ts, item_id, action, dwell_ms, event_id in rows:
+        out[entity_id].setdefault(
+            str(event_id), [int(ts), str(event_id), str(item_id), str(action), int(dwell_ms)]
+        )
+    return out
+
+
+def sequence_from_map(
+    entries: Mapping[str, list] | None, max_len: int | None = None
+) -> ActionSequence:
+    """Convert a ``seq`` bin into an ``ActionSequence``, most recent first."""
+    if not entries:
+        return ActionSequence.empty()
+    items = sorted((tuple(v) for v in entries.values()), reverse=True)
+    return sequence_from_tuples(items).head(max_len)
+
+
+def parse_hosts(text: str) -> list[tuple[str, int]]:
+    """Parse ``host:3000,host2:3000`` (port defaults to 3000)."""
+    hosts = []
+    for part in text.split(","):
+        host, _, port = part.strip().rpartition(":") if ":" in part else (part.strip(), "", "3000")
+        try:
+            port_num = int(port)
+        except ValueError:
+            port_num = -1
+        if not host or not 0 < port_num < 65536:
+            raise StoreError(f"bad Aerospike host {part!r}: expected host:port, e.g. 10.0.0.1:3000")
+        hosts.append((host, port_num))
+    return hosts
+
+
+def ttl_for_specs(specs: Iterable, slack_ms: int = DAY) -> int:
+    """Return a record TTL in seconds: longest window + largest block size + ``slack_ms``.
+
+    ``specs`` are ``FeatureSpec``s (anything with ``windows`` and ``block_sizes``).
+    """
+    longest = 0
+    for spec in specs:
+        longest = max(longest, max(spec.windows, default=0) + max(spec.block_sizes, default=0))
+    if not longest:
+        return DEFAULT_TTL_S
+    return math.ceil((longest + slack_ms) / 1000)
+
+
+# ---------------------------------------------------------------------- the store
+
+
+class AerospikeStore(OnlineStore):
+    """The production ``OnlineStore``; see the module docstring for the data model.
+
+    Args:
+        hosts: seed nodes ``[(host, port), ...]``.
+        namespace: Aerospike namespace.
+        readonly: refuse writes.
+        ttl_s: TTL of entity records in seconds (default ``DEFAULT_TTL_S``).
+        timeout_ms: total timeout of each command.
+        client: an already connected client (tests, shared connections).
+
+    Raises:
+        StoreUnavailableError: the cluster cannot be reached.
+    """
+
+    def __init__(
+        self,
+        hosts: Sequence[tuple[str, int]],
+        namespace: str,
+        *,
+        readonly: bool = False,
+        ttl_s: int | None = None,
+        timeout_ms: int = 1000,
+        client=None,
+    ):
+        if aerospike is None:  # pragma: no cover
+            raise StoreUnavailableError(
+                "the aerospike client is not installed: pip install aerospike"
+            )
+        self.namespace = check_part("namespace", namespace)
+        self.readonly = readonly
+        self.ttl_s = DEFAULT_TTL_S if ttl_s is None else int(ttl_s)
+        self._bins: dict[str, str] = {}
+        if client is None:
+            timeouts = {"total_timeout": timeout_ms}
+            config = {
+                "hosts": list(hosts),
+                "policies": {
+                    "read": timeouts,
+                    "write": timeouts,
+                    "batch": timeouts,
+                    "operate": timeouts,
+                },
+            }
+            try:
+                client = aerospike.client(config)
+                if not client.is_connected():
+                    client.connect()
+            except aerospike_exception.AerospikeError as exc:
+                raise StoreUnavailableError(
+                    f"cannot connect to Aerospike at {hosts!r}: {exc}; check the hosts and that "
+                    "the cluster is up"
+                ) from exc
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"AerospikeStore(namespace={self.namespace!r}, readonly={self.readonly})"
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def client(self):
+        if self._client is None:
+            raise StoreError(f"{self!r} is closed")
+        return self._client
+
+    @contextmanager
+    def _errors(self, operation: str) -> Iterator[None]:
+        try:
+            yield
+        except (
+            aerospike_exception.TimeoutError,
+            aerospike_exception.ConnectionError,
+            aerospike_exception.ClusterError,
+        ) as exc:
+            raise StoreUnavailableError(f"{operation}: Aerospike is unavailable: {exc}") from exc
+        except aerospike_exception.AerospikeError as exc:
+            raise StoreError(f"{operation}: Aerospike error: {exc}") from exc
+
+    def _meta_write(self) -> dict:
+        return {"ttl": self.ttl_s}
+
+    def _key(self, set_name: str, user_key: str) -> tuple:
+        return (self.namespace, set_name, user_key)
+
+    def _batch_write(self, operation: str, writes: list) -> None:
+        for lo in range(0, len(writes), _BATCH):
+            records = BatchRecords(writes[lo : lo + _BATCH])
+            with self._errors(operation):
+                self.client.batch_write(records)
+            failed = [br for br in records.batch_records if br.result != 0]
+            if failed:
+                raise StoreError(
+                    f"{operation}: {len(failed)} of {len(records.batch_records)} records failed, "
+                    f"first {failed[0].key!r} with result code {failed[0].result}"
+                )
+
+    def _batch_read(
+        self, operation: str, set_name: str, ids: Sequence[str], bins: list[str]
+    ) -> list[dict | None]:
+        out: list[dict | None] = []
+        for lo in range(0, len(ids), _BATCH):
+            keys = [self._key(set_name, e) for e in ids[lo : lo + _BATCH]]
+            with self._errors(operation):
+                result = self.client.batch_read(keys, bins)
+            for br in result.batch_records:
+                if br.result == 0 and br.record is not None:
+                    out.append(br.record[2] or {})
+                elif br.result in (_KEY_NOT_FOUND, _BIN_NOT_FOUND):
+                    out.append(None)
+                else:
+                    raise StoreError(
+                        f"{operation}: reading {br.key!r} failed with result code {br.result}"
+                    )
+        return out
+
+    def _family_bin(self, family: str) -> str:
+        """Return the family's bin, registering it in the bin-name table on first use."""
+        name = self._bins.get(family)
+        if name is not None:
+            return name
+        name = family_bin(family)
+        policy = {
+            "map_write_flags": aerospike.MAP_WRITE_FLAGS_CREATE_ONLY
+            | aerospike.MAP_WRITE_FLAGS_NO_FAIL
+        }
+        with self._errors("put_blocks"):
+            _, _, bins = self.client.operate(
+                self._key(META_SET, "\x00bins"),
+                [
+                    map_operations.map_put("names", name, family, map_policy=policy),
+                    map_operations.map_get_by_key("names", name, aerospike.MAP_RETURN_VALUE),
+                ],
+                meta={"ttl": aerospike.TTL_NEVER_EXPIRE},
+            )
+        owner = bins.get("names")
+        if owner != family:
+            raise StoreError(
+                f"families {family!r} and {owner!r} hash to the same bin {name!r}; rename one of them"
+            )
+        self._bins[family] = name
+        return name
+
+    # ------------------------------------------------------------------ blocks
+
+    def put_blocks(self, entity_type: str, family: str, rows: Sequence[BlockRow]) -> None:
+        self._check_writable("put_blocks")
+        check_part("entity_type", entity_type)
+        by_entity: dict[str, dict[bytes, bytes]] = defaultdict(dict)
+        for entity_id, feature_key, start, size, rep in rows:
+            if size <= 0:
+                raise StoreError(f"block size must be a positive number of ms, got {size}")
+            by_entity[entity_id][encode_block_key(feature_key, size, start)] = bytes(rep)
+        if not by_entity:
+            return
+        bin_name = self._family_bin(check_part("family", family))
+        policy = {"map_order": aerospike.MAP_KEY_ORDERED}
+        writes = [
+            Write(
+                self._key(entity_type, check_part("entity_id", e)),
+                [map_operations.map_put_items(bin_name, items, map_policy=policy)],
+                meta=self._meta_write(),
+            )
+            for e, items in by_entity.items()
+        ]
+        self._batch_write("put_blocks", writes)
+
+    def get_block_tables(
+        self, entity_type: str, family: str, entity_ids: Sequence[str]
+    ) -> list[BlockTable | None]:
+        bin_name = family_bin(family)
+        records = self._batch_read("get_block_tables", entity_type, entity_ids, [bin_name])
+        return [
+            blocktable_from_map(r[bin_name]) if r is not None and r.get(bin_name) else None
+            for r in records
+        ]
+
+    def delete_blocks_before(self, entity_type: str, family: str, ts: int) -> int:
+        self._check_writable("delete_blocks_before")
+        bin_name = family_bin(family)
+        found: list[tuple[tuple, list[bytes], int]] = []
+
+        def collect(record) -> None:
+            key, _meta, bins = record
+            blocks = (bins or {}).get(bin_name)
+            if blocks:
+                drop = blocks_to_drop(blocks, ts)
+                if drop:
+                    found.append((key, drop, len(blocks)))
+
+        with self._errors("delete_blocks_before"):
+            query = self.client.query(self.namespace, entity_type)
+            query.select(bin_name)
+            query.foreach(collect)
+        dropped = 0
+        for key, drop, _total in found:
+            with self._errors("delete_blocks_before"):
+                _, meta, bins = self.client.operate(
+                    key,
+                    [
+                        map_operations.map_remove_by_key_list(
+                            bin_name, drop, aerospike.MAP_RETURN_COUNT
+                        ),
+                        map_operations.map_size(bin_name),
+                    ],
+                )
+            dropped += len(drop)
+            if not bins.get(bin_name):  # map empty: drop the bin, unless a write raced us
+                try:
+                    self.client.remove_bin(
+                        key,
+                        [bin_name],
+                        meta={"gen": meta["gen"]},
+                        policy={"gen": aerospike.POLICY_GEN_EQ},
+                    )
+                except aerospike_exception.RecordGenerationError:
+                    pass
+        return dropped
+
+    # ------------------------------------------------------------------ sequences
+
+    def append_sequence(self, entity_type: str, rows: Sequence[SequenceRow], max_len: int) -> None:
+        self._check_writable("append_sequence")
+        check_part("entity_type", entity_type)
+        if max_len <= 0:
+            raise StoreError(f"max_len must be a positive int, got {max_len!r}")
+        flags = (
+            aerospike.MAP_WRITE_FLAGS_CREATE_ONLY
+            | aerospike.MAP_WRITE_FLAGS_NO_FAIL
+            | aerospike.MAP_WRITE_FLAGS_PARTIAL
+        )
+        policy = {"map_order": aerospike.MAP_KEY_ORDERED, "map_write_flags": flags}
+        writes = [
+            Write(
+                self._key(entity_type, check_part("entity_id", e)),
+                [
+                    map_operations.map_put_items(SEQUENCE_BIN, items, map_policy=policy),
+                    map_operations.map_remove_by_rank_range(
+                        SEQUENCE_BIN, -max_len, max_len, aerospike.MAP_RETURN_NONE, inverted=True
+                    ),
+                ],
+                meta=self._meta_write(),
+            )
+            for e, items in sequence_items(rows).items()
+        ]
+        self._batch_write("append_sequence", writes)
+
+    def get_sequences(
+        self, entity_type: str, entity_ids: Sequence[str], max_len: int | None = None
+    ) -> list[ActionSequence]:
+        records = self._batch_read("get_sequences", entity_type, entity_ids, [SEQUENCE_BIN])
+        return [sequence_from_map((r or {}).get(SEQUENCE_BIN), max_len) for r in records]
+
+    # ------------------------------------------------------------------ values
+
+    def _columns_record(self, entity_type: str, table: str) -> tuple:
+        return self._key(META_SET, f"\x00values\x00{entity_type}\x00{table}")
+
+    def put_values(
+        self, entity_type: str, table: str, rows: Sequence[ValueRow], columns: Sequence[str]
+    ) -> None:
+        self._check_writable("put_values")
+        check_part("entity_type", entity_type)
+        cols = [str(c) for c in columns]
+        if len(set(cols)) != len(cols):
+            raise StoreError(f"put_values: column names must be unique, got {cols!r}")
+        cid = columns_id(cols)
+        bin_name = values_bin(check_part("table", table))
+        writes = [
+            Write(
+                self._key(entity_type, check_part("entity_id", e)),
+                [operations.write(bin_name, encode_value(v, wm, cid, len(cols)))],
+                meta=self._meta_write(),
+            )
+            for e, v, wm in rows
+        ]
+        cols_json = json.dumps(cols)
+        with self._errors("put_values"):
+            self.client.operate(
+                self._columns_record(entity_type, table),
+                [
+                    operations.write("current", cols_json),
+                    map_operations.map_put("lists", cid, cols_json),
+                ],
+                meta={"ttl": aerospike.TTL_NEVER_EXPIRE},
+            )
+        self._batch_write("put_values", writes)
+
+    def get_values(self, entity_type: str, table: str, entity_ids: Sequence[str]) -> ValuesResult:
+        with self._errors("get_values"):
+            try:
+                _, _, bins = self.client.get(self._columns_record(entity_type, table))
+            except aerospike_exception.RecordNotFound:
+                bins = {}
+        current = tuple(json.loads(bins["current"])) if bins.get("current") else ()
+        known = {int(k): tuple(json.loads(v)) for k, v in (bins.get("lists") or {}).items()}
+        bin_name = values_bin(table)
+        records = self._batch_read("get_values", entity_type, entity_ids, [bin_name])
+        raw = [bytes(r[bin_name]) if r and r.get(bin_name) is not None else None for r in records]
+        return decode_values(raw, current, known)
+
+    # ------------------------------------------------------------------ watermarks, meta
+
+    def set_watermark(self, name: str, ts: int) -> int:
+        self._check_writable("set_watermark")
+        key = self._key(WATERMARK_SET, check_part("watermark name", name))
+        ts = int(ts)
+        for _ in range(100):
+            with self._errors("set_watermark"):
+                try:
+                    _, meta, bins = self.client.get(key)
+                except aerospike_exception.RecordNotFound:
+                    try:
+                        self.client.put(
+                            key,
+                            {"name": name, "ts": ts},
+                            meta={"ttl": aerospike.TTL_NEVER_EXPIRE},
+                            policy={"exists": aerospike.POLICY_EXISTS_CREATE},
+                        )
+                        return ts
+                    except aerospike_exception.RecordExistsError:
+                        continue
+                if bins["ts"] >= ts:
+                    return int(bins["ts"])
+                try:
+                    self.client.put(
+                        key,
+                        {"name": name, "ts": ts},
+                        meta={"gen": meta["gen"], "ttl": aerospike.TTL_NEVER_EXPIRE},
+                        policy={"gen": aerospike.POLICY_GEN_EQ},
+                    )
+                    return ts
+                except aerospike_exception.RecordGenerationError:
+                    continue
+        raise StoreError(
+            f"set_watermark {name!r}: gave up after 100 conflicting concurrent updates"
+        )
+
+    def get_watermarks(self, prefix: str = "") -> dict[str, int]:
+        out: dict[str, int] = {}
+
+        def collect(record) -> None:
+            bins = record[2] or {}
+            name = bins.get("name")
+            if isinstance(name, str) and name.startswith(prefix):
+                out[name] = int(bins["ts"])
+
+        with self._errors("get_watermarks"):
+            query = self.client.query(self.namespace, WATERMARK_SET)
+            query.foreach(collect)
+        return out
+
+    def put_meta(self, key: str, value: bytes) -> None:
+        self._check_writable("put_meta")
+        with self._errors("put_meta"):
+            self.client.put(
+                self._key(META_SET, check_part("meta key", key)),
+                {"v": bytes(value)},
+                meta={"ttl": aerospike.TTL_NEVER_EXPIRE},
+            )
+
+    def get_meta(self, key: str) -> bytes | None:
+        with self._errors("get_meta"):
+            try:
+                _, _, bins = self.client.get(self._key(META_SET, key))
+            except aerospike_exception.RecordNotFound:
+                return None
+        value = bins.get("v")
+        return None if value is None else bytes(value)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
