@@ -122,8 +122,10 @@ def main() -> None:
             wb = window_bounds(t_req, window, wm, SIZES[0])
             cover = cover_window(wb.start, wb.end, SIZES)
             raw_s, raw_vals = timed(
-                lambda: raw_rescan(kind, entity, ts, dwell, wb.start, wb.end, n_ent), args.repeat)
-            blk_s, blk_reps = timed(lambda: index.assemble(agg, all_rows, cover), args.repeat)
+                lambda k=kind, b=wb: raw_rescan(k, entity, ts, dwell, b.start, b.end, n_ent),
+                args.repeat)
+            blk_s, blk_reps = timed(
+                lambda i=index, a=agg, c=cover: i.assemble(a, all_rows, c), args.repeat)
             blk_vals = finalize_many(kind, blk_reps)
             agree = np.array_equal(np.nan_to_num(raw_vals, nan=-1.0),
                                    np.nan_to_num(blk_vals, nan=-1.0))

@@ -18,8 +18,9 @@ snapshotted for recovery.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -276,9 +277,13 @@ class BlockShard:
             reps = self._rep_bytes(fi, table, rows)
             ents = self.state.entity_ids
             codes = (keys[rows] >> (_SLOT_BITS + _SIZE_BITS)).tolist()
-            for r, code, st, sz, rep, sl in zip(rows.tolist(), codes, starts[rows].tolist(),
-                                                sizes[rows].tolist(), reps, sealed[rows].tolist()):
-                out.append(BlockWrite(ents[code], spec.key, st, sz, rep, sl))
+            key = spec.key
+            out.extend(
+                BlockWrite(ents[code], key, st, sz, rep, sl)
+                for code, st, sz, rep, sl in zip(codes, starts[rows].tolist(),
+                                                 sizes[rows].tolist(), reps,
+                                                 sealed[rows].tolist())
+            )
             table.dirty[:n] = False
             if sealed.any():
                 self._evict(fi, table, ~sealed)

@@ -5,7 +5,8 @@ Streaming, batch and replay paths are all tested against ``reference_blocks``.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from features.aggregations import build_aggregation
 from features.expressions import parse_filter

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal, Mapping, get_args
+from typing import Literal, get_args
 
 from features.timeutil import DAY, HOUR, MINUTE, format_duration
 
@@ -61,7 +62,7 @@ class FeatureSpec:
     @property
     def entity_type(self) -> str:
         """Entity type derived from the key field: ``item_id -> item``."""
-        return self.entity[:-3] if self.entity.endswith("_id") else self.entity
+        return self.entity.removesuffix("_id")
 
     @property
     def streaming_block(self) -> int:

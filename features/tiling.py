@@ -27,8 +27,9 @@ blocks of one size form at most two runs (left edge and right edge of the coarse
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from itertools import pairwise
 
 from features.errors import TilingError
 from features.timeutil import align_down, format_duration
@@ -93,7 +94,7 @@ def validate_block_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
         raise TilingError("at least one block size is needed, e.g. [5m, 1h, 1d]")
     if sizes[0] <= 0:
         raise TilingError(f"block sizes must be positive, got {sizes[0]} ms")
-    for a, b in zip(sizes, sizes[1:]):
+    for a, b in pairwise(sizes):
         if b <= a or b % a:
             raise TilingError(
                 f"block size {format_duration(b)} must be a larger multiple of "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from features.errors import DurationError
 
@@ -65,7 +65,7 @@ def align_up(ts: int, size: int) -> int:
 
 def to_iso(ts_ms: int) -> str:
     """Format epoch milliseconds as an ISO-8601 UTC string."""
-    return datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 def parse_timestamp(text: str | int) -> int:
@@ -82,5 +82,5 @@ def parse_timestamp(text: str | int) -> int:
             f"expected an ISO-8601 time such as 2026-11-29T16:05:00Z or epoch ms, got {text!r}"
         ) from exc
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return int(dt.timestamp() * 1000)

@@ -124,7 +124,7 @@ def _diagnose(ts: TopicSchema, data: bytes, topic: str | None, exc: Exception) -
         start = bio.tell()
         try:
             schemaless_reader(bio, schema, None)
-        except Exception as field_exc:  # noqa: BLE001 - any reader failure is a bad body
+        except Exception as field_exc:
             return DecodeError(
                 _failure_reason(field_exc, name, len(data) - start, bio.tell() >= len(data)),
                 topic=topic,

@@ -13,8 +13,17 @@ if TYPE_CHECKING:
     from features.spec import FeatureSpec
 
 __all__ = [
-    "Aggregation", "CountAgg", "SumAgg", "MeanAgg", "MinAgg", "MaxAgg", "LastNAgg",
-    "ApproxDistinctAgg", "ApproxQuantileAgg", "build_aggregation", "make_aggregation",
+    "Aggregation",
+    "ApproxDistinctAgg",
+    "ApproxQuantileAgg",
+    "CountAgg",
+    "LastNAgg",
+    "MaxAgg",
+    "MeanAgg",
+    "MinAgg",
+    "SumAgg",
+    "build_aggregation",
+    "make_aggregation",
 ]
 
 

@@ -18,7 +18,9 @@ block. Variable-width ones (last_n, sketches) set ``rep_dtype = None``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from itertools import pairwise
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -92,7 +94,7 @@ class Aggregation(ABC):
         list of reps.
         """
         mv = memoryview(blob)
-        return [self.from_bytes(mv[int(a):int(b)]) for a, b in zip(offsets[:-1], offsets[1:])]
+        return [self.from_bytes(mv[int(a):int(b)]) for a, b in pairwise(offsets.tolist())]
 
     def reduce_rows(self, unpacked: Any, rows: np.ndarray) -> Rep:
         """Combine the reps at ``rows`` of an ``unpack`` result."""

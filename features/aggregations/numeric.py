@@ -211,7 +211,7 @@ class MinAgg(_Extremum):
     _ufunc = np.minimum
 
     def combine(self, a: float, b: float) -> float:
-        return a if a <= b else b
+        return min(a, b)
 
 
 class MaxAgg(_Extremum):
@@ -222,7 +222,7 @@ class MaxAgg(_Extremum):
     _ufunc = np.maximum
 
     def combine(self, a: float, b: float) -> float:
-        return a if a >= b else b
+        return max(a, b)
 
 
 def _wrap(column: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -81,8 +81,7 @@ def test_assembled_equals_brute_force(kind, events, chain, t_offset, window_bloc
     t = T0 + t_offset
     end = (t - t % finest) - lag_blocks * finest
     start = (t - t % finest) - window_blocks * finest
-    if end < start:
-        end = start
+    end = max(end, start)
 
     blocks = build_blocks(agg, vals if agg.needs_value else None, ts, chain)
     starts, sizes, reps = [], [], []
@@ -206,8 +205,10 @@ def test_block_index_matches_per_entity_assembly(kind, events, t_offset, window_
     for e in range(6):
         sel = ent == e
         for size, (bstarts, breps) in build_blocks(agg, vals[sel], ts[sel], chain).items():
-            rows_e.append(np.full(len(bstarts), e)); rows_s.append(bstarts)
-            rows_z.append(np.full(len(bstarts), size)); rows_r.append(breps)
+            rows_e.append(np.full(len(bstarts), e))
+            rows_s.append(bstarts)
+            rows_z.append(np.full(len(bstarts), size))
+            rows_r.append(breps)
     if not rows_e:
         return
     index = BlockIndex(np.concatenate(rows_e), np.concatenate(rows_z), np.concatenate(rows_s),

@@ -3,7 +3,7 @@ documented semantics."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import pytest
 from hypothesis import given, settings
@@ -27,9 +27,8 @@ def test_reference_example_6h_window():
 
 def _min_blocks_dp(start, end, sizes):
     """Brute force: the fewest aligned blocks covering [start, end)."""
-    finest = sizes[0]
 
-    @lru_cache(maxsize=None)
+    @cache
     def best(cur):
         if cur == end:
             return 0

@@ -1,0 +1,220 @@
+"""The blocks dataflow: Kafka events -> event-time blocks in the online store (and Iceberg).
+
+    kafka (KafkaBatchSource: decode, late mask, partition watermark)
+      ├─ dead letters ───────────────────────────────▶ deadletter topic
+      ├─ late events ────────────────────────────────▶ Iceberg late_events
+      └─ route: per (topic, entity field) × shard ───▶ stateful BlockShard
+                                                         └─▶ StoreSink: store blocks +
+                                                             watermarks, sealed -> Iceberg
+
+The flow is thin: aggregation, lateness and sealing live in ``features.blockstate``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import bytewax.operators as op
+import numpy as np
+from bytewax.dataflow import Dataflow
+from bytewax.operators import StatefulLogic
+
+from dataflows.kafka_source import KafkaBatchSource, SourceBatch, after
+from dataflows.sinks import DeadLetterSink, LateEventSink, ShardOutput, StoreSink
+from features.blockstate import BlockShard, BlockShardConfig, BlockShardState
+from features.spec import FeatureSet
+from schemas.columnar import EventColumns
+from tessera.logs import get_logger
+
+log = get_logger("dataflows.blocks")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlocksFlowConfig:
+    """Everything a blocks worker needs; frozen and validated at definition."""
+
+    bootstrap: str
+    store_url: str
+    features: FeatureSet
+    topics: tuple[str, ...] = ()
+    shards: int = 4
+    lateness_ms: int = 60_000
+    flush_interval_ms: int = 1_000
+    bounded: bool = False
+    warehouse: Path | None = None
+    deadletter_topic: str = "deadletter"
+    batch_messages: int = 500
+    start_offsets: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise ValueError(f"shards must be >= 1, got {self.shards}")
+        if self.lateness_ms < 0:
+            raise ValueError(f"lateness_ms must be >= 0, got {self.lateness_ms}")
+        if not self.topics:
+            object.__setattr__(self, "topics", self.features.sources)
+        unknown = [t for t in self.topics if not self.features.for_source(t)]
+        if unknown:
+            raise ValueError(f"no feature reads topics {unknown}; features read "
+                             f"{list(self.features.sources)}")
+
+    def shard_configs(self) -> dict[tuple[str, str], BlockShardConfig]:
+        """One shard config per (topic, entity field) that features aggregate on."""
+        out: dict[tuple[str, str], BlockShardConfig] = {}
+        for topic in self.topics:
+            by_entity: dict[str, list] = {}
+            for f in self.features.for_source(topic):
+                by_entity.setdefault(f.entity, []).append(f)
+            for entity, feats in by_entity.items():
+                out[(topic, entity)] = BlockShardConfig(
+                    topic=topic, entity_field=entity, features=tuple(feats))
+        return out
+
+
+@dataclass
+class ShardInput:
+    """The events of one source batch that belong to one shard, plus the partition watermark."""
+
+    part: str
+    columns: EventColumns
+    watermark: int
+
+
+def shard_of(values: np.ndarray, shards: int) -> np.ndarray:
+    """Stable shard of each string (crc32), identical in every process."""
+    return np.fromiter((zlib.crc32(v.encode()) % shards for v in values.tolist()),
+                       dtype=np.int64, count=len(values))
+
+
+def route(config: BlocksFlowConfig, batch: SourceBatch) -> list[tuple[str, tuple[str, ShardInput]]]:
+    """Split a batch's on-time events by (entity field, shard); every shard gets the watermark."""
+    on_time = batch.columns.filter(~batch.late) if batch.late.any() else batch.columns
+    out = []
+    for topic, entity in config.shard_configs():
+        if topic != batch.topic:
+            continue
+        col = on_time.columns[entity]
+        dict_shard = np.append(shard_of(col.dictionary, config.shards), -1)
+        ev_shard = dict_shard[np.asarray(col.codes)]
+        for s in range(config.shards):
+            idx = np.flatnonzero(ev_shard == s)
+            cols = on_time.take(idx)
+            key = f"{topic}/{entity}/{s}"
+            out.append((key, (key, ShardInput(batch.part, cols, batch.watermark))))
+    return out
+
+
+class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
+    """Bytewax glue around ``BlockShard``: fold items, flush on a timer and at EOF."""
+
+    def __init__(self, shard: BlockShard, key: str, parts: list[str], flush_ms: int):
+        self.shard = shard
+        self.key = key
+        self.parts = parts
+        self.flush_ms = flush_ms
+        self.next_flush = after(flush_ms)
+
+    def _flush(self) -> list[ShardOutput]:
+        wm = self.shard.watermark(self.parts)
+        writes = self.shard.flush(wm)
+        self.next_flush = after(self.flush_ms)
+        cfg = self.shard.config
+        return [ShardOutput(entity_type=cfg.entity_type, family=cfg.topic, writes=writes,
+                            watermark_key=f"blocks/{self.key}", watermark=wm)]
+
+    def on_item(self, value: ShardInput):
+        self.shard.add_batch(value.columns)
+        self.shard.advance(value.part, value.watermark)
+        if datetime.now(self.next_flush.tzinfo) >= self.next_flush:
+            return self._flush(), StatefulLogic.RETAIN
+        return [], StatefulLogic.RETAIN
+
+    def on_notify(self):
+        return self._flush(), StatefulLogic.RETAIN
+
+    def on_eof(self):
+        return self._flush(), StatefulLogic.RETAIN
+
+    def notify_at(self) -> datetime:
+        return self.next_flush
+
+    def snapshot(self) -> BlockShardState:
+        return self.shard.snapshot()
+
+
+def build_blocks_flow(config: BlocksFlowConfig) -> Dataflow:
+    """Return the Bytewax dataflow for ``config`` (run it with ``bytewax.run.cli_main``)."""
+    source = KafkaBatchSource(
+        bootstrap=config.bootstrap, topics=config.topics, lateness=config.lateness_ms,
+        bounded=config.bounded, batch_messages=config.batch_messages,
+        start_offsets=config.start_offsets,
+    )
+    parts_by_topic: dict[str, list[str]] = {}
+    for p in source.partition_keys():
+        parts_by_topic.setdefault(p.split(":")[0], []).append(p)
+    shard_cfgs = config.shard_configs()
+
+    def builder_for(key: str):
+        topic, entity, _ = key.split("/")
+        cfg = shard_cfgs[(topic, entity)]
+
+        def build(state: BlockShardState | None) -> BlockShardLogic:
+            return BlockShardLogic(cfg.build(state), key, parts_by_topic[topic],
+                                   config.flush_interval_ms)
+        return build
+
+    flow = Dataflow("tessera_blocks")
+    batches = op.input("kafka", flow, source)
+    dead = op.flat_map("deadletters", batches, lambda b: b.deadletters)
+    op.output("deadletter_out", dead, DeadLetterSink(config.bootstrap, config.deadletter_topic))
+    if config.warehouse is not None:
+        late = op.filter_map("late", batches, lambda b: b if b.late.any() else None)
+        op.output("late_out", late, LateEventSink(config.warehouse))
+    keyed = op.flat_map("route", batches, lambda b: route(config, b))
+    blocks = op.stateful("blocks", keyed, _KeyedBuilder(builder_for))
+    op.output("store_out", blocks, StoreSink(config.store_url, config.warehouse))
+    return flow
+
+
+class _KeyedBuilder:
+    """Bytewax calls the builder with state only; the key rides in the state or the item.
+
+    ``op.stateful`` builds logic lazily per key but does not pass the key, so each state
+    carries its shard key and fresh logic is built on its first item (``_LazyShardLogic``).
+    """
+
+    def __init__(self, builder_for):
+        self.builder_for = builder_for
+
+    def __call__(self, state):
+        return _LazyShardLogic(self.builder_for, state)
+
+
+class _LazyShardLogic(StatefulLogic):
+    def __init__(self, builder_for, state):
+        self.builder_for = builder_for
+        self.inner: BlockShardLogic | None = None
+        if state is not None:
+            key, inner_state = state
+            self.inner = builder_for(key)(inner_state)
+
+    def on_item(self, value):
+        key, item = value
+        if self.inner is None:
+            self.inner = self.builder_for(key)(None)
+        return self.inner.on_item(item)
+
+    def on_notify(self):
+        return self.inner.on_notify() if self.inner else ([], StatefulLogic.RETAIN)
+
+    def on_eof(self):
+        return self.inner.on_eof() if self.inner else ([], StatefulLogic.RETAIN)
+
+    def notify_at(self):
+        return self.inner.notify_at() if self.inner else None
+
+    def snapshot(self):
+        return (self.inner.key, self.inner.shard.snapshot()) if self.inner else None

@@ -1,0 +1,60 @@
+"""Run a dataflow with Bytewax's own runtime: workers, cluster addresses, recovery."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from bytewax.dataflow import Dataflow
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.run import cli_main
+
+from tessera.logs import get_logger
+
+log = get_logger("dataflows.runner")
+
+
+def prepare_recovery_dir(recovery_dir: Path, partitions: int = 1) -> RecoveryConfig:
+    """Create the Bytewax recovery directory on first use and return its config.
+
+    Args:
+        partitions: number of recovery partitions (fixed for the life of the directory).
+    """
+    recovery_dir = Path(recovery_dir)
+    if not any(recovery_dir.glob("part-*.sqlite3")):
+        recovery_dir.mkdir(parents=True, exist_ok=True)
+        init_db_dir(recovery_dir, partitions)
+        log.info("recovery_dir_created", path=str(recovery_dir), partitions=partitions)
+    return RecoveryConfig(str(recovery_dir))
+
+
+def run_flow(
+    flow: Dataflow,
+    *,
+    workers: int = 1,
+    process_id: int | None = None,
+    addresses: list[str] | None = None,
+    recovery_dir: Path | None = None,
+    epoch_interval_s: float = 2.0,
+) -> None:
+    """Run ``flow`` until its inputs end (bounded) or forever (tailing).
+
+    Args:
+        workers: worker threads in this process (``-w``).
+        process_id, addresses: this process's index and every process's ``host:port``
+            for a multi-process cluster (``-i`` / ``-a``).
+        recovery_dir: snapshot directory; state and offsets resume from it after a crash.
+        epoch_interval_s: how often snapshots are taken.
+    """
+    recovery = prepare_recovery_dir(recovery_dir) if recovery_dir else None
+    log.info("flow_start", flow=flow.flow_id, workers=workers, process_id=process_id,
+             addresses=addresses, recovery=str(recovery_dir) if recovery_dir else None)
+    cli_main(
+        flow,
+        workers_per_process=workers,
+        process_id=process_id,
+        addresses=addresses,
+        epoch_interval=timedelta(seconds=epoch_interval_s),
+        recovery_config=recovery,
+    )
+    log.info("flow_end", flow=flow.flow_id)

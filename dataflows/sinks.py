@@ -1,0 +1,164 @@
+"""Bytewax sinks of the dataflows: online store, Iceberg tables, dead-letter topic."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from features.blockstate import BlockWrite
+from tessera.logs import get_logger
+
+log = get_logger("dataflows.sinks")
+
+
+@dataclass
+class ShardOutput:
+    """What one shard flush produced: blocks to write and the shard's watermark."""
+
+    entity_type: str
+    family: str
+    writes: list[BlockWrite]
+    watermark_key: str
+    watermark: int
+
+
+class _StorePartition(StatelessSinkPartition[Any]):
+    def __init__(self, store_url: str, warehouse: Path | None, commit_interval_s: float):
+        from features.store import open_store
+
+        self.store = open_store(store_url)
+        self.warehouse = warehouse
+        self.tables = None
+        self.pending_sealed: list[tuple] = []
+        self.commit_interval_s = commit_interval_s
+        self.last_commit = time.monotonic()
+        self.blocks_written = 0
+
+    def write_batch(self, items: list[tuple[str, ShardOutput]]) -> None:
+        by_record: dict[tuple[str, str], list[tuple]] = {}
+        watermarks: dict[str, int] = {}
+        for _key, out in items:
+            if out.writes:
+                rows = by_record.setdefault((out.entity_type, out.family), [])
+                for w in out.writes:
+                    rows.append((w.entity_id, w.feature_key, w.start, w.size, w.rep))
+                    if w.sealed and self.warehouse is not None:
+                        self.pending_sealed.append(
+                            (out.entity_type, w.entity_id, w.feature_key, w.start, w.size, w.rep))
+            if out.watermark > watermarks.get(out.watermark_key, -(2**62)):
+                watermarks[out.watermark_key] = out.watermark
+        for (entity_type, family), rows in by_record.items():
+            self.store.put_blocks(entity_type, family, rows)
+            self.blocks_written += len(rows)
+        if watermarks:  # after the blocks they vouch for
+            self.store.set_watermarks(watermarks)
+        if self.pending_sealed and time.monotonic() - self.last_commit > self.commit_interval_s:
+            self._commit_sealed()
+
+    def _commit_sealed(self) -> None:
+        if not self.pending_sealed:
+            return
+        if self.tables is None:
+            from features.offline.tables import OfflineTables
+
+            self.tables = OfflineTables.open(self.warehouse)
+        self.tables.append_blocks(self.pending_sealed, written_ms=int(time.time() * 1000))
+        log.info("sealed_blocks_committed", rows=len(self.pending_sealed))
+        self.pending_sealed = []
+        self.last_commit = time.monotonic()
+
+    def close(self) -> None:
+        if self.warehouse is not None:
+            self._commit_sealed()
+        self.store.close()
+
+
+class StoreSink(DynamicSink[Any]):
+    """Write shard flushes to the online store; sealed blocks also to the Iceberg blocks table.
+
+    Block writes are full-rep overwrites, so a replay after a crash converges to the same
+    store contents. Iceberg appends are at least once; readers deduplicate by block key.
+    """
+
+    def __init__(self, store_url: str, warehouse: Path | None, commit_interval_s: float = 5.0):
+        self.store_url = store_url
+        self.warehouse = warehouse
+        self.commit_interval_s = commit_interval_s
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _StorePartition:
+        return _StorePartition(self.store_url, self.warehouse, self.commit_interval_s)
+
+
+class _DeadLetterPartition(StatelessSinkPartition[Any]):
+    def __init__(self, bootstrap: str, topic: str):
+        from confluent_kafka import Producer
+
+        from tessera.topics import producer_config
+
+        self.topic = topic
+        self.producer = Producer(producer_config(bootstrap))
+        self.count = 0
+
+    def write_batch(self, items: list[Any]) -> None:
+        for dl in items:
+            self.producer.produce(self.topic, dl.encode(), key=dl.key)
+            self.count += 1
+            log.warning("dead_letter", topic=dl.topic, partition=dl.partition,
+                        offset=dl.offset, reason=dl.reason[:200])
+        self.producer.flush(10)
+
+    def close(self) -> None:
+        self.producer.flush(30)
+
+
+class DeadLetterSink(DynamicSink[Any]):
+    """Produce dead letters (original bytes, where they came from, why) to the DLQ topic."""
+
+    def __init__(self, bootstrap: str, topic: str = "deadletter"):
+        self.bootstrap = bootstrap
+        self.topic = topic
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
+        return _DeadLetterPartition(self.bootstrap, self.topic)
+
+
+class _LatePartition(StatelessSinkPartition[Any]):
+    def __init__(self, warehouse: Path):
+        self.warehouse = warehouse
+        self.tables = None
+
+    def write_batch(self, items: list[Any]) -> None:
+        from schemas.codec import encode
+        from schemas.columnar import columns_to_records
+
+        rows = []
+        now = int(time.time() * 1000)
+        for batch in items:
+            idx = batch.late.nonzero()[0]
+            late_cols = batch.columns.take(idx)
+            offsets = batch.offsets[idx] if batch.offsets is not None else [-1] * len(idx)
+            for rec, off in zip(columns_to_records(late_cols), list(offsets)):
+                rows.append((batch.topic, batch.partition, int(off), int(rec["event_ts"]),
+                             str(rec.get("event_id", "")), encode(batch.topic, rec), now))
+        if not rows:
+            return
+        if self.tables is None:
+            from features.offline.tables import OfflineTables
+
+            self.tables = OfflineTables.open(self.warehouse)
+        self.tables.append_late_events(rows)
+        log.info("late_events_kept", rows=len(rows))
+
+
+class LateEventSink(DynamicSink[Any]):
+    """Keep late events in the Iceberg ``late_events`` table for batch correction."""
+
+    def __init__(self, warehouse: Path):
+        self.warehouse = warehouse
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _LatePartition:
+        return _LatePartition(self.warehouse)

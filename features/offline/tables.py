@@ -1,0 +1,551 @@
+"""Offline (Iceberg) tables of sealed blocks and late events, over pyiceberg.
+
+The embedded default is a SQL catalog in a SQLite file beside a local warehouse
+directory; production passes any pyiceberg catalog config (REST, Glue, Hive,
+SQL on Postgres) and an object-store warehouse. The tables are plain Iceberg,
+readable by Spark, Trino or DuckDB.
+
+Tables (in the namespace given to :meth:`OfflineTables.open`, ``tessera`` by default):
+
+``blocks``
+    One row per sealed block: ``entity_type, entity_id, feature_key, start_ms,
+    size_ms, rep, written_ms`` plus ``start_day`` (date of ``start_ms``, UTC).
+    Partitioned by ``identity(size_ms)`` and ``identity(start_day)``.
+
+``late_events``
+    One row per event that arrived after its block was sealed: ``topic,
+    partition, offset, event_ts, event_id, payload, detected_ms`` plus
+    ``event_day`` (date of ``event_ts``, UTC). Partitioned by ``identity(event_day)``.
+
+Why a ``*_day`` date column instead of ``day(start)``: Iceberg's ``day``
+transform applies to date/timestamp columns only, and our times are epoch
+milliseconds (``long``). A derived date column with an identity partition
+needs no timestamp column, no transform support at write time, and any engine
+can filter on it; the scans here add the matching ``*_day`` predicate so
+partitions are pruned.
+
+Delivery is at-least-once: after a crash a dataflow re-appends blocks it had
+already committed. A sealed block's ``rep`` is a deterministic function of
+its events, so duplicates are identical; :meth:`OfflineTables.scan_blocks`
+returns each block key once (the row with the latest ``written_ms``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg.catalog import Catalog, load_catalog
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
+from pyiceberg.expressions import (
+    AlwaysTrue,
+    And,
+    BooleanExpression,
+    EqualTo,
+    GreaterThanOrEqual,
+    In,
+    LessThan,
+)
+from pyiceberg.partitioning import PartitionField, PartitionSpec
+from pyiceberg.schema import Schema
+from pyiceberg.table import Table
+from pyiceberg.transforms import IdentityTransform
+from pyiceberg.types import (
+    BinaryType,
+    DateType,
+    IntegerType,
+    LongType,
+    NestedField,
+    StringType,
+)
+
+from features.errors import TesseraError
+
+__all__ = [
+    "BLOCKS_SCHEMA",
+    "BLOCK_KEY",
+    "LATE_EVENTS_SCHEMA",
+    "LATE_EVENT_KEY",
+    "BlockRow",
+    "LateEventRow",
+    "OfflineTableError",
+    "OfflineTables",
+    "TableName",
+]
+
+TableName = Literal["blocks", "late_events"]
+TABLE_NAMES: tuple[TableName, ...] = ("blocks", "late_events")
+
+_MS_PER_DAY = 86_400_000
+_EPOCH = dt.date(1970, 1, 1)
+
+
+class OfflineTableError(TesseraError):
+    """An offline table could not be opened, written or read as asked."""
+
+
+class BlockRow(NamedTuple):
+    """One sealed block to append (a plain 6-tuple in this order works too)."""
+
+    entity_type: str
+    entity_id: str
+    feature_key: str
+    start_ms: int
+    size_ms: int
+    rep: bytes
+
+
+class LateEventRow(NamedTuple):
+    """One late event to append (a plain 7-tuple in this order works too).
+
+    ``payload`` is the re-encoded event (Confluent-framed Avro bytes).
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    event_ts: int
+    event_id: str
+    payload: bytes
+    detected_ms: int
+
+
+BLOCKS_SCHEMA = Schema(
+    NestedField(1, "entity_type", StringType(), required=True),
+    NestedField(2, "entity_id", StringType(), required=True),
+    NestedField(3, "feature_key", StringType(), required=True),
+    NestedField(4, "start_ms", LongType(), required=True),
+    NestedField(5, "size_ms", LongType(), required=True),
+    NestedField(6, "rep", BinaryType(), required=True),
+    NestedField(7, "written_ms", LongType(), required=True),
+    NestedField(8, "start_day", DateType(), required=True),
+)
+BLOCKS_SPEC = PartitionSpec(
+    PartitionField(source_id=5, field_id=1000, transform=IdentityTransform(), name="size_ms"),
+    PartitionField(source_id=8, field_id=1001, transform=IdentityTransform(), name="start_day"),
+)
+BLOCK_KEY = ("entity_type", "entity_id", "feature_key", "start_ms", "size_ms")
+_BLOCK_COLUMNS = (
+    "entity_type",
+    "entity_id",
+    "feature_key",
+    "start_ms",
+    "size_ms",
+    "rep",
+    "written_ms",
+)
+
+LATE_EVENTS_SCHEMA = Schema(
+    NestedField(1, "topic", StringType(), required=True),
+    NestedField(2, "partition", IntegerType(), required=True),
+    NestedField(3, "offset", LongType(), required=True),
+    NestedField(4, "event_ts", LongType(), required=True),
+    NestedField(5, "event_id", StringType(), required=True),
+    NestedField(6, "payload", BinaryType(), required=True),
+    NestedField(7, "detected_ms", LongType(), required=True),
+    NestedField(8, "event_day", DateType(), required=True),
+)
+LATE_EVENTS_SPEC = PartitionSpec(
+    PartitionField(source_id=8, field_id=1000, transform=IdentityTransform(), name="event_day"),
+)
+LATE_EVENT_KEY = ("topic", "partition", "offset")
+_LATE_COLUMNS = ("topic", "partition", "offset", "event_ts", "event_id", "payload", "detected_ms")
+
+_TABLES: dict[str, tuple[Schema, PartitionSpec]] = {
+    "blocks": (BLOCKS_SCHEMA, BLOCKS_SPEC),
+    "late_events": (LATE_EVENTS_SCHEMA, LATE_EVENTS_SPEC),
+}
+
+# One lock per (catalog, table) for the whole process, so two OfflineTables over
+# the same catalog serialize their commits instead of racing and retrying.
+_LOCKS: dict[tuple[str, str], threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _commit_lock(catalog_key: str, identifier: str) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault((catalog_key, identifier), threading.Lock())
+
+
+def _day(ms: int) -> dt.date:
+    return _EPOCH + dt.timedelta(days=ms // _MS_PER_DAY)
+
+
+def _days_column(ms: pa.Array) -> pa.Array:
+    """Return the UTC date of each epoch-millisecond value (floor division)."""
+    days = pc.floor(pc.divide(pc.cast(ms, pa.float64()), float(_MS_PER_DAY)))
+    return pc.cast(pc.cast(days, pa.int32()), pa.date32())
+
+
+def _dedupe_latest(table: pa.Table, key: Sequence[str], version: str) -> pa.Table:
+    """Keep one row per ``key``: the one with the largest ``version``; sort by ``key``."""
+    if table.num_rows <= 1:
+        return table
+    order = [(k, "ascending") for k in key] + [(version, "descending")]
+    table = table.sort_by(order)
+    # A row starts a new key iff some key column differs from the row above it.
+    new_key = None
+    for k in key:
+        col = table.column(k).combine_chunks()
+        differs = pc.not_equal(col.slice(1), col.slice(0, len(col) - 1))
+        new_key = differs if new_key is None else pc.or_(new_key, differs)
+    keep = pa.concat_arrays([pa.array([True]), new_key])
+    return table.filter(keep)
+
+
+def _check_no_nulls(data: pa.Table, what: str) -> None:
+    """Raise if a column has nulls (``from_arrays`` does not enforce non-nullable fields)."""
+    nulls = [
+        name for name, col in zip(data.column_names, data.columns, strict=True) if col.null_count
+    ]
+    if nulls:
+        raise OfflineTableError(
+            f"bad {what} rows: column(s) {nulls} contain None; every field is required"
+        )
+
+
+def _and_all(predicates: Iterable[BooleanExpression]) -> BooleanExpression:
+    expr: BooleanExpression = AlwaysTrue()
+    for p in predicates:
+        expr = p if isinstance(expr, AlwaysTrue) else And(expr, p)
+    return expr
+
+
+def _range_predicates(
+    column: str, day_column: str, start: int | None, end: int | None
+) -> list[BooleanExpression]:
+    """Half-open ``start <= column < end`` plus the matching day predicates for pruning."""
+    preds: list[BooleanExpression] = []
+    if start is not None:
+        preds += [
+            GreaterThanOrEqual(column, int(start)),
+            GreaterThanOrEqual(day_column, _day(int(start)).isoformat()),
+        ]
+    if end is not None:
+        preds += [
+            LessThan(column, int(end)),
+            # end is exclusive: the last millisecond that can match is end - 1.
+            LessThan(day_column, (_day(int(end) - 1) + dt.timedelta(days=1)).isoformat()),
+        ]
+    return preds
+
+
+class OfflineTables:
+    """The ``blocks`` and ``late_events`` Iceberg tables of one catalog namespace.
+
+    Thread-safe: appends to a table are serialized by a process-wide lock per
+    (catalog, table) and retried on ``CommitFailedException`` (a writer in
+    another process committed first). Each append is exactly one Iceberg
+    commit, so callers should batch rows (thousands per call), not append one
+    block at a time.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        namespace: str = "tessera",
+        catalog_key: str | None = None,
+        commit_retries: int = 5,
+        retry_backoff_s: float = 0.05,
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ):
+        """Wrap an opened pyiceberg ``catalog``; create the namespace and tables if missing.
+
+        Prefer :meth:`open`. ``catalog_key`` names the catalog in the process-wide
+        commit locks (defaults to the catalog's name and ``uri`` property).
+        """
+        if commit_retries < 0:
+            raise OfflineTableError(f"commit_retries must be >= 0, got {commit_retries}")
+        self.catalog = catalog
+        self.namespace = namespace
+        self._catalog_key = catalog_key or f"{catalog.name}|{catalog.properties.get('uri', '')}"
+        self._retries = commit_retries
+        self._backoff_s = retry_backoff_s
+        self._clock_ms = clock_ms
+        self._tables: dict[str, Table] = {}
+        try:
+            catalog.create_namespace_if_not_exists(namespace)
+            for name, (schema, spec) in _TABLES.items():
+                self._tables[name] = self._create_or_load(name, schema, spec)
+        except OfflineTableError:
+            raise
+        except Exception as exc:
+            raise OfflineTableError(
+                f"could not open the offline tables in namespace {namespace!r} of catalog "
+                f"{catalog.name!r}: {exc}; check the catalog uri and warehouse"
+            ) from exc
+
+    @classmethod
+    def open(
+        cls,
+        warehouse: str | Path,
+        *,
+        catalog_uri: str | None = None,
+        namespace: str = "tessera",
+        catalog_properties: Mapping[str, Any] | None = None,
+        catalog_name: str = "tessera",
+        **kwargs: Any,
+    ) -> OfflineTables:
+        """Open (creating if needed) the offline tables under ``warehouse``.
+
+        Args:
+            warehouse: a local directory (created if missing) or an object-store
+                URL such as ``s3://bucket/tessera``.
+            catalog_uri: SQL catalog URL; defaults to ``sqlite:///{warehouse}/catalog.db``
+                for a local warehouse. Ignored when ``catalog_properties`` is given.
+            namespace: the Iceberg namespace holding the tables.
+            catalog_properties: a full pyiceberg catalog config (``type``, ``uri``,
+                credentials, ...) for production; passed to ``load_catalog`` with
+                ``warehouse`` added unless the config sets its own.
+            catalog_name: the catalog's name.
+            **kwargs: passed to the constructor (``commit_retries``, ``clock_ms``, ...).
+
+        Raises:
+            OfflineTableError: the catalog cannot be opened or the tables created.
+        """
+        warehouse_str = str(warehouse)
+        local = "://" not in warehouse_str
+        if local:
+            path = Path(warehouse).expanduser().resolve()
+            path.mkdir(parents=True, exist_ok=True)
+            location = path.as_uri()
+        else:
+            path = None
+            location = warehouse_str
+        try:
+            if catalog_properties is not None:
+                props = {"warehouse": location, **dict(catalog_properties)}
+                catalog: Catalog = load_catalog(catalog_name, **props)
+            else:
+                if catalog_uri is None:
+                    if path is None:
+                        raise OfflineTableError(
+                            f"warehouse {warehouse_str!r} is not a local directory, so there is no "
+                            "default SQLite catalog; pass catalog_uri= or catalog_properties="
+                        )
+                    catalog_uri = f"sqlite:///{path / 'catalog.db'}"
+                catalog = SqlCatalog(catalog_name, uri=catalog_uri, warehouse=location)
+        except OfflineTableError:
+            raise
+        except Exception as exc:
+            raise OfflineTableError(
+                f"could not open catalog {catalog_name!r} for warehouse {warehouse_str!r}: {exc}"
+            ) from exc
+        return cls(catalog, namespace=namespace, **kwargs)
+
+    # -- tables -----------------------------------------------------------------
+
+    def _identifier(self, name: str) -> str:
+        return f"{self.namespace}.{name}"
+
+    def _create_or_load(self, name: str, schema: Schema, spec: PartitionSpec) -> Table:
+        ident = self._identifier(name)
+        try:
+            table = self.catalog.load_table(ident)
+        except NoSuchTableError:
+            table = self.catalog.create_table_if_not_exists(
+                ident, schema=schema, partition_spec=spec
+            )
+        have = [f.name for f in table.schema().fields]
+        want = [f.name for f in schema.fields]
+        if have != want:
+            raise OfflineTableError(
+                f"table {ident!r} has columns {have}, expected {want}; "
+                "it was created by another version of Tessera: migrate it or use another namespace"
+            )
+        return table
+
+    def table(self, name: TableName) -> Table:
+        """Return the pyiceberg table ``name``, refreshed to the latest snapshot."""
+        if name not in self._tables:
+            raise OfflineTableError(f"unknown table {name!r}; expected one of {list(TABLE_NAMES)}")
+        return self._tables[name].refresh()
+
+    def _append(self, name: str, data: pa.Table) -> None:
+        """Append ``data`` to table ``name`` in one commit, retrying lost commit races."""
+        if data.num_rows == 0:
+            return
+        table = self._tables[name]
+        with _commit_lock(self._catalog_key, self._identifier(name)):
+            # Another OfflineTables (or process) may have committed since our last look;
+            # refreshing first avoids writing data files for a commit that must fail.
+            table.refresh()
+            for attempt in range(self._retries + 1):
+                try:
+                    table.append(data)
+                    return
+                except CommitFailedException as exc:
+                    if attempt == self._retries:
+                        raise OfflineTableError(
+                            f"append to {self._identifier(name)!r} lost {attempt + 1} commit races "
+                            f"to other writers: {exc}; retry later or raise commit_retries"
+                        ) from exc
+                    time.sleep(self._backoff_s * (2**attempt))
+                    table.refresh()
+
+    # -- blocks -----------------------------------------------------------------
+
+    def append_blocks(
+        self,
+        rows: Sequence[BlockRow | tuple[str, str, str, int, int, bytes]],
+        written_ms: int | None = None,
+    ) -> int:
+        """Append sealed blocks in one Iceberg commit; return the number of rows written.
+
+        Args:
+            rows: ``(entity_type, entity_id, feature_key, start_ms, size_ms, rep)`` tuples.
+            written_ms: the write time stamped on every row (defaults to the clock).
+                A block appended twice is returned once by :meth:`scan_blocks`.
+        """
+        if not rows:
+            return 0
+        if written_ms is None:
+            written_ms = self._clock_ms()
+        cols = list(zip(*rows, strict=True))
+        if len(cols) != 6:
+            raise OfflineTableError(
+                f"block rows must have 6 fields (entity_type, entity_id, feature_key, start_ms, "
+                f"size_ms, rep), got {len(cols)}"
+            )
+        arrow_schema = BLOCKS_SCHEMA.as_arrow()
+        try:
+            start = pa.array(cols[3], pa.int64())
+            data = pa.Table.from_arrays(
+                [
+                    pa.array(cols[0], pa.large_string()),
+                    pa.array(cols[1], pa.large_string()),
+                    pa.array(cols[2], pa.large_string()),
+                    start,
+                    pa.array(cols[4], pa.int64()),
+                    pa.array(cols[5], pa.large_binary()),
+                    pa.repeat(pa.scalar(int(written_ms), pa.int64()), len(rows)),
+                    _days_column(start),
+                ],
+                schema=arrow_schema,
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+            raise OfflineTableError(
+                f"bad block rows: {exc}; a field is null or of the wrong type"
+            ) from exc
+        _check_no_nulls(data, "block")
+        self._append("blocks", data)
+        return data.num_rows
+
+    def scan_blocks(
+        self,
+        *,
+        feature_keys: Iterable[str] | None = None,
+        entity_type: str | None = None,
+        start_from: int | None = None,
+        start_to: int | None = None,
+        size: int | None = None,
+        entity_ids: Iterable[str] | None = None,
+    ) -> pa.Table:
+        """Return the blocks matching every given filter, one row per block key.
+
+        Filters are pushed down to Iceberg (partition and file pruning).
+        ``start_from <= start_ms < start_to`` (half-open, like every window here).
+        Duplicates of a block (at-least-once appends) are collapsed to the row
+        with the latest ``written_ms``. Rows are sorted by the block key.
+
+        Returns:
+            A table with columns ``entity_type, entity_id, feature_key, start_ms,
+            size_ms, rep, written_ms``.
+        """
+        preds: list[BooleanExpression] = []
+        if feature_keys is not None:
+            preds.append(In("feature_key", set(feature_keys)))
+        if entity_ids is not None:
+            preds.append(In("entity_id", set(entity_ids)))
+        if entity_type is not None:
+            preds.append(EqualTo("entity_type", entity_type))
+        if size is not None:
+            preds.append(EqualTo("size_ms", int(size)))
+        preds += _range_predicates("start_ms", "start_day", start_from, start_to)
+        data = self._scan("blocks", preds, _BLOCK_COLUMNS)
+        return _dedupe_latest(data, BLOCK_KEY, "written_ms")
+
+    # -- late events ------------------------------------------------------------
+
+    def append_late_events(
+        self,
+        rows: Sequence[LateEventRow | tuple[str, int, int, int, str, bytes, int]],
+    ) -> int:
+        """Append late events in one Iceberg commit; return the number of rows written.
+
+        Args:
+            rows: ``(topic, partition, offset, event_ts, event_id, payload, detected_ms)``.
+        """
+        if not rows:
+            return 0
+        cols = list(zip(*rows, strict=True))
+        if len(cols) != 7:
+            raise OfflineTableError(
+                f"late event rows must have 7 fields (topic, partition, offset, event_ts, "
+                f"event_id, payload, detected_ms), got {len(cols)}"
+            )
+        try:
+            ts = pa.array(cols[3], pa.int64())
+            data = pa.Table.from_arrays(
+                [
+                    pa.array(cols[0], pa.large_string()),
+                    pa.array(cols[1], pa.int32()),
+                    pa.array(cols[2], pa.int64()),
+                    ts,
+                    pa.array(cols[4], pa.large_string()),
+                    pa.array(cols[5], pa.large_binary()),
+                    pa.array(cols[6], pa.int64()),
+                    _days_column(ts),
+                ],
+                schema=LATE_EVENTS_SCHEMA.as_arrow(),
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+            raise OfflineTableError(
+                f"bad late event rows: {exc}; a field is null or of the wrong type"
+            ) from exc
+        _check_no_nulls(data, "late event")
+        self._append("late_events", data)
+        return data.num_rows
+
+    def scan_late_events(
+        self,
+        topic: str | None = None,
+        from_ts: int | None = None,
+        to_ts: int | None = None,
+    ) -> pa.Table:
+        """Return late events with ``from_ts <= event_ts < to_ts``, one row per Kafka record.
+
+        An event detected twice (re-detected after a crash) is returned once: the
+        row with the latest ``detected_ms`` per ``(topic, partition, offset)``.
+        Rows are sorted by ``(topic, partition, offset)``.
+        """
+        preds: list[BooleanExpression] = []
+        if topic is not None:
+            preds.append(EqualTo("topic", topic))
+        preds += _range_predicates("event_ts", "event_day", from_ts, to_ts)
+        data = self._scan("late_events", preds, _LATE_COLUMNS)
+        return _dedupe_latest(data, LATE_EVENT_KEY, "detected_ms")
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _scan(self, name: str, preds: list[BooleanExpression], columns: Sequence[str]) -> pa.Table:
+        table = self.table(name)  # type: ignore[arg-type]
+        return table.scan(row_filter=_and_all(preds), selected_fields=tuple(columns)).to_arrow()
+
+    def count_rows(self, table_name: TableName) -> int:
+        """Return the number of stored rows of ``table_name``, duplicates included.
+
+        Read from the current snapshot's summary (no data files are opened).
+        """
+        snapshot = self.table(table_name).current_snapshot()
+        if snapshot is None or snapshot.summary is None:
+            return 0
+        return int(snapshot.summary.get("total-records", "0") or 0)

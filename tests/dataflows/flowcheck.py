@@ -1,0 +1,92 @@
+"""Helpers for dataflow tests: a small generated world in Kafka and its brute-force oracle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from features.aggregations import build_aggregation
+from features.reference import reference_blocks
+from features.spec import FeatureSet
+from features.store import open_store
+from tessera.synth import WorldConfig, generate_records, write_to_kafka
+from tessera.synth.sinks import partition_of
+from tessera.topics import list_topics
+
+LATENESS_MS = 60_000
+
+
+def small_world(**overrides: Any) -> WorldConfig:
+    """A world of a few thousand events over a few hours, with late and malformed records."""
+    params = {"seed": 11, "n_users": 60, "n_items": 150, "n_authors": 12, "n_topics": 6,
+              "duration_ms": 6 * 3_600_000, "total_views": 3_000, "late_fraction": 0.05,
+              "late_max_ms": 10 * 60_000, "malformed_fraction": 0.01}
+    params.update(overrides)
+    return WorldConfig(**params)
+
+
+def produce_world(bootstrap: str, config: WorldConfig, batch_events: int = 200):
+    """Write the world to Kafka; return the generation summary."""
+    return write_to_kafka(config, bootstrap, batch_events=batch_events)
+
+
+def oracle_for(bootstrap: str, config: WorldConfig, features: FeatureSet):
+    """Reference blocks of the world as the flow must see it (per-partition order)."""
+    records = generate_records(config)
+    parts: dict[str, list[dict]] = {}
+    n_parts = list_topics(bootstrap)
+    for topic in features.sources:
+        key = "item_id" if topic == "items" else "user_id"
+        for p in range(n_parts[topic]):
+            parts[f"{topic}:{p}"] = []
+        for rec in records[topic]:
+            parts[f"{topic}:{partition_of(rec[key], n_parts[topic])}"].append(rec)
+    return reference_blocks(features.features, parts, LATENESS_MS)
+
+
+def store_blocks(store_url: str, features: FeatureSet, entity_ids: dict[str, set[str]]):
+    """Every block in the store for the given entities: {(feature_key, entity, start, size): rep}."""
+    out = {}
+    with open_store(store_url, readonly=True) as store:
+        for topic in features.sources:
+            for etype in {f.entity_type for f in features.for_source(topic)}:
+                ids = sorted(entity_ids.get(etype, ()))
+                for eid, table in zip(ids, store.get_block_tables(etype, topic, ids)):
+                    if table is None:
+                        continue
+                    for fk, start, size, rep in table.to_rows():
+                        out[(fk, eid, start, size)] = rep
+    return out
+
+
+def compare_to_oracle(got: dict, oracle: dict, features: FeatureSet) -> list[str]:
+    """Differences between stored blocks and the oracle (empty when identical)."""
+    specs = {f.key: f for f in features.features}
+    problems = []
+    for key in sorted(set(oracle) - set(got))[:5]:
+        problems.append(f"missing {key}")
+    for key in sorted(set(got) - set(oracle))[:5]:
+        problems.append(f"unexpected {key}")
+    for key, rep in oracle.items():
+        if key not in got:
+            continue
+        agg = build_aggregation(specs[key[0]])
+        mine = agg.from_bytes(got[key])
+        if agg.kind == "approx_quantile":
+            n = rep.n
+            ok = mine.n == n and abs(rep.get_rank(agg.finalize(mine)) - agg.quantile) <= 0.05 + 1 / n
+        else:
+            ok = agg.finalize(mine) == agg.finalize(rep)
+        if not ok:
+            problems.append(f"differs {key}: {agg.finalize(mine)} != {agg.finalize(rep)}")
+        if len(problems) > 10:
+            break
+    return problems
+
+
+def entity_ids_of(oracle: dict, features: FeatureSet) -> dict[str, set[str]]:
+    """Entity ids per entity type that appear in the oracle."""
+    specs = {f.key: f for f in features.features}
+    out: dict[str, set[str]] = {}
+    for fk, eid, _, _ in oracle:
+        out.setdefault(specs[fk].entity_type, set()).add(eid)
+    return out
