@@ -119,7 +119,7 @@ def main() -> None:
         indexes[kind] = (ents, sizes, starts, reps)
         build_s = time.perf_counter() - t_build
         for window in WINDOWS:
-            wb = window_bounds(t_req, window, wm, SIZES[0])
+            wb = window_bounds(t_req, window, wm, SIZES)
             cover = cover_window(wb.start, wb.end, SIZES)
             raw_s, raw_vals = timed(
                 lambda k=kind, b=wb: raw_rescan(k, entity, ts, dwell, b.start, b.end, n_ent),

@@ -5,17 +5,23 @@ Window semantics (the contract every path follows)
 All times are integer epoch milliseconds, UTC. Blocks are epoch-aligned half-open intervals
 ``[start, start + size)``; an event with time ``ts`` belongs to the block of each size whose
 interval contains ``ts``. For a read at request time ``t`` of a window of length ``W`` with
-feature watermark ``wm``:
+feature watermark ``wm`` and block sizes ``b = b0 < b1 < ...`` (5m, 1h, 1d):
 
-* ``b`` is the streaming (finest) block size; ``W`` is a multiple of ``b``;
-* the window is ``[align_down(t, b) - W, end)`` with ``end = min(wm, align_down(t, b))``;
+* ``now = align_down(t, b)``; ``W`` is a multiple of ``b``;
+* the window's tail hop ``h = tail_hop(W)`` is the largest block size with ``W >= 12 h``
+  (5m for windows under 12h, 1h from 12h, 1d from 12d);
+* the window is ``[align_down(now - W, h), end)`` with ``end = min(wm, now)``;
 * ``wm`` is the end of the last block the store trusts (sealed: the stream's event-time
   watermark has passed it). The open block, and anything at or after ``wm``, is never read.
 
-So a window value counts exactly the events with ``start <= event_ts < end``; when the store
-lags (``wm < align_down(t, b)``) the window is shorter, never shifted. The value logged with an
-impression carries ``wm``; the offline backfill recomputes ``[align_down(t, b) - W, wm)`` from
-the same blocks, which makes online and offline agree by construction.
+So a window value counts exactly the events with ``start <= event_ts < end``. Its oldest edge
+moves in steps of the tail hop (as in Chronon's resolution), so a window may reach back up to
+one hop (at most 1/12 of ``W``) further than ``W``: a 30-day window is 30 to 31 days of daily
+blocks plus today's hours, never a 5-minute block from 30 days ago. That bounds both what a
+read touches and what the store keeps (``retention``). When the store lags (``wm < now``) the
+window is shorter at its recent end, never shifted. The value logged with an impression
+carries ``wm``; the offline backfill recomputes the same bounds with the same function from the
+same blocks, which makes online and offline agree by construction.
 
 Tiling
 ------
@@ -104,15 +110,34 @@ def validate_block_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
     return sizes
 
 
-def window_bounds(t: int, window: int, watermark: int, finest: int) -> WindowBounds:
-    """Return the interval a read at ``t`` of ``window`` ms may use, given watermark ``wm``.
+TAIL_HOPS = 12
+"""A window uses tail hop ``h`` only if it spans at least this many ``h``-blocks."""
 
-    ``[align_down(t, finest) - window, min(watermark, align_down(t, finest)))``; see the
-    module docstring. The end is also aligned down to ``finest`` so it is a block boundary.
+
+def tail_hop(window: int, sizes: Sequence[int]) -> int:
+    """Return the block size the oldest edge of ``window`` is aligned to.
+
+    The largest of ``sizes`` with ``window >= TAIL_HOPS * size``; the finest size otherwise.
+    """
+    hop = sizes[0]
+    for size in sizes:
+        if window >= TAIL_HOPS * size:
+            hop = size
+    return hop
+
+
+def window_bounds(t: int, window: int, watermark: int, sizes: Sequence[int] | int) -> WindowBounds:
+    """Return the interval a read at ``t`` of ``window`` ms covers, given watermark ``wm``.
+
+    ``[align_down(align_down(t, b) - window, tail_hop(window)), min(wm, align_down(t, b)))``
+    with ``b`` the finest size; see the module docstring. Passing a single int size means no
+    coarser blocks (the tail hop is then that size).
 
     Raises:
-        TilingError: ``window`` is not a positive multiple of ``finest``.
+        TilingError: ``window`` is not a positive multiple of the finest size.
     """
+    sizes = (sizes,) if isinstance(sizes, int) else tuple(sizes)
+    finest = sizes[0]
     if window <= 0 or window % finest:
         raise TilingError(
             f"window {format_duration(window)} is not a multiple of the block size "
@@ -120,8 +145,27 @@ def window_bounds(t: int, window: int, watermark: int, finest: int) -> WindowBou
         )
     now = align_down(t, finest)
     end = align_down(min(watermark, now), finest)
-    start = now - window
+    start = align_down(now - window, tail_hop(window, sizes))
     return WindowBounds(start=start, end=max(end, start))
+
+
+def retention(windows: Sequence[int], sizes: Sequence[int]) -> dict[int, int]:
+    """How long blocks of each size must be kept so every window can be read: ``{size: ms}``.
+
+    A block of size ``s`` is needed at the recent edge of any window (up to the next larger
+    size back from now) and at the old edge of windows whose tail hop is at most ``s``.
+    A block whose end is older than ``now - retention[size]`` is never read again.
+    """
+    sizes = validate_block_sizes(sizes)
+    out = {}
+    for i, size in enumerate(sizes):
+        need = sizes[i + 1] if i + 1 < len(sizes) else size
+        for w in windows:
+            hop = tail_hop(w, sizes)
+            if hop <= size:
+                need = max(need, w + hop)
+        out[size] = need + size
+    return out
 
 
 def cover_window(start: int, end: int, sizes: Sequence[int]) -> BlockCover:

@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from features.errors import TilingError
-from features.tiling import cover_window, validate_block_sizes, window_bounds
+from features.tiling import (
+    cover_window,
+    retention,
+    tail_hop,
+    validate_block_sizes,
+    window_bounds,
+)
 from features.timeutil import DAY, HOUR, MINUTE, parse_timestamp
 
 CHAINS = [(5 * MINUTE,), (5 * MINUTE, HOUR), (5 * MINUTE, HOUR, DAY), (MINUTE, 15 * MINUTE, HOUR)]
@@ -59,6 +65,9 @@ def test_cover_is_exact_and_minimal(chain, a, n):
     assert cover.n_blocks == len(blocks) == _min_blocks_dp(start, end, chain)
 
 
+SIZES = (5 * MINUTE, HOUR, DAY)
+
+
 def test_window_bounds_semantics():
     """
     t = 16:12:30, W = 1h, b = 5m, wm = 16:05
@@ -66,15 +75,47 @@ def test_window_bounds_semantics():
     """
     t = parse_timestamp("2025-11-29T16:12:30Z")
     wm = parse_timestamp("2025-11-29T16:05:00Z")
-    wb = window_bounds(t, HOUR, wm, 5 * MINUTE)
+    wb = window_bounds(t, HOUR, wm, SIZES)
     assert wb.start == parse_timestamp("2025-11-29T15:10:00Z")
     assert wb.end == wm
     # a watermark ahead of t never lets the open block in
-    wb2 = window_bounds(t, HOUR, t + HOUR, 5 * MINUTE)
+    wb2 = window_bounds(t, HOUR, t + HOUR, SIZES)
     assert wb2.end == parse_timestamp("2025-11-29T16:10:00Z")
     # a watermark older than the window gives an empty window, not a negative one
-    wb3 = window_bounds(t, HOUR, t - 2 * DAY, 5 * MINUTE)
+    wb3 = window_bounds(t, HOUR, t - 2 * DAY, SIZES)
     assert wb3.empty and wb3.end == wb3.start
+
+
+def test_long_windows_step_their_oldest_edge_by_the_tail_hop():
+    """
+    t = 2025-11-29 16:12:30, wm = 16:10
+    6h  (hop 5m): [10:10 ............................ 16:10)   exactly 6h
+    1d  (hop 1h): [11-28 16:00 ...................... 16:10)   1d + 10m
+    30d (hop 1d): [10-30 00:00 ...................... 16:10)   30d + 16h10m, no 5m/1h blocks
+                  at the old edge: 30 daily blocks, then today's 16 hours and 2 x 5m
+    """
+    t = parse_timestamp("2025-11-29T16:12:30Z")
+    wm = parse_timestamp("2025-11-29T16:10:00Z")
+    assert window_bounds(t, 6 * HOUR, wm, SIZES).start == parse_timestamp("2025-11-29T10:10:00Z")
+    assert window_bounds(t, DAY, wm, SIZES).start == parse_timestamp("2025-11-28T16:00:00Z")
+    wb = window_bounds(t, 30 * DAY, wm, SIZES)
+    assert wb.start == parse_timestamp("2025-10-30T00:00:00Z")
+    cover = cover_window(wb.start, wb.end, SIZES)
+    assert [(r.size, r.count) for r in cover.runs] == [(DAY, 30), (HOUR, 16), (5 * MINUTE, 2)]
+    assert tail_hop(11 * HOUR, SIZES) == 5 * MINUTE and tail_hop(12 * HOUR, SIZES) == HOUR
+
+
+def test_retention_keeps_what_any_window_reads():
+    windows = (HOUR, 6 * HOUR, DAY, 7 * DAY, 30 * DAY)
+    keep = retention(windows, SIZES)
+    assert keep == {5 * MINUTE: 6 * HOUR + 10 * MINUTE, HOUR: 7 * DAY + 2 * HOUR,
+                    DAY: 32 * DAY}
+    # every block any window's cover uses at t is younger than its size's retention
+    t = parse_timestamp("2025-11-29T16:12:30Z")
+    for w in windows:
+        wb = window_bounds(t, w, t, SIZES)
+        for start, size in cover_window(wb.start, wb.end, SIZES).blocks():
+            assert start + size > t - keep[size]
 
 
 def test_bad_sizes_and_bounds_are_clear_errors():

@@ -1,0 +1,386 @@
+"""``tessera worker``: run the streaming dataflows (blocks, sequences) on Bytewax."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from features.errors import TesseraError
+
+DEFAULT_STORE = "lmdb://.tessera/store"
+DEFAULT_FEATURES = "features.yaml"
+
+_CLUSTER_HELP = """
+\b
+Scaling out: -w N runs N worker threads in this process. A cluster of P processes
+runs the same command P times, each with every address (-a, in the same order) and
+its own index (-i). For two processes on one host:
+\b
+  tessera worker WHAT -a 127.0.0.1:2101 -a 127.0.0.1:2102 -i 0 -w 2 &
+  tessera worker WHAT -a 127.0.0.1:2101 -a 127.0.0.1:2102 -i 1 -w 2
+\b
+Bytewax spreads the Kafka partitions over all workers of all processes. Every
+process must reach the same store: the LMDB store allows processes on one host
+(one directory); across hosts use an Aerospike store URL. --recovery-dir must
+then be a directory every process can read and write.
+\b
+Recovery: with --recovery-dir the worker snapshots its Kafka offsets (and state)
+every --epoch-interval seconds and resumes from them after a crash or restart;
+without it each start reads the topics from the beginning.
+"""
+
+
+def _common_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--bootstrap",
+            metavar="HOST:PORT[,...]",
+            default=None,
+            help="Kafka bootstrap servers (default: the running embedded broker, "
+            "else $TESSERA_BOOTSTRAP).",
+        ),
+        click.option(
+            "--store",
+            "store_url",
+            metavar="URL",
+            default=DEFAULT_STORE,
+            show_default=True,
+            help="Online store URL: lmdb://relative/path, lmdb:///absolute/path or "
+            "aerospike://host:3000/namespace.",
+        ),
+        click.option(
+            "--recovery-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Directory of Bytewax recovery snapshots (created on first use); "
+            "resume from it after a crash. Default: no recovery.",
+        ),
+        click.option(
+            "-w",
+            "--workers",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Worker threads in this process.",
+        ),
+        click.option(
+            "-i",
+            "--process-id",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Index of this process in the cluster (with -a).",
+        ),
+        click.option(
+            "-a",
+            "--addresses",
+            multiple=True,
+            metavar="HOST:PORT",
+            help="Address of every cluster process, repeated, in process-id order "
+            "(with -i). Omit for a single process.",
+        ),
+        click.option(
+            "--bounded/--tail",
+            default=False,
+            show_default=True,
+            help="--bounded stops at the end of the topics; --tail runs forever, "
+            "following new events.",
+        ),
+        click.option(
+            "--epoch-interval",
+            type=click.FloatRange(min=0, min_open=True),
+            default=2.0,
+            show_default=True,
+            metavar="SECONDS",
+            help="Seconds between Bytewax epochs (recovery snapshots).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _fail(message: str) -> click.ClickException:
+    return click.ClickException(message)
+
+
+def _bootstrap(explicit: str | None) -> str:
+    from tessera.broker import resolve_bootstrap
+
+    try:
+        return resolve_bootstrap(explicit)
+    except TesseraError as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _cluster(process_id: int | None, addresses: Sequence[str]) -> list[str] | None:
+    """Check -i/-a together; return the address list (None for a single process)."""
+    if not addresses:
+        if process_id not in (None, 0):
+            raise click.BadParameter(
+                f"-i {process_id} needs the addresses of every process (-a host:port, one per "
+                "process); omit -i for a single process",
+                param_hint="'-i' / '--process-id'",
+            )
+        return None
+    for a in addresses:
+        host, sep, port = a.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise click.BadParameter(
+                f"expected HOST:PORT, got {a!r}", param_hint="'-a' / '--addresses'"
+            )
+    if process_id is None:
+        raise click.BadParameter(
+            f"with {len(addresses)} addresses (-a) give this process's index, "
+            f"-i 0..{len(addresses) - 1}",
+            param_hint="'-i' / '--process-id'",
+        )
+    if process_id >= len(addresses):
+        raise click.BadParameter(
+            f"-i {process_id} is out of range for {len(addresses)} addresses (-a): use "
+            f"0..{len(addresses) - 1}",
+            param_hint="'-i' / '--process-id'",
+        )
+    return list(addresses)
+
+
+def _check_topics(bootstrap: str, topics: Sequence[str], deadletter: str) -> None:
+    from tessera.topics import list_topics
+
+    try:
+        known = list_topics(bootstrap)
+    except TesseraError as exc:
+        raise _fail(f"cannot list topics at {bootstrap}: {exc}") from exc
+    missing = [t for t in (*topics, deadletter) if t not in known]
+    if missing:
+        raise _fail(
+            f"topics {', '.join(missing)} do not exist at {bootstrap}; create them with "
+            f"`tessera topics create --bootstrap {bootstrap}` (all platform topics) or "
+            f"`tessera topics create --bootstrap {bootstrap} {' '.join(missing)}`"
+        )
+
+
+def _check_store(url: str) -> None:
+    from features.store import open_store
+
+    try:
+        open_store(url).close()
+    except TesseraError as exc:
+        raise _fail(f"--store {url}: {exc}") from exc
+
+
+def _duration(text: str, option: str, *, allow_zero: bool = False) -> int:
+    from features.timeutil import parse_duration
+
+    if allow_zero and text.strip() in ("0", "0s", "0ms"):
+        return 0
+    try:
+        return parse_duration(text)
+    except (TesseraError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from exc
+
+
+def _run(
+    flow: Any,
+    *,
+    workers: int,
+    process_id: int | None,
+    addresses: list[str] | None,
+    recovery_dir: Path | None,
+    epoch_interval: float,
+    bounded: bool,
+    what: str,
+) -> None:
+    from dataflows.runner import run_flow
+
+    mode = "until the end of the topics" if bounded else "tailing (Ctrl-C to stop)"
+    click.echo(
+        f"tessera worker {what}: {workers} worker(s)"
+        + (f", process {process_id} of {len(addresses)}" if addresses else "")
+        + f", {mode}",
+        err=True,
+    )
+    try:
+        run_flow(
+            flow,
+            workers=workers,
+            process_id=process_id if addresses else None,
+            addresses=addresses,
+            recovery_dir=recovery_dir,
+            epoch_interval_s=epoch_interval,
+        )
+    except KeyboardInterrupt:
+        click.echo(f"tessera worker {what}: stopped", err=True)
+        raise SystemExit(130) from None
+    click.echo(f"tessera worker {what}: done", err=True)
+
+
+@click.group("worker")
+def worker() -> None:
+    """Run the streaming workers that keep the online store up to date.
+
+    \b
+    blocks     feature blocks from the events (features.yaml)
+    sequences  each user's most recent actions (views and engagements)
+
+    Each reads Kafka (create the topics first: `tessera topics create`) and writes the
+    online store. Run one of each; see `tessera worker blocks --help` for scaling out.
+    """
+
+
+@worker.command("blocks", epilog=_CLUSTER_HELP.replace("WHAT", "blocks"))
+@_common_options
+@click.option(
+    "--features",
+    "features_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_FEATURES,
+    show_default=True,
+    help="Feature definition file.",
+)
+@click.option(
+    "--topics",
+    default=None,
+    metavar="T1,T2",
+    help="Comma-separated topics to read (default: every topic a feature reads).",
+)
+@click.option(
+    "--shards",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Stateful shards per (topic, entity); the unit of parallelism of the aggregation.",
+)
+@click.option(
+    "--lateness",
+    default="60s",
+    show_default=True,
+    metavar="DURATION",
+    help="Allowed lateness (e.g. 30s, 5m; 0 for none): events further behind their "
+    "partition's newest event are late, kept out of the blocks (and written to "
+    "the warehouse's late_events table when --warehouse is set).",
+)
+@click.option(
+    "--flush-interval",
+    default="1s",
+    show_default=True,
+    metavar="DURATION",
+    help="How often each shard writes its changed blocks to the store.",
+)
+@click.option(
+    "--warehouse",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory of the Iceberg tables: sealed blocks and late events are appended "
+    "there. Default: none.",
+)
+def blocks(
+    bootstrap: str | None,
+    store_url: str,
+    recovery_dir: Path | None,
+    workers: int,
+    process_id: int | None,
+    addresses: tuple[str, ...],
+    bounded: bool,
+    epoch_interval: float,
+    features_file: Path,
+    topics: str | None,
+    shards: int,
+    lateness: str,
+    flush_interval: str,
+    warehouse: Path | None,
+) -> None:
+    """Aggregate events into feature blocks in the online store.
+
+    Reads the topics the features of --features are declared on, keeps event-time blocks
+    per entity and feature, and writes them (and the feature watermarks) to --store.
+    """
+    from dataflows.blocks import BlocksFlowConfig, build_blocks_flow
+    from features.errors import FeatureSpecError
+    from features.spec_loader import load_features
+
+    cluster = _cluster(process_id, addresses)
+    lateness_ms = _duration(lateness, "'--lateness'", allow_zero=True)
+    flush_ms = _duration(flush_interval, "'--flush-interval'")
+    try:
+        fs = load_features(features_file)
+    except FeatureSpecError as exc:
+        raise _fail(str(exc)) from exc
+    topic_list = tuple(t.strip() for t in (topics or "").split(",") if t.strip())
+    try:
+        config = BlocksFlowConfig(
+            bootstrap=_bootstrap(bootstrap),
+            store_url=store_url,
+            features=fs,
+            topics=topic_list,
+            shards=shards,
+            lateness_ms=lateness_ms,
+            flush_interval_ms=flush_ms,
+            bounded=bounded,
+            warehouse=warehouse,
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    _check_topics(config.bootstrap, config.topics, config.deadletter_topic)
+    _check_store(store_url)
+    _run(
+        build_blocks_flow(config),
+        workers=workers,
+        process_id=process_id,
+        addresses=cluster,
+        recovery_dir=recovery_dir,
+        epoch_interval=epoch_interval,
+        bounded=bounded,
+        what="blocks",
+    )
+
+
+@worker.command("sequences", epilog=_CLUSTER_HELP.replace("WHAT", "sequences"))
+@_common_options
+@click.option(
+    "--max-len",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Actions kept per user: the newest by event time.",
+)
+def sequences(
+    bootstrap: str | None,
+    store_url: str,
+    recovery_dir: Path | None,
+    workers: int,
+    process_id: int | None,
+    addresses: tuple[str, ...],
+    bounded: bool,
+    epoch_interval: float,
+    max_len: int,
+) -> None:
+    """Keep each user's most recent actions in the online store.
+
+    Reads views (action "view") and engagements (click, like, share, save, hide), and keeps
+    the newest --max-len per user by event time, late events included. Writes are
+    idempotent on event id, so a restart that replays events changes nothing.
+    """
+    from dataflows.sequences import SequencesFlowConfig, build_sequences_flow
+
+    cluster = _cluster(process_id, addresses)
+    try:
+        config = SequencesFlowConfig(
+            bootstrap=_bootstrap(bootstrap), store_url=store_url, max_len=max_len, bounded=bounded
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    _check_topics(config.bootstrap, config.topics, config.deadletter_topic)
+    _check_store(store_url)
+    _run(
+        build_sequences_flow(config),
+        workers=workers,
+        process_id=process_id,
+        addresses=cluster,
+        recovery_dir=recovery_dir,
+        epoch_interval=epoch_interval,
+        bounded=bounded,
+        what="sequences",
+    )
