@@ -26,6 +26,7 @@ from dataflows.kafka_source import KafkaBatchSource, SourceBatch, after
 from dataflows.sinks import DeadLetterSink, LateEventSink, ShardOutput, StoreSink
 from features.blockstate import BlockShard, BlockShardConfig, BlockShardState
 from features.spec import FeatureSet
+from features.tiling import retention
 from schemas.columnar import EventColumns
 from tessera.logs import get_logger
 
@@ -60,6 +61,21 @@ class BlocksFlowConfig:
         if unknown:
             raise ValueError(f"no feature reads topics {unknown}; features read "
                              f"{list(self.features.sources)}")
+
+    def retention(self) -> dict[tuple[str, str], dict[int, int]]:
+        """Per (entity type, family) and block size, how long blocks must be kept (ms)."""
+        out: dict[tuple[str, str], dict[int, int]] = {}
+        for topic in self.topics:
+            by_type: dict[str, list] = {}
+            for f in self.features.for_source(topic):
+                by_type.setdefault(f.entity_type, []).append(f)
+            for etype, feats in by_type.items():
+                keep: dict[int, int] = {}
+                for f in feats:
+                    for size, ms in retention(f.windows, f.block_sizes).items():
+                        keep[size] = max(keep.get(size, 0), ms + self.lateness_ms)
+                out[(etype, topic)] = keep
+        return out
 
     def shard_configs(self) -> dict[tuple[str, str], BlockShardConfig]:
         """One shard config per (topic, entity field) that features aggregate on."""
@@ -175,7 +191,8 @@ def build_blocks_flow(config: BlocksFlowConfig) -> Dataflow:
         op.output("late_out", late, LateEventSink(config.warehouse))
     keyed = op.flat_map("route", batches, lambda b: route(config, b))
     blocks = op.stateful("blocks", keyed, _KeyedBuilder(builder_for))
-    op.output("store_out", blocks, StoreSink(config.store_url, config.warehouse))
+    op.output("store_out", blocks, StoreSink(config.store_url, config.warehouse,
+                                             retention=config.retention()))
     return flow
 
 

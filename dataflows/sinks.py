@@ -27,7 +27,8 @@ class ShardOutput:
 
 
 class _StorePartition(StatelessSinkPartition[Any]):
-    def __init__(self, store_url: str, warehouse: Path | None, commit_interval_s: float):
+    def __init__(self, store_url: str, warehouse: Path | None, commit_interval_s: float,
+                 retention: dict[tuple[str, str], dict[int, int]]):
         from features.store import open_store
 
         self.store = open_store(store_url)
@@ -37,13 +38,17 @@ class _StorePartition(StatelessSinkPartition[Any]):
         self.commit_interval_s = commit_interval_s
         self.last_commit = time.monotonic()
         self.blocks_written = 0
+        self.retention = retention
 
     def write_batch(self, items: list[tuple[str, ShardOutput]]) -> None:
         by_record: dict[tuple[str, str], list[tuple]] = {}
+        record_wm: dict[tuple[str, str], int] = {}
         watermarks: dict[str, int] = {}
         for _key, out in items:
             if out.writes:
-                rows = by_record.setdefault((out.entity_type, out.family), [])
+                group = (out.entity_type, out.family)
+                rows = by_record.setdefault(group, [])
+                record_wm[group] = min(record_wm.get(group, out.watermark), out.watermark)
                 for w in out.writes:
                     rows.append((w.entity_id, w.feature_key, w.start, w.size, w.rep))
                     if w.sealed and self.warehouse is not None:
@@ -52,7 +57,11 @@ class _StorePartition(StatelessSinkPartition[Any]):
             if out.watermark > watermarks.get(out.watermark_key, -(2**62)):
                 watermarks[out.watermark_key] = out.watermark
         for (entity_type, family), rows in by_record.items():
-            self.store.put_blocks(entity_type, family, rows)
+            wm = record_wm[(entity_type, family)]
+            keep = self.retention.get((entity_type, family))
+            keep_after = ({size: wm - ms for size, ms in keep.items()}
+                          if keep and wm > -(2**61) else None)
+            self.store.put_blocks(entity_type, family, rows, keep_after=keep_after)
             self.blocks_written += len(rows)
         if watermarks:  # after the blocks they vouch for
             self.store.set_watermarks(watermarks)
@@ -82,15 +91,26 @@ class StoreSink(DynamicSink[Any]):
 
     Block writes are full-rep overwrites, so a replay after a crash converges to the same
     store contents. Iceberg appends are at least once; readers deduplicate by block key.
+    ``retention`` ({(entity_type, family): {size: ms}}) drops, as records are rewritten,
+    blocks older than any window can read (``features.tiling.retention``) behind the
+    watermark.
     """
 
-    def __init__(self, store_url: str, warehouse: Path | None, commit_interval_s: float = 5.0):
+    def __init__(
+        self,
+        store_url: str,
+        warehouse: Path | None,
+        commit_interval_s: float = 5.0,
+        retention: dict[tuple[str, str], dict[int, int]] | None = None,
+    ):
         self.store_url = store_url
         self.warehouse = warehouse
         self.commit_interval_s = commit_interval_s
+        self.retention = dict(retention or {})
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _StorePartition:
-        return _StorePartition(self.store_url, self.warehouse, self.commit_interval_s)
+        return _StorePartition(self.store_url, self.warehouse, self.commit_interval_s,
+                               self.retention)
 
 
 class _DeadLetterPartition(StatelessSinkPartition[Any]):

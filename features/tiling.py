@@ -7,21 +7,26 @@ All times are integer epoch milliseconds, UTC. Blocks are epoch-aligned half-ope
 interval contains ``ts``. For a read at request time ``t`` of a window of length ``W`` with
 feature watermark ``wm`` and block sizes ``b = b0 < b1 < ...`` (5m, 1h, 1d):
 
-* ``now = align_down(t, b)``; ``W`` is a multiple of ``b``;
+* ``W`` is a multiple of ``b``;
+* ``wm`` is the end of the last block the store trusts (sealed: the stream's event-time
+  watermark has passed it). The open block, and anything at or after ``wm``, is never read;
+* the window ends at ``end = min(wm, align_down(t, b))``;
 * the window's tail hop ``h = tail_hop(W)`` is the largest block size with ``W >= 12 h``
   (5m for windows under 12h, 1h from 12h, 1d from 12d);
-* the window is ``[align_down(now - W, h), end)`` with ``end = min(wm, now)``;
-* ``wm`` is the end of the last block the store trusts (sealed: the stream's event-time
-  watermark has passed it). The open block, and anything at or after ``wm``, is never read.
+* the window is ``[align_down(end - W, h), end)``.
 
-So a window value counts exactly the events with ``start <= event_ts < end``. Its oldest edge
-moves in steps of the tail hop (as in Chronon's resolution), so a window may reach back up to
-one hop (at most 1/12 of ``W``) further than ``W``: a 30-day window is 30 to 31 days of daily
-blocks plus today's hours, never a 5-minute block from 30 days ago. That bounds both what a
-read touches and what the store keeps (``retention``). When the store lags (``wm < now``) the
-window is shorter at its recent end, never shifted. The value logged with an impression
-carries ``wm``; the offline backfill recomputes the same bounds with the same function from the
-same blocks, which makes online and offline agree by construction.
+So a window value counts exactly the events with ``start <= event_ts < end``, and it is a
+function of ``(W, end)`` alone. Consequences, all on purpose:
+
+* The offline backfill needs only the watermark logged with the impression to recompute
+  exactly what the online read saw, with this same function over the same blocks.
+* Pre-assembled values and caches keyed by the watermark are exact, not approximations.
+* When the store lags, the window is the last ``W`` before the watermark (stale, and flagged
+  stale by the feature client), never a shorter window.
+* The oldest edge moves in steps of the tail hop (as in Chronon's resolution), so a window
+  reaches back up to one hop (at most 1/12 of ``W``) further than ``W``: a 30-day window is
+  30 to 31 days of daily blocks plus today's hours, never a 5-minute block from 30 days ago.
+  That bounds both what a read touches and what the store keeps (``retention``).
 
 Tiling
 ------
@@ -129,7 +134,7 @@ def tail_hop(window: int, sizes: Sequence[int]) -> int:
 def window_bounds(t: int, window: int, watermark: int, sizes: Sequence[int] | int) -> WindowBounds:
     """Return the interval a read at ``t`` of ``window`` ms covers, given watermark ``wm``.
 
-    ``[align_down(align_down(t, b) - window, tail_hop(window)), min(wm, align_down(t, b)))``
+    ``end = min(wm, align_down(t, b))`` and ``[align_down(end - window, tail_hop(window)), end)``
     with ``b`` the finest size; see the module docstring. Passing a single int size means no
     coarser blocks (the tail hop is then that size).
 
@@ -143,10 +148,9 @@ def window_bounds(t: int, window: int, watermark: int, sizes: Sequence[int] | in
             f"window {format_duration(window)} is not a multiple of the block size "
             f"{format_duration(finest)}"
         )
-    now = align_down(t, finest)
-    end = align_down(min(watermark, now), finest)
-    start = align_down(now - window, tail_hop(window, sizes))
-    return WindowBounds(start=start, end=max(end, start))
+    end = align_down(min(watermark, align_down(t, finest)), finest)
+    start = align_down(end - window, tail_hop(window, sizes))
+    return WindowBounds(start=start, end=end)
 
 
 def retention(windows: Sequence[int], sizes: Sequence[int]) -> dict[int, int]:

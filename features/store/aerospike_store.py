@@ -356,7 +356,14 @@ class AerospikeStore(OnlineStore):
 
     # ------------------------------------------------------------------ blocks
 
-    def put_blocks(self, entity_type: str, family: str, rows: Sequence[BlockRow]) -> None:
+    def put_blocks(
+        self,
+        entity_type: str,
+        family: str,
+        rows: Sequence[BlockRow],
+        *,
+        keep_after: Mapping[int, int] | None = None,
+    ) -> None:
         self._check_writable("put_blocks")
         check_part("entity_type", entity_type)
         by_entity: dict[str, dict[bytes, bytes]] = defaultdict(dict)
@@ -368,14 +375,17 @@ class AerospikeStore(OnlineStore):
             return
         bin_name = self._family_bin(check_part("family", family))
         policy = {"map_order": aerospike.MAP_KEY_ORDERED}
-        writes = [
-            Write(
-                self._key(entity_type, check_part("entity_id", e)),
-                [map_operations.map_put_items(bin_name, items, map_policy=policy)],
-                meta=self._meta_write(),
-            )
-            for e, items in by_entity.items()
-        ]
+        writes = []
+        for e, items in by_entity.items():
+            ops = [map_operations.map_put_items(bin_name, items, map_policy=policy)]
+            # per-size retention: drop [key(f, size, -inf), key(f, size, ts - size + 1)) ranges
+            for feature_key in {decode_block_key(k)[0] for k in items} if keep_after else ():
+                for size, ts in keep_after.items():
+                    ops.append(map_operations.map_remove_by_key_range(
+                        bin_name, encode_block_key(feature_key, size, -(2**62)),
+                        encode_block_key(feature_key, size, ts - size + 1), aerospike.MAP_RETURN_NONE))
+            writes.append(Write(self._key(entity_type, check_part("entity_id", e)), ops,
+                                meta=self._meta_write()))
         self._batch_write("put_blocks", writes)
 
     def get_block_tables(

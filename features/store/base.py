@@ -168,8 +168,18 @@ class OnlineStore(abc.ABC):
     # ------------------------------------------------------------------ blocks
 
     @abc.abstractmethod
-    def put_blocks(self, entity_type: str, family: str, rows: Sequence[BlockRow]) -> None:
+    def put_blocks(
+        self,
+        entity_type: str,
+        family: str,
+        rows: Sequence[BlockRow],
+        *,
+        keep_after: Mapping[int, int] | None = None,
+    ) -> None:
         """Upsert blocks: each row overwrites the block ``(entity, feature, size, start)``.
+
+        ``keep_after`` ({size: ts}) drops, in the same write, the blocks of each touched record
+        whose size is listed and whose end is ``<= ts`` (per-size retention).
 
         The rep is the block's full current rep (the streaming flow rewrites an open block
         many times); it is never combined with what was stored. Rows of many entities go in

@@ -22,7 +22,7 @@ arrays with ``np.frombuffer``: the table shares memory with the buffer it was de
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -182,6 +182,22 @@ class BlockTable:
         if not keys:
             return self
         return self._merge(keys, np.asarray(starts, np.int64), np.asarray(sizes, np.int64), reps)
+
+    def drop_expired(self, keep_after: Mapping[int, int]) -> BlockTable:
+        """Return a table without blocks of size ``s`` whose end is ``<= keep_after[s]``.
+
+        Sizes missing from ``keep_after`` are kept (per-size retention; see
+        ``features.tiling.retention``).
+        """
+        if not keep_after or len(self) == 0:
+            return self
+        limit = np.full(len(self), np.iinfo(np.int64).min, dtype=np.int64)
+        for size, ts in keep_after.items():
+            limit[self.sizes == size] = ts
+        keep = np.flatnonzero(self.ends > limit)
+        if keep.shape[0] == len(self):
+            return self
+        return self._take(keep)
 
     def drop_before(self, ts: int) -> BlockTable:
         """Return a table without the blocks whose end is ``<= ts`` (retention)."""

@@ -215,7 +215,14 @@ class LmdbStore(OnlineStore):
 
     # ------------------------------------------------------------------ blocks
 
-    def put_blocks(self, entity_type: str, family: str, rows: Sequence[BlockRow]) -> None:
+    def put_blocks(
+        self,
+        entity_type: str,
+        family: str,
+        rows: Sequence[BlockRow],
+        *,
+        keep_after: Mapping[int, int] | None = None,
+    ) -> None:
         head = f"{check_part('entity_type', entity_type)}\x00{check_part('family', family)}\x00"
         by_entity: dict[str, list[tuple[str, int, int, bytes]]] = defaultdict(list)
         for entity_id, feature_key, start, size, rep in rows:
@@ -232,7 +239,10 @@ class LmdbStore(OnlineStore):
             for key, new_rows in zip(keys, by_entity.values()):
                 old = get(key, db=self._blocks)
                 table = BlockTable.decode(old) if old is not None else BlockTable.empty()
-                put(key, table.upsert(new_rows).encode(), db=self._blocks)
+                table = table.upsert(new_rows)
+                if keep_after:
+                    table = table.drop_expired(keep_after)
+                put(key, table.encode(), db=self._blocks)
 
         self._commit("put_blocks", run)
 

@@ -127,6 +127,21 @@ def test_retention_drops_blocks_that_ended(store, et):
     assert store.delete_blocks_before(et, "views", M5) == 0
 
 
+def test_upsert_applies_per_size_retention(store, et):
+    """
+    keep_after = {5m: 10m, 1h: 0}: 5m blocks ending <= 10m go, 1h blocks ending <= 0 go.
+      5m [0,5m) a ✗   [5m,10m) b ✗   [10m,15m) c ✓      1h [0,1h) d ✓
+    """
+    store.put_blocks(et, "views", [("u1", "views@v1", 0, M5, b"a"), ("u1", "views@v1", M5, M5, b"b")])
+    store.put_blocks(
+        et, "views",
+        [("u1", "views@v1", 2 * M5, M5, b"c"), ("u1", "views@v1", 0, H1, b"d")],
+        keep_after={M5: 2 * M5, H1: 0},
+    )
+    (u1,) = store.get_block_tables(et, "views", ["u1"])
+    assert rows_of(u1) == [("views@v1", 2 * M5, M5, b"c"), ("views@v1", 0, H1, b"d")]
+
+
 # ---------------------------------------------------------------------- sequences
 
 
