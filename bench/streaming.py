@@ -13,14 +13,15 @@ In one run, on a fresh embedded broker (Tansu) and one core's worth of worker ea
   tumbling windows on event time (``event_ts``; grace = Tessera's lateness), no changelog
   topics (Tessera runs without recovery here too). It stops when its
   ``on_message_processed`` callback has seen all N messages.
-* Freshness: on a second fresh broker and store, the blocks flow tails ``views``
-  (flush every 500 ms, every ``views`` feature) while a producer sends a steady rate with
+* Freshness: on a fresh broker and store each, the blocks flow tails ``views``
+  (flush every 500 ms; item_views only, then every ``views`` feature) while a producer sends a steady rate with
   event time = now; each produced message carries one marker item id, and the store is
   polled (read-only LMDB) until the marker's block appears: freshness = seen - produced.
 
 Usage: python bench/streaming.py [--quick] [--events N] [--rate R] [--seconds S]
 Last line: RESULT streaming events_per_s=<n> quix_events_per_s=<m> ratio=<r>
-           freshness_p99_ms=<f> all_features_events_per_s=<k>
+           freshness_p99_ms=<f> all_features_events_per_s=<k> freshness_item_p99_ms=<g>
+(events_per_s is the item_views run; freshness_p99_ms the all-features tail flow.)
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ class Views:
 
     def __len__(self) -> int:
         return len(self.ts)
+
+    def head(self, n: int) -> Views:
+        """Return the first ``n`` views."""
+        return Views(*(getattr(self, f)[:n] for f in
+                       ("ts", "item", "user", "dwell", "position", "surface")))
 
 
 def make_views(n: int, *, items: int = 50_000, users: int = 500_000, span_ms: int = 6 * 3_600_000,
@@ -182,6 +188,9 @@ def produce_json(bootstrap: str, v: Views, topic: str = "views_json") -> float:
 
 
 def _emit(result: dict) -> None:
+    import resource
+
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
@@ -294,7 +303,10 @@ def _result(proc: subprocess.Popen, log_path: Path, timeout: float) -> dict:
 
 
 def count_total(store_url: str, v: Views, sample: int = 200) -> tuple[int, int]:
-    """Sum the stored 5m item_views counts of the ``sample`` most viewed items vs the truth."""
+    """Sum the stored 1d item_views counts of the ``sample`` most viewed items vs the truth.
+
+    1d blocks, because the store drops finer blocks no window reads any more (retention).
+    """
     from features.aggregations import make_aggregation
     from features.store import open_store
 
@@ -310,7 +322,7 @@ def count_total(store_url: str, v: Views, sample: int = 200) -> tuple[int, int]:
             key = next(f for f in table.features if f.startswith("item_views@"))
             fb = table.feature_blocks(key)
             reps = agg.unpack(fb.blob, fb.offsets)
-            got += int(reps["n"][fb.sizes == 5 * MINUTE].sum())
+            got += int(reps["n"][fb.sizes == 1440 * MINUTE].sum())
     return got, expected
 
 
@@ -335,21 +347,25 @@ def run_quix(bootstrap: str, tmp: Path, n: int) -> dict:
     return res
 
 
-def measure_freshness(tmp: Path, features: Path, rate: int, seconds: float,
+def measure_freshness(tmp: Path, features: Path, name: str, rate: int, seconds: float,
                       per_msg: int = 500) -> dict:
-    """Tail with the flow, produce ``rate`` events/s with one marker per message, poll the store."""
+    """Tail with the flow, produce ``rate`` events/s with one marker per message, poll the store.
+
+    Each message carries the next ``per_msg`` views of a generated stream (fresh users and
+    Zipf items, so flushes rewrite a realistic number of entities) with event time = now;
+    the last view of each message has a unique item id, the marker.
+    """
+    from features.store import open_store
     from tessera.broker import EmbeddedBroker
     from tessera.topics import create_topics
 
-    from features.store import open_store
-
-    v = make_views(per_msg, seed=5)
-    store_dir = tmp / "store-fresh"
+    v = make_views(per_msg * (int(rate * seconds / per_msg) + 2), seed=5)
+    store_dir = tmp / f"store-fresh-{name}"
     store_url = f"lmdb://{store_dir}"
-    with EmbeddedBroker(state_dir=tmp / "broker-fresh") as info:
+    with EmbeddedBroker(state_dir=tmp / f"broker-fresh-{name}") as info:
         create_topics(info.bootstrap, ["views", "deadletter"], partitions=PARTITIONS)
         prod = _Producer(info.bootstrap)
-        log_path = tmp / "tessera-fresh.log"
+        log_path = tmp / f"tessera-fresh-{name}.log"
         proc = _launch("tessera", {"bootstrap": info.bootstrap, "store_url": store_url,
                                    "features": str(features), "bounded": False, "flush_ms": 500},
                        log_path)
@@ -361,9 +377,11 @@ def measure_freshness(tmp: Path, features: Path, rate: int, seconds: float,
         def send_marked(marker: str) -> None:
             from schemas.columnar import encode_batch
 
-            ids = [f"i{k}" for k in v.item[: per_msg - 1].tolist()] + [marker]
+            lo = seq[0] * per_msg % (len(v) - per_msg + 1)
+            ids = [f"i{k}" for k in v.item[lo:lo + per_msg - 1].tolist()] + [marker]
             now = int(time.time() * 1000)
-            cols = view_columns(v, 0, per_msg, ts=np.full(per_msg, now, np.int64), item_ids=ids)
+            cols = view_columns(v, lo, lo + per_msg, ts=np.full(per_msg, now, np.int64),
+                                item_ids=ids)
             payload = encode_batch(cols)
             sent[marker] = time.time()
             prod.send("views", payload)
@@ -377,7 +395,7 @@ def measure_freshness(tmp: Path, features: Path, rate: int, seconds: float,
                     return
                 try:
                     store = open_store(store_url, readonly=True)
-                except Exception:  # noqa: BLE001 - the writer has not created it yet
+                except Exception:
                     return
             pending = [m for m in sent if m not in seen]
             if not pending:
@@ -431,7 +449,9 @@ def measure_freshness(tmp: Path, features: Path, rate: int, seconds: float,
                     proc.wait()
             if store is not None:
                 store.close()
-    lat = np.array([(seen[m] - sent[m]) * 1000 for m in seen])
+    # a marker never seen counts with the time waited so far (a lower bound): no silent drops
+    end = time.time()
+    lat = np.array([(seen.get(m, end) - sent[m]) * 1000 for m in sent])
     return {
         "messages": len(sent), "seen": len(seen), "events": len(sent) * per_msg,
         "rate": len(sent) * per_msg / produced_s,
@@ -450,6 +470,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=None, help="events to produce (2,000,000)")
     ap.add_argument("--rate", type=int, default=20_000, help="freshness produce rate, events/s")
     ap.add_argument("--seconds", type=float, default=None, help="freshness produce time (20)")
+    ap.add_argument("--all-events", type=int, default=None,
+                    help="events for the all-features run (300,000; its memory grows fast)")
     ap.add_argument("--skip-quix", action="store_true", help="do not run the peer")
     ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -489,16 +511,30 @@ def main() -> None:
             got, expected = count_total(item["store_url"], v)
             if got != expected:
                 raise RuntimeError(f"stored counts of the top items are {got}, expected {expected}")
-            full = run_tessera(info.bootstrap, all_features, tmp, "all", n)
-            print(f"tessera all views features: {full['wall_s']:.1f}s", flush=True)
             quix = run_quix(info.bootstrap, tmp, n) if not a.skip_quix else None
             if quix:
                 print(f"quix tumbling count: {quix['wall_s']:.1f}s", flush=True)
-        fresh = measure_freshness(tmp, all_features, a.rate, seconds)
+        # Every views feature holds sketches and last-n lists per open block of ~all users:
+        # memory grows by GBs per million events, so this run reads its own, shorter topic.
+        n_all = min(n, a.all_events or (100_000 if a.quick else 300_000))
+        with EmbeddedBroker(state_dir=tmp / "broker-all") as info:
+            create_topics(info.bootstrap, ["views", "deadletter"], partitions=PARTITIONS)
+            produce_envelopes(info.bootstrap, v.head(n_all))
+            full = run_tessera(info.bootstrap, all_features, tmp, "all", n_all)
+            print(f"tessera all views features ({n_all:,} events): {full['wall_s']:.1f}s",
+                  flush=True)
+        fresh_item = measure_freshness(tmp, item_features, "item", a.rate, seconds)
+        print(f"freshness item_views: p99 {fresh_item['p99_ms']:.0f} ms", flush=True)
+        fresh = measure_freshness(tmp, all_features, "all", a.rate, seconds)
+
+    from features.spec_loader import load_features
+
+    n_views_features = len(load_features(all_features).for_source("views"))
 
     def rates(r: dict) -> tuple[float, float]:
-        steady = n / (r["wall_s"] - r["first_data_s"]) if r.get("first_data_s") else float("nan")
-        return n / r["wall_s"], steady
+        m = r["events"]
+        steady = m / (r["wall_s"] - r["first_data_s"]) if r.get("first_data_s") else float("nan")
+        return m / r["wall_s"], steady
 
     item_rate, item_steady = rates(item)
     full_rate, full_steady = rates(full)
@@ -506,21 +542,23 @@ def main() -> None:
     ratio = item_rate / quix_rate if quix else float("nan")
     print()
     print(f"events: {n:,} views, {PARTITIONS} partitions, one worker per engine, same broker")
-    print(f"{'run':<44}{'wall s':>8}{'startup s':>11}{'events/s':>12}{'steady ev/s':>13}")
+    print(f"{'run':<44}{'events':>10}{'wall s':>8}{'startup s':>11}{'events/s':>11}"
+          f"{'steady ev/s':>13}{'peak RSS MB':>13}")
     rows = [("tessera item_views (count, 5m/1h/1d blocks)", item, item_rate, item_steady),
-            ("tessera all views features (11, item+user)", full, full_rate, full_steady)]
+            (f"tessera all {n_views_features} views features", full, full_rate, full_steady)]
     if quix:
         rows.append(("quix 5m tumbling count/item (JSON msgs)", quix, quix_rate, quix_steady))
     for label, r, rate, steady in rows:
-        print(f"{label:<44}{r['wall_s']:>8.1f}{r['first_data_s']:>11.1f}{rate:>12,.0f}"
-              f"{steady:>13,.0f}")
+        print(f"{label:<44}{r['events']:>10,}{r['wall_s']:>8.1f}{r['first_data_s']:>11.1f}"
+              f"{rate:>11,.0f}{steady:>13,.0f}{r['peak_rss_mb']:>13,.0f}")
     print(f"ratio tessera item_views / quix (wall, startup included): {ratio:.1f}x; "
           f"steady: {item_steady / quix_steady:.1f}x")
-    print(f"check: stored 5m counts of the top 200 items = {got:,} (expected {expected:,})")
-    print(f"freshness (event produced -> block visible in LMDB), tail flow with all views features,"
-          f" flush 500 ms, {fresh['rate']:,.0f} events/s for {seconds:g}s, "
-          f"{fresh['seen']}/{fresh['messages']} markers seen: "
-          f"p50 {fresh['p50_ms']:.0f} ms, p99 {fresh['p99_ms']:.0f} ms, max {fresh['max_ms']:.0f} ms")
+    print(f"check: stored 1d counts of the top 200 items = {got:,} (expected {expected:,})")
+    print(f"freshness (event produced -> block visible in LMDB), tail flow, flush 500 ms, "
+          f"{a.rate:,} events/s target for {seconds:g}s, 500 events a message, 1 marker each:")
+    for label, f in (("item_views", fresh_item), (f"all {n_views_features} views features", fresh)):
+        print(f"  {label:<28} produced {f['rate']:>8,.0f} ev/s, {f['seen']}/{f['messages']} markers "
+              f"seen: p50 {f['p50_ms']:.0f} ms, p99 {f['p99_ms']:.0f} ms, max {f['max_ms']:.0f} ms")
     print("notes: wall time counts from process launch (imports, topic metadata, group join "
           "for quix); 'startup s' is launch -> first data; Tessera reads 1000-event batch "
           "envelopes, Quix one JSON message per event (its default deserializer); Quix runs "
@@ -528,7 +566,8 @@ def main() -> None:
           "LMDB (sync on).")
     print(f"RESULT streaming events_per_s={item_rate:.0f} quix_events_per_s={quix_rate:.0f} "
           f"ratio={ratio:.2f} freshness_p99_ms={fresh['p99_ms']:.0f} "
-          f"all_features_events_per_s={full_rate:.0f}")
+          f"all_features_events_per_s={full_rate:.0f} "
+          f"freshness_item_p99_ms={fresh_item['p99_ms']:.0f}")
 
 
 if __name__ == "__main__":

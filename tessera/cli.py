@@ -16,6 +16,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("tessera.commands.generate", "generate"),
     ("tessera.commands.features", "features"),
     ("tessera.commands.worker", "worker"),
+    ("tessera.commands.demo", "demo"),
 ]
 
 

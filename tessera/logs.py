@@ -19,7 +19,7 @@ def configure_logging(*, level: str | None = None, json: bool | None = None) -> 
         json: render JSON lines; defaults to ``TESSERA_LOG_JSON=1``.
     """
     global _configured
-    if _configured:
+    if _configured and level is None and json is None:
         return
     level_name = (level or os.environ.get("TESSERA_LOG_LEVEL", "INFO")).upper()
     as_json = json if json is not None else os.environ.get("TESSERA_LOG_JSON") == "1"
@@ -39,12 +39,17 @@ def configure_logging(*, level: str | None = None, json: bool | None = None) -> 
             logging.getLevelNamesMapping().get(level_name, logging.INFO)
         ),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,
     )
     _configured = True
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
-    """Return a structlog logger bound with ``component=name``."""
-    configure_logging()
-    return structlog.get_logger().bind(component=name)
+    """Return a structlog logger bound with ``component=name``.
+
+    Configuration is applied on first use, so a command line that sets the level after
+    import still governs every logger.
+    """
+    if not _configured:
+        configure_logging()
+    return structlog.get_logger(component=name)

@@ -398,6 +398,21 @@ class AerospikeStore(OnlineStore):
             for r in records
         ]
 
+    def list_entity_ids(self, entity_type: str, family: str) -> Iterator[str]:
+        bin_name = family_bin(family)
+        found: list[str] = []
+
+        def collect(record) -> None:
+            key, _meta, bins = record
+            if (bins or {}).get(bin_name) and key[2] is not None:
+                found.append(str(key[2]))
+
+        with self._errors("list_entity_ids"):
+            query = self.client.query(self.namespace, entity_type)
+            query.select(bin_name)
+            query.foreach(collect)
+        yield from found
+
     def delete_blocks_before(self, entity_type: str, family: str, ts: int) -> int:
         self._check_writable("delete_blocks_before")
         bin_name = family_bin(family)

@@ -12,7 +12,7 @@ partitions), any number of reader processes. Every write method is atomic per ca
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,6 +200,13 @@ class OnlineStore(abc.ABC):
 
         The hot path: one read per entity, batched, decoded without per-block Python objects.
         """
+
+    def list_entity_ids(self, entity_type: str, family: str) -> Iterator[str]:
+        """Yield the id of every entity with a block record in ``family`` (no order promised).
+
+        For batch jobs (pre-assembly, retention), not the request path.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot list entities")
 
     @abc.abstractmethod
     def delete_blocks_before(self, entity_type: str, family: str, ts: int) -> int:

@@ -257,6 +257,17 @@ class LmdbStore(OnlineStore):
         decode = BlockTable.decode
         return [None if r is None else decode(r) for r in raws]
 
+    def list_entity_ids(self, entity_type: str, family: str) -> Iterator[str]:
+        prefix = f"{entity_type}\x00{family}\x00".encode()
+        with self.env.begin(db=self._blocks) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(prefix):
+                return
+            for key in cur.iternext(keys=True, values=False):
+                if not key.startswith(prefix):
+                    return
+                yield key[len(prefix):].decode("utf-8")
+
     def delete_blocks_before(self, entity_type: str, family: str, ts: int) -> int:
         prefix = self._key(check_part("entity_type", entity_type), check_part("family", family), "")
         dropped = 0

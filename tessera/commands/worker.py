@@ -222,8 +222,9 @@ def worker() -> None:
     """Run the streaming workers that keep the online store up to date.
 
     \b
-    blocks     feature blocks from the events (features.yaml)
-    sequences  each user's most recent actions (views and engagements)
+    blocks       feature blocks from the events (features.yaml)
+    sequences    each user's most recent actions (views and engagements)
+    preassemble  finished window values of hot features, refreshed periodically
 
     Each reads Kafka (create the topics first: `tessera topics create`) and writes the
     online store. Run one of each; see `tessera worker blocks --help` for scaling out.
@@ -384,3 +385,51 @@ def sequences(
         bounded=bounded,
         what="sequences",
     )
+
+
+@worker.command("preassemble")
+@click.option("--store", "store_url", default="lmdb://.tessera/store", show_default=True,
+              help="Online store URL (written: the values table).")
+@click.option("--features", "features_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=DEFAULT_FEATURES, show_default=True, help="Feature definition file.")
+@click.option("--entity", "entity_types", multiple=True, default=("item",), show_default=True,
+              help="Entity types to pre-assemble (repeat for several).")
+@click.option("--names", default=None,
+              help="Comma-separated window values to keep (default: every numeric window "
+                   "value of the entity type).")
+@click.option("--interval", default="30s", show_default=True,
+              help="Time between refreshes (a duration such as 30s or 1m).")
+@click.option("--once", is_flag=True, help="Refresh once and exit.")
+def preassemble(store_url: str, features_file: Path, entity_types: tuple[str, ...],
+                names: str | None, interval: str, once: bool) -> None:
+    """Keep pre-assembled window values (value + watermark per entity) fresh.
+
+    Serving reads these instead of assembling blocks for every candidate when they are
+    within the features' freshness budget; rows computed at another watermark are assembled
+    from blocks instead, so values are always exact for the watermark logged.
+    """
+    import time as _time
+
+    from features.errors import TesseraError
+    from features.preassembled import refresh_preassembled
+    from features.spec_loader import load_features
+    from features.store import open_store
+
+    try:
+        fs = load_features(features_file)
+    except TesseraError as exc:
+        raise _fail(str(exc)) from exc
+    every = _duration(interval, "--interval") / 1000
+    name_list = [n for n in names.split(",") if n] if names else None
+    with open_store(store_url) as store:
+        while True:
+            for et in entity_types:
+                try:
+                    rep = refresh_preassembled(store, fs, et, name_list)
+                except TesseraError as exc:
+                    raise _fail(str(exc)) from exc
+                click.echo(f"preassembled {rep.entities} {et} entities x {len(rep.columns)} "
+                           f"values at watermark {rep.watermark} in {rep.seconds:.2f}s", err=True)
+            if once:
+                return
+            _time.sleep(every)
