@@ -135,10 +135,10 @@ class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
 
     def _flush(self) -> list[ShardOutput]:
         wm = self.shard.watermark(self.parts)
-        writes = self.shard.flush(wm)
+        flushed = self.shard.flush(wm)
         self.next_flush = after(self.flush_ms)
         cfg = self.shard.config
-        return [ShardOutput(entity_type=cfg.entity_type, family=cfg.topic, writes=writes,
+        return [ShardOutput(entity_type=cfg.entity_type, family=cfg.topic, flush=flushed,
                             watermark_key=f"blocks/{self.key}", watermark=wm)]
 
     def on_item(self, value: ShardInput):

@@ -9,7 +9,8 @@ from typing import Any
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from features.blockstate import BlockWrite
+from features.blockstate import ShardFlush
+from features.store.blockbatch import BlockBatch
 from tessera.logs import get_logger
 
 log = get_logger("dataflows.sinks")
@@ -21,7 +22,7 @@ class ShardOutput:
 
     entity_type: str
     family: str
-    writes: list[BlockWrite]
+    flush: ShardFlush
     watermark_key: str
     watermark: int
 
@@ -41,28 +42,30 @@ class _StorePartition(StatelessSinkPartition[Any]):
         self.retention = retention
 
     def write_batch(self, items: list[tuple[str, ShardOutput]]) -> None:
-        by_record: dict[tuple[str, str], list[tuple]] = {}
+        by_record: dict[tuple[str, str], list[BlockBatch]] = {}
         record_wm: dict[tuple[str, str], int] = {}
         watermarks: dict[str, int] = {}
         for _key, out in items:
-            if out.writes:
+            batch = out.flush.batch
+            if len(batch):
                 group = (out.entity_type, out.family)
-                rows = by_record.setdefault(group, [])
+                by_record.setdefault(group, []).append(batch)
                 record_wm[group] = min(record_wm.get(group, out.watermark), out.watermark)
-                for w in out.writes:
-                    rows.append((w.entity_id, w.feature_key, w.start, w.size, w.rep))
-                    if w.sealed and self.warehouse is not None:
-                        self.pending_sealed.append(
-                            (out.entity_type, w.entity_id, w.feature_key, w.start, w.size, w.rep))
+                if self.warehouse is not None and out.flush.sealed.any():
+                    for (e, f, st, sz, rep), sealed in zip(batch.to_rows(),
+                                                           out.flush.sealed.tolist()):
+                        if sealed:
+                            self.pending_sealed.append((out.entity_type, e, f, st, sz, rep))
             if out.watermark > watermarks.get(out.watermark_key, -(2**62)):
                 watermarks[out.watermark_key] = out.watermark
-        for (entity_type, family), rows in by_record.items():
+        for (entity_type, family), batches in by_record.items():
             wm = record_wm[(entity_type, family)]
             keep = self.retention.get((entity_type, family))
             keep_after = ({size: wm - ms for size, ms in keep.items()}
                           if keep and wm > -(2**61) else None)
-            self.store.put_blocks(entity_type, family, rows, keep_after=keep_after)
-            self.blocks_written += len(rows)
+            batch = BlockBatch.concat(batches)
+            self.store.put_block_batch(entity_type, family, batch, keep_after=keep_after)
+            self.blocks_written += len(batch)
         if watermarks:  # after the blocks they vouch for
             self.store.set_watermarks(watermarks)
         if self.pending_sealed and time.monotonic() - self.last_commit > self.commit_interval_s:

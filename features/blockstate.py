@@ -27,11 +27,26 @@ import numpy as np
 from features.aggregations import Aggregation, build_aggregation
 from features.expressions import CompiledExpr, parse_filter
 from features.spec import FeatureSpec
+from features.store.blockbatch import BlockBatch, empty_batch
 
 _SLOT_BITS = 32
 _SIZE_BITS = 3
 _SLOT_MASK = (1 << _SLOT_BITS) - 1
 _NO_WATERMARK = -(2**62)
+
+
+@dataclass
+class ShardFlush:
+    """What one ``flush`` returns: the blocks to write, and which of them are sealed."""
+
+    batch: BlockBatch
+    sealed: np.ndarray
+
+    def writes(self) -> list[BlockWrite]:
+        """The blocks as ``BlockWrite`` tuples (slow; tests and debugging)."""
+        rows = self.batch.to_rows()
+        return [BlockWrite(e, f, s, z, r, bool(x))
+                for (e, f, s, z, r), x in zip(rows, self.sealed.tolist())]
 
 
 class BlockWrite(NamedTuple):
@@ -133,16 +148,22 @@ class BlockShard:
                                     tables=[FeatureBlocks() for _ in config.features])
         self.state = state
         self._codes: dict[str, int] = {e: i for i, e in enumerate(state.entity_ids)}
-        # variable-width reps live decoded in memory, serialized only in snapshots
+        # Variable-width reps live decoded in memory (``_live``); ``_ser`` caches their bytes
+        # until the rep changes, so flushes and snapshots serialize each change once.
         self._live: list[list[Any] | None] = []
+        self._ser: list[list[bytes | None] | None] = []
         for agg, table in zip(self.aggs, state.tables):
+            if len(table.index) != table.n:  # snapshots leave the index out: rebuild it
+                table.index = {k: i for i, k in enumerate(table.keys[:table.n].tolist())}
             if agg.rep_dtype is None:
-                stored = table.reps or []
+                stored = list(table.reps or [])
                 self._live.append([agg.from_bytes(b) for b in stored])
+                self._ser.append(stored)
             else:
                 if table.reps is None:
                     table.reps = np.zeros(0, dtype=agg.rep_dtype)
                 self._live.append(None)
+                self._ser.append(None)
 
     # ------------------------------------------------------------------ ingest
     def add_batch(self, columns: Any) -> int:
@@ -202,9 +223,12 @@ class BlockShard:
             if agg.rep_dtype is not None:
                 table.reps[rows] = agg.combine_arrays(table.reps[rows], batch)
             else:
-                live = self._live[fi]
+                live, ser = self._live[fi], self._ser[fi]
+                combine = agg.combine
                 for r, rep in zip(rows.tolist(), batch):
-                    live[r] = agg.combine(live[r], rep)
+                    prev = live[r]
+                    live[r] = rep if prev is None else combine(prev, rep)
+                    ser[r] = None
             table.dirty[rows] = True
 
     def _rows_for(self, fi: int, table: FeatureBlocks, keys: np.ndarray) -> np.ndarray:
@@ -234,12 +258,14 @@ class BlockShard:
         dirty[:table.n] = table.dirty[:table.n]
         table.keys, table.dirty = keys, dirty
         if agg.rep_dtype is not None:
-            reps = agg.to_array([agg.identity()] * new_cap)
+            reps = agg.identity_array(new_cap)
             reps[:table.n] = table.reps[:table.n]
             table.reps = reps
         else:
             live = self._live[fi]
-            live.extend(agg.identity() for _ in range(new_cap - len(live)))
+            live.extend([None] * (new_cap - len(live)))  # a rep is made on first use
+            ser = self._ser[fi]
+            ser.extend([None] * (new_cap - len(ser)))
 
     # ------------------------------------------------------------------ watermarks
     def advance(self, partition: str, watermark: int) -> None:
@@ -254,13 +280,15 @@ class BlockShard:
         return min((wms.get(p, _NO_WATERMARK) for p in partitions), default=_NO_WATERMARK)
 
     # ------------------------------------------------------------------ output
-    def flush(self, watermark: int | None = None) -> list[BlockWrite]:
+    def flush(self, watermark: int | None = None) -> ShardFlush:
         """Return every changed block (full rep), and seal and evict blocks ending by ``watermark``.
 
-        A sealed block is returned once more with ``sealed=True`` (even if unchanged) so that
-        the offline table receives each closed block.
+        A sealed block is returned once more with ``sealed`` set (even if unchanged) so that
+        the offline table receives each closed block. The result is columnar (``BlockBatch``):
+        no Python object per block.
         """
-        out: list[BlockWrite] = []
+        codes_parts, fidx_parts, st_parts, sz_parts, len_parts, blobs, sealed_parts = (
+            [], [], [], [], [], [], [])
         for fi, spec in enumerate(self.config.features):
             table = self.state.tables[fi]
             n = table.n
@@ -270,33 +298,55 @@ class BlockShard:
             sizes = np.asarray(spec.block_sizes, dtype=np.int64)[(keys >> _SLOT_BITS) & 7]
             starts = (keys & _SLOT_MASK) * spec.block_sizes[0]
             sealed = (starts + sizes <= watermark) if watermark is not None else np.zeros(n, bool)
-            emit = table.dirty[:n] | sealed
-            rows = np.flatnonzero(emit)
-            if len(rows) == 0:
-                continue
-            reps = self._rep_bytes(fi, table, rows)
-            ents = self.state.entity_ids
-            codes = (keys[rows] >> (_SLOT_BITS + _SIZE_BITS)).tolist()
-            key = spec.key
-            out.extend(
-                BlockWrite(ents[code], key, st, sz, rep, sl)
-                for code, st, sz, rep, sl in zip(codes, starts[rows].tolist(),
-                                                 sizes[rows].tolist(), reps,
-                                                 sealed[rows].tolist())
-            )
-            table.dirty[:n] = False
+            rows = np.flatnonzero(table.dirty[:n] | sealed)
+            if len(rows):
+                blob, lengths = self._rep_blob(fi, table, rows)
+                codes_parts.append(keys[rows] >> (_SLOT_BITS + _SIZE_BITS))
+                fidx_parts.append(np.full(len(rows), fi, dtype=np.int64))
+                st_parts.append(starts[rows])
+                sz_parts.append(sizes[rows])
+                len_parts.append(lengths)
+                blobs.append(blob)
+                sealed_parts.append(sealed[rows])
+                table.dirty[:n] = False
             if sealed.any():
                 self._evict(fi, table, ~sealed)
-        return out
+        if not codes_parts:
+            return ShardFlush(empty_batch(), np.zeros(0, dtype=bool))
+        codes = np.concatenate(codes_parts)
+        uniq, inv = np.unique(codes, return_inverse=True)
+        ents = self.state.entity_ids
+        lengths = np.concatenate(len_parts)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        batch = BlockBatch(
+            entity_ids=[ents[c] for c in uniq.tolist()],
+            entity_idx=inv.astype(np.int64),
+            feature_keys=[f.key for f in self.config.features],
+            feature_idx=np.concatenate(fidx_parts),
+            starts=np.concatenate(st_parts),
+            sizes=np.concatenate(sz_parts),
+            offsets=offsets,
+            blob=b"".join(blobs),
+        )
+        return ShardFlush(batch, np.concatenate(sealed_parts))
 
-    def _rep_bytes(self, fi: int, table: FeatureBlocks, rows: np.ndarray) -> list[bytes]:
+    def _rep_blob(self, fi: int, table: FeatureBlocks, rows: np.ndarray) -> tuple[bytes, np.ndarray]:
         agg = self.aggs[fi]
         if agg.rep_dtype is not None:
-            raw = table.reps[rows].tobytes()
-            w = agg.rep_dtype.itemsize
-            return [raw[i * w:(i + 1) * w] for i in range(len(rows))]
-        live = self._live[fi]
-        return [agg.to_bytes(live[r]) for r in rows.tolist()]
+            return table.reps[rows].tobytes(), np.full(len(rows), agg.rep_dtype.itemsize, np.int64)
+        parts = self._serialized(fi, rows.tolist())
+        return b"".join(parts), np.fromiter((len(p) for p in parts), np.int64, len(parts))
+
+    def _serialized(self, fi: int, rows: list[int]) -> list[bytes]:
+        live, ser, to_bytes = self._live[fi], self._ser[fi], self.aggs[fi].to_bytes
+        out = []
+        for r in rows:
+            b = ser[r]
+            if b is None:
+                b = ser[r] = to_bytes(live[r])
+            out.append(b)
+        return out
 
     def _evict(self, fi: int, table: FeatureBlocks, keep: np.ndarray) -> None:
         rows = np.flatnonzero(keep)
@@ -305,8 +355,10 @@ class BlockShard:
         if self.aggs[fi].rep_dtype is not None:
             table.reps = table.reps[rows].copy()
         else:
-            live = self._live[fi]
-            self._live[fi] = [live[r] for r in rows.tolist()]
+            live, ser = self._live[fi], self._ser[fi]
+            keep_rows = rows.tolist()
+            self._live[fi] = [live[r] for r in keep_rows]
+            self._ser[fi] = [ser[r] for r in keep_rows]
         table.n = len(rows)
         table.index = {k: i for i, k in enumerate(table.keys.tolist())}
 
@@ -323,8 +375,9 @@ class BlockShard:
             if self.aggs[fi].rep_dtype is not None:
                 reps = t.reps[:n].copy()
             else:
-                reps = [self.aggs[fi].to_bytes(r) for r in self._live[fi][:n]]
-            tables.append(FeatureBlocks(index=dict(t.index), keys=t.keys[:n].copy(), reps=reps,
+                reps = self._serialized(fi, list(range(n)))
+            # the index is rebuilt from the keys on resume: copying the dict costs more
+            tables.append(FeatureBlocks(index={}, keys=t.keys[:n].copy(), reps=reps,
                                         dirty=t.dirty[:n].copy(), n=n))
         return BlockShardState(
             version=self.state.version,

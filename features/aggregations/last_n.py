@@ -55,19 +55,15 @@ class LastNAgg(Aggregation):
         return [tuple(heapq.nlargest(self.n, r, key=_order_key)) for r in reps]
 
     def to_bytes(self, rep: tuple) -> bytes:
+        """Layout: kind u8 | n u32 | ts i64[n] | values f64[n], or lengths u16[n] + utf8."""
         n = len(rep)
         if n == 0:
             return _HEAD.pack(_KIND_NUM, 0)
-        ts = np.array([t for t, _ in rep], dtype="<i8").tobytes()
+        ts = [t for t, _ in rep]
         if isinstance(rep[0][1], str):
-            parts = [_HEAD.pack(_KIND_STR, n), ts]
-            for _, v in rep:
-                raw = v.encode()
-                parts.append(struct.pack("<H", len(raw)))
-                parts.append(raw)
-            return b"".join(parts)
-        vals = np.array([v for _, v in rep], dtype="<f8").tobytes()
-        return _HEAD.pack(_KIND_NUM, n) + ts + vals
+            raws = [v.encode() for _, v in rep]
+            return _packer(f"<BI{n}q{n}H").pack(_KIND_STR, n, *ts, *map(len, raws)) + b"".join(raws)
+        return _packer(f"<BI{n}q{n}d").pack(_KIND_NUM, n, *ts, *[float(v) for _, v in rep])
 
     def from_bytes(self, data: bytes | memoryview) -> tuple:
         data = bytes(data)
@@ -75,25 +71,25 @@ class LastNAgg(Aggregation):
             raise RepDecodeError(f"last_n rep truncated: {len(data)} bytes")
         kind, n = _HEAD.unpack_from(data)
         pos = _HEAD.size
-        if len(data) < pos + 8 * n:
-            raise RepDecodeError(f"last_n rep truncated: {n} timestamps need {8 * n} bytes")
-        ts = np.frombuffer(data, dtype="<i8", count=n, offset=pos).tolist()
-        pos += 8 * n
         if kind == _KIND_NUM:
-            if len(data) != pos + 8 * n:
-                raise RepDecodeError("last_n rep has the wrong length for numeric values")
-            vals = np.frombuffer(data, dtype="<f8", count=n, offset=pos).tolist()
-        elif kind == _KIND_STR:
-            vals = []
-            for _ in range(n):
-                if len(data) < pos + 2:
-                    raise RepDecodeError("last_n rep truncated inside a string value")
-                (ln,) = struct.unpack_from("<H", data, pos)
-                pos += 2
-                vals.append(data[pos : pos + ln].decode())
-                pos += ln
-        else:
+            if len(data) != pos + 16 * n:
+                raise RepDecodeError(f"last_n rep has {len(data)} bytes; {n} numeric values "
+                                     f"need {pos + 16 * n}")
+            vals = _packer(f"<{n}q{n}d").unpack_from(data, pos)
+            return tuple(zip(vals[:n], vals[n:]))
+        if kind != _KIND_STR:
             raise RepDecodeError(f"last_n rep has unknown value kind {kind}")
+        if len(data) < pos + 10 * n:
+            raise RepDecodeError(f"last_n rep truncated: {n} string values need more bytes")
+        head = _packer(f"<{n}q{n}H").unpack_from(data, pos)
+        ts, lens = head[:n], head[n:]
+        pos += 10 * n
+        if len(data) != pos + sum(lens):
+            raise RepDecodeError("last_n rep truncated inside its string values")
+        vals = []
+        for ln in lens:
+            vals.append(data[pos:pos + ln].decode())
+            pos += ln
         return tuple(zip(ts, vals))
 
     def __repr__(self) -> str:
@@ -103,3 +99,16 @@ class LastNAgg(Aggregation):
 def _order_key(pair: tuple) -> tuple:
     """Newest first; equal timestamps ordered by value so combine is commutative."""
     return pair
+
+
+_PACKERS: dict[str, struct.Struct] = {}
+
+
+def _packer(fmt: str) -> struct.Struct:
+    """A cached ``struct.Struct`` (formats repeat: one per list length)."""
+    p = _PACKERS.get(fmt)
+    if p is None:
+        if len(_PACKERS) > 4096:
+            _PACKERS.clear()
+        p = _PACKERS[fmt] = struct.Struct(fmt)
+    return p

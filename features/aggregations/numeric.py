@@ -53,6 +53,15 @@ class _Fixed(Aggregation):
         size = self.rep_dtype.itemsize
         return arr.tobytes(), np.arange(len(arr) + 1, dtype=np.uint32) * size
 
+    def identity_array(self, n: int) -> np.ndarray:
+        """Return ``n`` identity reps as a structured array (vectorized)."""
+        out = np.zeros(n, dtype=self.rep_dtype)
+        ident = self._as_tuple(self.identity())
+        for name, value in zip(self.rep_dtype.names, ident):
+            if value:
+                out[name] = value
+        return out
+
     def to_array(self, reps: Any) -> np.ndarray:
         """Return reps (list of scalar reps or a structured array) as a structured array."""
         if isinstance(reps, np.ndarray):

@@ -18,7 +18,7 @@ import datasketches as ds
 from features.aggregations.base import Aggregation
 from features.errors import RepDecodeError
 
-_HLL_TYPE = ds.tgt_hll_type.HLL_8
+_HLL_TYPE = ds.tgt_hll_type.HLL_4
 
 
 class ApproxDistinctAgg(Aggregation):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from features.store.blockbatch import BlockBatch
 from features.store.blocktable import BlockTable
 from features.store.errors import ReadOnlyStoreError, StoreError
 
@@ -191,6 +192,20 @@ class OnlineStore(abc.ABC):
             family: group of features written together: the source topic name.
             rows: ``(entity_id, feature_key, start_ms, size_ms, rep)``.
         """
+
+    def put_block_batch(
+        self,
+        entity_type: str,
+        family: str,
+        batch: BlockBatch,
+        *,
+        keep_after: Mapping[int, int] | None = None,
+    ) -> None:
+        """``put_blocks`` for rows given as columns (the streaming flow's fast path).
+
+        Backends override this with a vectorized merge; the default goes through rows.
+        """
+        self.put_blocks(entity_type, family, batch.to_rows(), keep_after=keep_after)
 
     @abc.abstractmethod
     def get_block_tables(

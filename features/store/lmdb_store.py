@@ -40,6 +40,7 @@ from features.store.base import (
     check_part,
     merge_sequence,
 )
+from features.store.blockbatch import BlockBatch, merge_records
 from features.store.blocktable import BlockTable
 from features.store.errors import StoreError, StoreUnavailableError
 from features.store.records import (
@@ -245,6 +246,33 @@ class LmdbStore(OnlineStore):
                 put(key, table.encode(), db=self._blocks)
 
         self._commit("put_blocks", run)
+
+    def put_block_batch(
+        self,
+        entity_type: str,
+        family: str,
+        batch: BlockBatch,
+        *,
+        keep_after: Mapping[int, int] | None = None,
+    ) -> None:
+        if not len(batch):
+            self._check_writable("put_block_batch")
+            return
+        head = f"{check_part('entity_type', entity_type)}\x00{check_part('family', family)}\x00"
+        keys = [(head + check_part("entity_id", e)).encode("utf-8") for e in batch.entity_ids]
+
+        def run(txn):
+            get = txn.get
+            old = [get(k, db=self._blocks) for k in keys]
+            new = merge_records(old, batch, keep_after)
+            put, delete = txn.put, txn.delete
+            for key, rec, before in zip(keys, new, old):
+                if rec is not None:
+                    put(key, rec, db=self._blocks)
+                elif before is not None:
+                    delete(key, db=self._blocks)
+
+        self._commit("put_block_batch", run)
 
     def get_block_tables(
         self, entity_type: str, family: str, entity_ids: Sequence[str]

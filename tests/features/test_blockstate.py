@@ -53,11 +53,11 @@ def _run_shards(records_by_part, batch_size, snapshot_every=None):
                                                LATENESS)
                 shard.add_batch(cols.filter(~late))
                 shard.advance(part, prev_max - LATENESS)
-                for w in shard.flush(shard.watermark(list(records_by_part))):
+                for w in shard.flush(shard.watermark(list(records_by_part))).writes():
                     written[(w.feature_key, w.entity_id, w.start, w.size)] = w.rep
                 if snapshot_every and (i // batch_size) % snapshot_every == 0:
                     shard = config.build(pickle.loads(pickle.dumps(shard.snapshot())))
-        for w in shard.flush(None):
+        for w in shard.flush(None).writes():
             written[(w.feature_key, w.entity_id, w.start, w.size)] = w.rep
     return written
 
