@@ -103,7 +103,35 @@ class BlockIndex:
 
     def _key(self, entity: np.ndarray, size_idx: np.ndarray | int, start: np.ndarray | int):
         slot = (np.asarray(start, np.int64) - self.base) // self.finest
+        slot = np.clip(slot, 0, (1 << _SLOT_BITS) - 1)  # outside the stored span: no blocks
         return ((entity * len(self.block_sizes) + size_idx) << _SLOT_BITS) + slot
+
+    def assemble_runs(
+        self,
+        agg: Aggregation,
+        entity_rows: np.ndarray,
+        runs: list[tuple[int, np.ndarray, np.ndarray]],
+    ) -> np.ndarray:
+        """One rep per query row: its entity's blocks in its own cover (``cover_runs_many``).
+
+        Each query row has its own interval, so thousands of point-in-time reads at
+        different watermarks are answered in a few vectorized calls.
+        """
+        from features.aggregations.numeric import _Extremum, prefix_sums, reduce_ranges
+
+        if self._prefix is None and not isinstance(agg, _Extremum):
+            self._prefix = prefix_sums(self.reps)
+        entity_rows = np.asarray(entity_rows, dtype=np.int64)
+        out = agg.identity_array(len(entity_rows))
+        for size, lo_t, hi_t in runs:
+            if size not in self.block_sizes:
+                continue
+            si = self.block_sizes.index(size)
+            lo = np.searchsorted(self.keys, self._key(entity_rows, si, lo_t))
+            hi = np.searchsorted(self.keys, self._key(entity_rows, si, hi_t))
+            hi = np.maximum(hi, lo)
+            out = agg.combine_arrays(out, reduce_ranges(agg, self.reps, lo, hi, self._prefix))
+        return out
 
     def assemble(self, agg: Aggregation, entity_rows: np.ndarray, cover: BlockCover) -> np.ndarray:
         """Return one rep per entity in ``entity_rows``: the combine of its blocks in ``cover``."""

@@ -233,7 +233,8 @@ class FeatureClient:
             pre_cols, pre_wm = self._preassembled_columns(entity_type, wrefs, wm, specs)
             if pre_cols is not None:
                 wm = pre_wm
-        end = min(wm, align_down(at, finest)) if wm != NO_WATERMARK else NO_WATERMARK
+        # the end of the last trusted block: a block boundary at or before both wm and t
+        end = align_down(min(wm, at), finest) if wm != NO_WATERMARK else NO_WATERMARK
         if end != NO_WATERMARK and end < wm - finest:
             raise HistoricalReadError(
                 f"at={at} is {wm - end} ms before the store's watermark {wm}: the online store "

@@ -10,7 +10,7 @@ feature watermark ``wm`` and block sizes ``b = b0 < b1 < ...`` (5m, 1h, 1d):
 * ``W`` is a multiple of ``b``;
 * ``wm`` is the end of the last block the store trusts (sealed: the stream's event-time
   watermark has passed it). The open block, and anything at or after ``wm``, is never read;
-* the window ends at ``end = min(wm, align_down(t, b))``;
+* the window ends at the last block boundary at or before both: ``end = align_down(min(wm, t), b)``;
 * the window's tail hop ``h = tail_hop(W)`` is the largest block size with ``W >= 12 h``
   (5m for windows under 12h, 1h from 12h, 1d from 12d);
 * the window is ``[align_down(end - W, h), end)``.
@@ -41,6 +41,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+
+import numpy as np
 
 from features.errors import TilingError
 from features.timeutil import align_down, format_duration
@@ -134,7 +136,7 @@ def tail_hop(window: int, sizes: Sequence[int]) -> int:
 def window_bounds(t: int, window: int, watermark: int, sizes: Sequence[int] | int) -> WindowBounds:
     """Return the interval a read at ``t`` of ``window`` ms covers, given watermark ``wm``.
 
-    ``end = min(wm, align_down(t, b))`` and ``[align_down(end - window, tail_hop(window)), end)``
+    ``end = align_down(min(wm, t), b)`` and ``[align_down(end - window, tail_hop(window)), end)``
     with ``b`` the finest size; see the module docstring. Passing a single int size means no
     coarser blocks (the tail hop is then that size).
 
@@ -211,3 +213,36 @@ def _largest_fitting(cur: int, end: int, sizes: Sequence[int]) -> int:
         if cur % size == 0 and cur + size <= end:
             return size
     raise TilingError(f"no block size fits at {cur} before {end}")  # unreachable when aligned
+
+
+def cover_runs_many(
+    starts: np.ndarray, ends: np.ndarray, sizes: Sequence[int]
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Vectorized ``cover_window`` for many intervals at once.
+
+    Returns ``[(size, run_start, run_end), ...]``: for each size, the (possibly empty, then
+    ``run_start == run_end``) runs of that size in each interval's minimal cover; an interval
+    has at most one run per size on each side of its coarsest run, so there are at most
+    ``2 * len(sizes) - 1`` entries. Every interval must be aligned to the finest size.
+    """
+    sizes = validate_block_sizes(sizes)
+    starts = np.asarray(starts, dtype=np.int64)
+    ends = np.maximum(np.asarray(ends, dtype=np.int64), starts)
+    out: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    def cover(lo: np.ndarray, hi: np.ndarray, level: int) -> None:
+        size = sizes[level]
+        if level == 0:
+            out.append((size, lo, hi))
+            return
+        inner_lo = lo + (-lo % size)
+        inner_hi = hi - (hi % size)
+        has = inner_hi > inner_lo
+        inner_lo = np.where(has, inner_lo, hi)  # no run of this size: all to the finer sizes
+        inner_hi = np.where(has, inner_hi, hi)
+        cover(lo, inner_lo, level - 1)
+        out.append((size, inner_lo, inner_hi))
+        cover(inner_hi, hi, level - 1)
+
+    cover(starts, ends, len(sizes) - 1)
+    return out

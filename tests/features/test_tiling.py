@@ -126,3 +126,23 @@ def test_bad_sizes_and_bounds_are_clear_errors():
         cover_window(MINUTE, HOUR, [5 * MINUTE])
     with pytest.raises(TilingError, match="not a multiple of the block size 5m"):
         window_bounds(0, 7 * MINUTE, 0, 5 * MINUTE)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    chain=st.sampled_from(CHAINS),
+    spans=st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 3000)), min_size=1, max_size=20),
+)
+def test_vectorized_covers_equal_cover_window(chain, spans):
+    from features.tiling import cover_runs_many
+
+    finest = chain[0]
+    base = 1_700_000_000_000 - (1_700_000_000_000 % DAY)
+    starts = [base + a * finest for a, _ in spans]
+    ends = [s + n * finest for s, (_, n) in zip(starts, spans)]
+    runs = cover_runs_many(starts, ends, chain)
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        blocks = []
+        for size, lo, hi in runs:
+            blocks.extend((b, size) for b in range(int(lo[i]), int(hi[i]), size))
+        assert sorted(blocks) == cover_window(s, e, chain).blocks()
