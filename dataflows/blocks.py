@@ -49,6 +49,7 @@ class BlocksFlowConfig:
     deadletter_topic: str = "deadletter"
     batch_messages: int = 500
     start_offsets: dict[str, int] = field(default_factory=dict)
+    event_range: tuple[int, int] | None = None  # replay: only events in [from, to) count
 
     def __post_init__(self) -> None:
         if self.shards < 1:
@@ -107,7 +108,11 @@ def shard_of(values: np.ndarray, shards: int) -> np.ndarray:
 
 def route(config: BlocksFlowConfig, batch: SourceBatch) -> list[tuple[str, tuple[str, ShardInput]]]:
     """Split a batch's on-time events by (entity field, shard); every shard gets the watermark."""
-    on_time = batch.columns.filter(~batch.late) if batch.late.any() else batch.columns
+    keep = ~batch.late
+    if config.event_range is not None:
+        ts = np.asarray(batch.columns.columns["event_ts"])
+        keep &= (ts >= config.event_range[0]) & (ts < config.event_range[1])
+    on_time = batch.columns if keep.all() else batch.columns.filter(keep)
     out = []
     for topic, entity in config.shard_configs():
         if topic != batch.topic:
@@ -167,6 +172,7 @@ def build_blocks_flow(config: BlocksFlowConfig) -> Dataflow:
         bootstrap=config.bootstrap, topics=config.topics, lateness=config.lateness_ms,
         bounded=config.bounded, batch_messages=config.batch_messages,
         start_offsets=config.start_offsets,
+        stop_at_ts=config.event_range[1] if config.event_range else None,
     )
     parts_by_topic: dict[str, list[str]] = {}
     for p in source.partition_keys():

@@ -116,6 +116,9 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         ts = np.asarray(cols.columns["event_ts"], dtype=np.int64)
         late, new_max = classify_late(self._cursor.max_ts, ts, self._source.lateness)
         self._cursor = PartitionCursor(offset=next_offset, max_ts=new_max)
+        stop = self._source.stop_at_ts
+        if stop is not None and new_max - self._source.lateness >= stop:
+            self._eof = True  # every later on-time event is at or after stop_at_ts
         return [SourceBatch(
             topic=self._topic, partition=self._partition, columns=cols, late=late,
             watermark=new_max - self._source.lateness if new_max > NO_TIME else NO_TIME,
@@ -144,6 +147,8 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         bounded: stop each partition at its end instead of tailing.
         batch_messages: messages per consume call (each may be a batch envelope).
         start_offsets: optional ``{"topic:p": offset}`` for a first run (replay).
+        stop_at_ts: end a partition once its watermark passes this event time (replay of a
+            range): every on-time event after it is at or after ``stop_at_ts``.
     """
 
     def __init__(
@@ -157,6 +162,7 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         poll_s: float = 0.05,
         start_offsets: dict[str, int] | None = None,
         consumer_overrides: dict[str, Any] | None = None,
+        stop_at_ts: int | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.topics = tuple(topics)
@@ -166,6 +172,7 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         self.poll_s = poll_s
         self.start_offsets = dict(start_offsets or {})
         self.consumer_overrides = dict(consumer_overrides or {})
+        self.stop_at_ts = stop_at_ts
 
     def partition_keys(self) -> list[str]:
         """Every ``topic:partition`` this source reads."""

@@ -29,10 +29,10 @@ import numpy as np
 
 from features.aggregations import Aggregation, build_aggregation
 from features.assembly import BlockIndex, select_cover_rows
-from features.pointintime import _finalize_fixed
 from features.cache import FeatureCache
 from features.errors import TesseraError
 from features.expressions import CompiledExpr, parse_derived
+from features.pointintime import _finalize_fixed
 from features.spec import DerivedFeatureSpec, FeatureSet, FeatureSpec
 from features.store.base import NO_WATERMARK, OnlineStore
 from features.tiling import cover_window, window_bounds

@@ -18,6 +18,9 @@ _COMMANDS: list[tuple[str, str]] = [
     ("tessera.commands.worker", "worker"),
     ("tessera.commands.demo", "demo"),
     ("tessera.commands.import_", "import_group"),
+    ("tessera.commands.offline", "batch"),
+    ("tessera.commands.offline", "backfill"),
+    ("tessera.commands.offline", "replay"),
 ]
 
 
@@ -40,6 +43,17 @@ for _module, _attr in _COMMANDS:
     except ModuleNotFoundError as exc:  # a capability not built yet
         if exc.name != _module:
             raise
+
+
+# Workers that live in their own modules (they import the worker group's helpers).
+_WORKERS: list[tuple[str, str, str]] = [
+    ("tessera.commands.archive", "archive_command", "archive"),
+    ("tessera.commands.labels", "labels_command", "labels"),
+]
+_worker_group = cli.commands.get("worker")
+if _worker_group is not None:
+    for _module, _attr, _name in _WORKERS:
+        _worker_group.add_command(getattr(importlib.import_module(_module), _attr), _name)
 
 
 def main() -> None:

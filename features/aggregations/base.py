@@ -80,6 +80,13 @@ class Aggregation(ABC):
             reps[g] = self.combine(reps[g], self.map(v, t))
         return reps
 
+    def group_combine(self, group_ids: np.ndarray, n_groups: int, reps: Any) -> Any:
+        """Combine the reps of each group (roll-ups); same types as ``group_reduce``."""
+        buckets: list[list[Rep]] = [[] for _ in range(n_groups)]
+        for g, r in zip(group_ids.tolist(), reps):
+            buckets[g].append(r)
+        return [self.combine_many(b) for b in buckets]
+
     def combine_many(self, reps: Sequence[Rep]) -> Rep:
         """Combine a sequence of reps (identity when empty)."""
         out = self.identity()

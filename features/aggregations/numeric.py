@@ -53,6 +53,20 @@ class _Fixed(Aggregation):
         size = self.rep_dtype.itemsize
         return arr.tobytes(), np.arange(len(arr) + 1, dtype=np.uint32) * size
 
+    def group_combine(self, group_ids: np.ndarray, n_groups: int, reps: np.ndarray) -> np.ndarray:
+        """Combine the reps of each group (roll-ups): one rep per group, vectorized."""
+        out = self.identity_array(n_groups)
+        if isinstance(self, _Extremum):
+            field = self.rep_dtype.names[0]
+            col = out[field]
+            self._ufunc.at(col, group_ids, reps[field])
+            out[field] = col
+            return out
+        for field in self.rep_dtype.names:
+            out[field] = np.bincount(group_ids, weights=reps[field], minlength=n_groups).astype(
+                self.rep_dtype[field])
+        return out
+
     def identity_array(self, n: int) -> np.ndarray:
         """Return ``n`` identity reps as a structured array (vectorized)."""
         out = np.zeros(n, dtype=self.rep_dtype)

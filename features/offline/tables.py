@@ -155,7 +155,7 @@ LATE_EVENTS_SCHEMA = Schema(
 LATE_EVENTS_SPEC = PartitionSpec(
     PartitionField(source_id=8, field_id=1000, transform=IdentityTransform(), name="event_day"),
 )
-LATE_EVENT_KEY = ("topic", "partition", "offset")
+LATE_EVENT_KEY = ("topic", "partition", "offset", "event_id")
 _LATE_COLUMNS = ("topic", "partition", "offset", "event_ts", "event_id", "payload", "detected_ms")
 
 _TABLES: dict[str, tuple[Schema, PartitionSpec]] = {

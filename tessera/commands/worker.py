@@ -225,6 +225,8 @@ def worker() -> None:
     blocks       feature blocks from the events (features.yaml)
     sequences    each user's most recent actions (views and engagements)
     preassemble  finished window values of hot features, refreshed periodically
+    archive      every event into the raw Iceberg tables, exactly once
+    labels       impressions joined with their engagements into training examples
 
     Each reads Kafka (create the topics first: `tessera topics create`) and writes the
     online store. Run one of each; see `tessera worker blocks --help` for scaling out.
@@ -433,3 +435,4 @@ def preassemble(store_url: str, features_file: Path, entity_types: tuple[str, ..
             if once:
                 return
             _time.sleep(every)
+

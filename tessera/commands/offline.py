@@ -1,0 +1,164 @@
+"""Offline commands: batch correction and roll-ups, point-in-time backfill, Kafka replay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from features.errors import TesseraError
+
+_FEATURES = click.option("--features", "features_file", type=click.Path(dir_okay=False, path_type=Path),
+                         default=Path("features.yaml"), show_default=True,
+                         help="Feature definition file.")
+_WAREHOUSE = click.option("--warehouse", type=click.Path(file_okay=False, path_type=Path),
+                          default=Path(".tessera/warehouse"), show_default=True,
+                          help="Iceberg warehouse directory (SQLite catalog inside).")
+_STORE = click.option("--store", "store_url", default="lmdb://.tessera/store", show_default=True,
+                      help="Online store URL.")
+
+
+def _time(text: str, option: str) -> int:
+    from features.timeutil import parse_timestamp
+
+    try:
+        return parse_timestamp(text)
+    except TesseraError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from exc
+
+
+def _load(path: Path):
+    from features.spec_loader import load_features
+
+    try:
+        return load_features(path)
+    except TesseraError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+@click.group("batch")
+def batch() -> None:
+    """Batch jobs over the raw Iceberg tables."""
+
+
+@batch.command("blocks")
+@click.option("--from", "from_", required=True, help="Range start (ISO-8601 or epoch ms).")
+@click.option("--to", required=True, help="Range end, exclusive.")
+@click.option("--names", default=None, help="Comma-separated feature names (default: all).")
+@click.option("--online-sizes", type=click.Choice(["coarse", "all"]), default="coarse",
+              show_default=True, help="Which corrected blocks to write to the online store.")
+@_FEATURES
+@_WAREHOUSE
+@_STORE
+def batch_blocks(from_: str, to: str, names: str | None, online_sizes: str, features_file: Path,
+                 warehouse: Path, store_url: str) -> None:
+    """Recompute blocks of a range from the raw tables (late events count) and roll them up.
+
+    Streaming-size blocks are recomputed from every archived event of the range and rolled
+    up into 1h and 1d blocks; the range's blocks are replaced in the Iceberg blocks table
+    and the coarse ones written to the online store. Running it twice changes nothing.
+    """
+    from features.batch import run_batch_blocks
+    from features.offline.raw import RawTables
+    from features.store import open_store
+
+    fs = _load(features_file)
+    raw = RawTables.open(warehouse)
+    with open_store(store_url) as store:
+        try:
+            rep = run_batch_blocks(raw, raw.offline, store, fs, _time(from_, "--from"),
+                                   _time(to, "--to"), names=_names(names),
+                                   online_sizes=online_sizes,
+                                   progress=lambda m: click.echo(f"  {m}", err=True))
+        except (TesseraError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    sizes = ", ".join(f"{k // 60000}m: {v:,}" for k, v in sorted(rep.blocks.items()))
+    click.echo(f"{rep.events:,} raw events -> blocks ({sizes}) for {len(rep.features)} features "
+               f"in {rep.seconds:.1f}s")
+
+
+@click.command("backfill")
+@click.option("--features", "names", required=True,
+              help="Comma-separated features: names (all windows), window values "
+                   "(item_views_1h) or derived features.")
+@click.option("--from", "from_", required=True, help="Impression time range start.")
+@click.option("--to", required=True, help="Impression time range end, exclusive.")
+@click.option("--base-version", default="v1", show_default=True,
+              help="Training table version whose rows are extended.")
+@click.option("--version", default=None, help="Name of the new version (default backfill-<ms>).")
+@click.option("--definitions", "features_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("features.yaml"), show_default=True, help="Feature definition file.")
+@_WAREHOUSE
+def backfill(names: str, from_: str, to: str, base_version: str, version: str | None,
+             features_file: Path, warehouse: Path) -> None:
+    """Add point-in-time feature columns to the training examples, as a new version.
+
+    Each impression's features are computed over exactly the window its online read used
+    (ending at its logged feature watermark) from the offline blocks: no data at or after
+    the watermark is read.
+    """
+    from features.backfill import run_backfill
+    from features.offline.training import TrainingTables
+
+    fs = _load(features_file)
+    training = TrainingTables.open(warehouse)
+    try:
+        rep = run_backfill(training, training.offline, fs, _names(names), _time(from_, "--from"),
+                           _time(to, "--to"), base_version=base_version, version=version)
+    except (TesseraError, KeyError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"version {rep.version}: {rep.rows:,} impressions x {len(rep.features)} features "
+               f"in {rep.seconds:.1f}s ({rep.rows_per_s:,.0f} rows/s)")
+
+
+@click.command("replay")
+@click.option("--topics", default=None, help="Comma-separated topics (default: the features').")
+@click.option("--from", "from_", required=True, help="Event time range start.")
+@click.option("--to", required=True, help="Event time range end, exclusive.")
+@click.option("--features", "names", required=True, help="Comma-separated feature names.")
+@click.option("--bootstrap", default=None, help="Kafka bootstrap (default: the embedded broker).")
+@click.option("--lateness", default="60s", show_default=True, help="Allowed lateness.")
+@click.option("--definitions", "features_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("features.yaml"), show_default=True, help="Feature definition file.")
+@click.option("--warehouse", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Iceberg warehouse: sealed blocks go there, and ranges Kafka no longer holds "
+                   "are computed from its raw tables.")
+@_STORE
+def replay(topics: str | None, from_: str, to: str, names: str, bootstrap: str | None,
+           lateness: str, features_file: Path, warehouse: Path | None, store_url: str) -> None:
+    """Compute blocks of new or changed features by replaying Kafka history.
+
+    Runs the live blocks flow's code over the topics' retained history, for the chosen
+    features and events in [--from, --to), with a progress bar and an ETA.
+    """
+    from dataflows.replay import run_replay
+    from features.timeutil import parse_duration
+    from tessera.broker import resolve_bootstrap
+
+    fs = _load(features_file)
+    bar = {"last": -1}
+
+    def show(frac: float, eta: float | None) -> None:
+        pct = int(frac * 100)
+        if pct == bar["last"]:
+            return
+        bar["last"] = pct
+        filled = "#" * (pct // 4)
+        eta_text = f"ETA {eta:.0f}s" if eta is not None else "ETA --"
+        click.echo(f"\r[{filled:<25}] {pct:3d}%  {eta_text}   ", nl=False, err=True)
+
+    try:
+        rep = run_replay(resolve_bootstrap(bootstrap), store_url, fs, _names(names) or [],
+                         _time(from_, "--from"), _time(to, "--to"),
+                         topics=_names(topics), warehouse=warehouse,
+                         lateness_ms=parse_duration(lateness), progress=show)
+    except (TesseraError, KeyError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo("", err=True)
+    src = " (head of the range from the raw tables)" if rep.raw_fallback else ""
+    click.echo(f"replayed {', '.join(rep.topics)} for {', '.join(rep.features)}{src} "
+               f"in {rep.seconds:.1f}s")
