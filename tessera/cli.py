@@ -17,6 +17,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("tessera.commands.features", "features"),
     ("tessera.commands.worker", "worker"),
     ("tessera.commands.demo", "demo"),
+    ("tessera.commands.serve", "serve"),
     ("tessera.commands.import_", "import_group"),
     ("tessera.commands.offline", "batch"),
     ("tessera.commands.offline", "backfill"),

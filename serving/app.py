@@ -1,0 +1,289 @@
+"""The HTTP layer: a Starlette app over ``FeedPipeline`` (JSON via orjson, OpenAPI schema).
+
+Why Starlette + uvicorn: the ASGI layer costs a few microseconds per request (no per-request
+validation framework, no dependency injection); the work is numpy, LMDB and ONNX Runtime in a
+thread pool, so the event loop only parses, sheds load and serializes. Load shedding is an
+in-flight counter checked before any work: beyond ``max_in_flight`` a request gets 503 with
+``Retry-After`` at once instead of queueing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from features.cache import FeatureCache
+from features.client import FeatureClient, HistoricalReadError, UnknownFeatureError
+from features.errors import TesseraError
+from features.spec_loader import load_features
+from features.store import open_store
+from serving.catalog import CatalogFollower, ItemCatalog, popularity_from_store
+from serving.config import ServingConfig
+from serving.errors import BadRequest, Overloaded, ServingError, Unauthorized
+from serving.forward_log import ImpressionLogger
+from serving.metrics import ServingMetrics
+from serving.openapi import OPENAPI
+from serving.pipeline import FeedPipeline
+from serving.requests import parse_engagements, parse_feed
+from tessera.logs import get_logger
+
+log = get_logger("serving.app")
+_ROLE_RANK = {"read": 0, "write": 1, "admin": 2}
+
+
+def json_response(data: Any, status: int = 200, headers: dict | None = None) -> Response:
+    """Serialize with orjson (numpy-aware)."""
+    return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def error_response(exc: ServingError, headers: dict | None = None) -> Response:
+    return json_response({"error": exc.message, "field": exc.field}, exc.status, headers)
+
+
+class ServingState:
+    """Process-wide state: store, clients, catalog, logger, background threads."""
+
+    def __init__(self, config: ServingConfig):
+        self.config = config
+        self.metrics = ServingMetrics()
+        self.features = load_features(config.features_path)
+        self.store = open_store(config.store_url, readonly=True)
+        self.client = FeatureClient(self.store, self.features, cache=FeatureCache())
+        self.catalog = ItemCatalog()
+        self.logger = ImpressionLogger(config.bootstrap, config.spool_dir, metrics=self.metrics)
+        self.pipeline = FeedPipeline(config, self.client, self.catalog, self.logger, self.metrics)
+        self.follower = CatalogFollower(config.bootstrap, self.catalog).start() \
+            if config.bootstrap else None
+        self.events_producer = None
+        if config.bootstrap:
+            from confluent_kafka import Producer
+
+            from tessera.topics import producer_config
+
+            self.events_producer = Producer(producer_config(config.bootstrap))
+        self.in_flight = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.watcher = None
+        self._refresher = threading.Thread(target=self._refresh_loop, name="catalog-refresh",
+                                           daemon=True)
+        self.refresh_catalog()
+        self._refresher.start()
+        self._start_model_watch()
+
+    # ------------------------------------------------------------------ background
+    def refresh_catalog(self) -> None:
+        """Recompute trending/fresh/topic lists from the store's pre-assembled values."""
+        try:
+            ids = list(dict.fromkeys([*self.catalog._meta, *self.store.list_entity_ids("item", "views")]))
+            self.catalog.rebuild(popularity_from_store(self.store, ids))
+        except TesseraError as exc:
+            log.warning("catalog_refresh_failed", error=str(exc)[:200])
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.config.refresh_interval_s):
+            self.refresh_catalog()
+
+    def _start_model_watch(self) -> None:
+        try:
+            from serving.models import start_model_watch
+        except ImportError:
+            return
+        self.watcher = start_model_watch(self)
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready when the item catalog was read to its end (or there is no Kafka)."""
+        if self.follower is not None and not self.follower.caught_up.is_set():
+            return False, "reading the item catalog"
+        return True, "ok"
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.follower is not None:
+            self.follower.stop()
+        self.logger.close()
+        if self.events_producer is not None:
+            self.events_producer.flush(10)
+        self.store.close()
+
+    # ------------------------------------------------------------------ helpers
+    def authorize(self, request: Request, role: str) -> None:
+        keys = self.config.api_keys
+        if not keys:
+            return
+        got = keys.get(request.headers.get("x-api-key", ""))
+        if got is None:
+            raise Unauthorized("missing or unknown API key (header X-API-Key)", field="X-API-Key")
+        if _ROLE_RANK[got] < _ROLE_RANK[role]:
+            raise Unauthorized(f"this key is '{got}'; the endpoint needs '{role}'",
+                               field="X-API-Key")
+
+    async def body_json(self, request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and int(length) > self.config.max_body_bytes:
+            raise ServingError(f"the body is larger than {self.config.max_body_bytes} bytes",
+                               field="body")
+        raw = await request.body()
+        if len(raw) > self.config.max_body_bytes:
+            raise ServingError(f"the body is larger than {self.config.max_body_bytes} bytes",
+                               field="body")
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"the body is not valid JSON: {exc}", field="body") from exc
+
+
+def create_app(config: ServingConfig) -> Starlette:
+    """Build the ASGI app; background threads start with it and stop at shutdown."""
+    holder: dict[str, ServingState] = {}
+
+    def state() -> ServingState:
+        return holder["state"]
+
+    async def feed(request: Request) -> Response:
+        st = state()
+        with st._lock:
+            if st.in_flight >= st.config.max_in_flight:
+                st.metrics.shed.inc()
+                st.metrics.requests.labels(route="feed", status="503").inc()
+                return error_response(Overloaded("at capacity; retry shortly", field=None),
+                                      {"Retry-After": str(st.config.retry_after_s)})
+            st.in_flight += 1
+            st.metrics.in_flight.set(st.in_flight)
+        try:
+            st.authorize(request, "read")
+            body = await st.body_json(request)
+            req = parse_feed(body, default_limit=st.config.default_limit,
+                             max_limit=st.config.max_limit)
+            result = await run_in_threadpool(st.pipeline.feed, req)
+            st.metrics.requests.labels(route="feed", status="200").inc()
+            payload = {"request_id": result.request_id, "items": result.items,
+                       "model_versions": result.model_versions,
+                       "feature_watermark": result.feature_watermark}
+            if result.degraded:
+                payload["degraded"] = result.degraded
+            return json_response(payload)
+        except ServingError as exc:
+            if exc.status == 413 or exc.field == "body" and "larger" in exc.message:
+                exc.status = 413
+            st.metrics.requests.labels(route="feed", status=str(exc.status)).inc()
+            return error_response(exc)
+        finally:
+            with st._lock:
+                st.in_flight -= 1
+                st.metrics.in_flight.set(st.in_flight)
+
+    async def events(request: Request) -> Response:
+        st = state()
+        try:
+            st.authorize(request, "write")
+            body = await st.body_json(request)
+            records = parse_engagements(body)
+            if st.events_producer is None:
+                raise ServingError("no Kafka configured for engagements (start with --bootstrap)",
+                                   field=None)
+            from schemas.codec import encode
+
+            for rec in records:
+                st.events_producer.produce("engagements", encode("engagements", rec),
+                                           key=rec["user_id"].encode())
+            st.events_producer.poll(0)
+            st.metrics.requests.labels(route="events", status="202").inc()
+            return json_response({"accepted": len(records),
+                                  "event_ids": [r["event_id"] for r in records]}, 202)
+        except ServingError as exc:
+            st.metrics.requests.labels(route="events", status=str(exc.status)).inc()
+            return error_response(exc)
+
+    async def features(request: Request) -> Response:
+        st = state()
+        try:
+            st.authorize(request, "read")
+            q = request.query_params
+            entity = q.get("entity")
+            if entity not in ("item", "user", "author"):
+                raise BadRequest("entity must be item, user or author", field="entity")
+            ids = [i for i in (q.get("ids") or "").split(",") if i]
+            if not ids or len(ids) > 1000:
+                raise BadRequest("ids must list 1 to 1000 comma-separated ids", field="ids")
+            names = [n for n in (q.get("names") or "").split(",") if n] or \
+                st.client.names_for(entity)
+            at = q.get("at")
+            if at is not None and not at.isdigit():
+                raise BadRequest("at must be epoch milliseconds", field="at")
+            try:
+                res = await run_in_threadpool(st.client.get_features, entity, ids, names,
+                                              at=int(at) if at else None)
+            except UnknownFeatureError as exc:
+                raise BadRequest(str(exc), field="names") from exc
+            except HistoricalReadError as exc:
+                raise BadRequest(str(exc), field="at") from exc
+            rows = [{"id": e, "values": res.row(i),
+                     "missing": [n for j, n in enumerate(res.names) if res.missing[i, j]]}
+                    for i, e in enumerate(res.ids)]
+            return json_response({"entity": entity, "watermark": res.watermark,
+                                  "stale": list(res.stale), "rows": rows})
+        except ServingError as exc:
+            return error_response(exc)
+
+    async def healthz(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        ok, why = state().ready()
+        return json_response({"ready": ok, "reason": why}, 200 if ok else 503)
+
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(state().metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(request: Request) -> Response:
+        return json_response(OPENAPI)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        holder["state"] = ServingState(config)
+        app.state.serving = holder["state"]
+        log.info("serving_started", host=config.host, port=config.port, store=config.store_url)
+        try:
+            yield
+        finally:
+            holder["state"].close()
+
+    routes = [
+        Route("/v1/feed", feed, methods=["POST"]),
+        Route("/v1/events", events, methods=["POST"]),
+        Route("/v1/features", features, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def app_from_env() -> Starlette:
+    """Factory for ``uvicorn --factory`` workers: config from TESSERA_SERVE_CONFIG (JSON)."""
+    import json
+    import os
+
+    raw = json.loads(os.environ["TESSERA_SERVE_CONFIG"])
+    for key in ("features_path", "registry_dir", "spool_dir"):
+        if key in raw:
+            raw[key] = Path(raw[key])
+    return create_app(ServingConfig(**raw))
+
+

@@ -1,0 +1,167 @@
+"""The item catalog serving ranks from: metadata from the ``items`` topic, popularity from
+the store's pre-assembled values, and the lists the heuristic generators draw from.
+
+``ItemCatalog`` is filled by ``CatalogFollower`` (a Kafka reader of ``items`` from the
+beginning, then tailing) and refreshed every few seconds from the online store (trending by
+recent views, fresh by creation time, popular per topic). Readers get an immutable
+``CatalogSnapshot``: swapping it is one reference assignment, so requests never see a half
+built list.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tessera.logs import get_logger
+
+log = get_logger("serving.catalog")
+
+
+@dataclass(frozen=True)
+class CatalogSnapshot:
+    """Immutable lists of candidate items."""
+
+    trending: tuple[str, ...] = ()
+    fresh: tuple[str, ...] = ()
+    by_topic: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    popularity: dict[str, float] = field(default_factory=dict)
+    built_at: float = 0.0
+
+
+class ItemCatalog:
+    """Item metadata (author, topic, creation time) and the generator lists."""
+
+    def __init__(self) -> None:
+        self._meta: dict[str, tuple[str, str, int]] = {}
+        self._lock = threading.Lock()
+        self.snapshot = CatalogSnapshot()
+
+    def upsert(self, item_id: str, author_id: str, topic: str, created_ts: int,
+               deleted: bool = False) -> None:
+        """Record an item event."""
+        with self._lock:
+            if deleted:
+                self._meta.pop(item_id, None)
+            else:
+                self._meta[item_id] = (author_id, topic, int(created_ts))
+
+    def meta(self, item_id: str) -> tuple[str, str, int] | None:
+        """(author, topic, created_ts) of an item, or None."""
+        return self._meta.get(item_id)
+
+    def authors(self, ids: list[str]) -> list[str]:
+        """Author of each id ('' when unknown)."""
+        m = self._meta
+        return [m.get(i, ("", "", 0))[0] for i in ids]
+
+    def topics(self, ids: list[str]) -> list[str]:
+        """Topic of each id ('' when unknown)."""
+        m = self._meta
+        return [m.get(i, ("", "", 0))[1] for i in ids]
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def rebuild(self, popularity: dict[str, float], *, top: int = 2_000,
+                per_topic: int = 1_000) -> CatalogSnapshot:
+        """Recompute the lists from ``popularity`` (item -> score) and swap them in."""
+        with self._lock:
+            meta = dict(self._meta)
+        ids = list(set(meta) | set(popularity))
+        pop = np.array([popularity.get(i, 0.0) for i in ids], dtype=np.float64)
+        order = np.argsort(-pop, kind="stable")
+        trending = tuple(ids[i] for i in order[:top] if pop[i] > 0)
+        created = np.array([meta.get(i, ("", "", 0))[2] for i in ids], dtype=np.int64)
+        fresh = tuple(ids[i] for i in np.argsort(-created, kind="stable")[:top])
+        by_topic: dict[str, list[str]] = {}
+        for i in order.tolist():
+            t = meta.get(ids[i], ("", "", 0))[1]
+            if t:
+                lst = by_topic.setdefault(t, [])
+                if len(lst) < per_topic:
+                    lst.append(ids[i])
+        snap = CatalogSnapshot(trending, fresh, {t: tuple(v) for t, v in by_topic.items()},
+                               {i: float(p) for i, p in zip(ids, pop.tolist())}, time.time())
+        self.snapshot = snap
+        return snap
+
+
+class CatalogFollower:
+    """Read the ``items`` topic from the beginning and keep following it."""
+
+    def __init__(self, bootstrap: str, catalog: ItemCatalog, topic: str = "items"):
+        self.bootstrap = bootstrap
+        self.catalog = catalog
+        self.topic = topic
+        self._stop = threading.Event()
+        self.caught_up = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="catalog-follower", daemon=True)
+
+    def start(self) -> CatalogFollower:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+        from schemas.columnar import decode_message
+        from tessera.topics import consumer_config, list_topics
+
+        while not self._stop.is_set():
+            try:
+                parts = list_topics(self.bootstrap).get(self.topic, 0)
+                break
+            except Exception:
+                time.sleep(1.0)
+        else:
+            return
+        consumer = Consumer(consumer_config(self.bootstrap, partition_eof=True))
+        consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in range(parts)])
+        at_end: set[int] = set()
+        try:
+            while not self._stop.is_set():
+                msgs = consumer.consume(1000, timeout=0.5)
+                for m in msgs:
+                    err = m.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            at_end.add(m.partition())
+                            if len(at_end) >= parts:
+                                self.caught_up.set()
+                        continue
+                    try:
+                        cols = decode_message(m.value(), self.topic)
+                    except Exception:
+                        continue  # malformed item events are the blocks flow's DLQ business
+                    c = cols.columns
+                    ids = c["item_id"].values()
+                    authors = c["author_id"].values()
+                    topics = c["topic"].values()
+                    ops = c["op"].values()
+                    for i, a, t, ts, op in zip(ids, authors, topics, c["created_ts"].tolist(), ops):
+                        self.catalog.upsert(i, a, t, ts, deleted=(op == "deleted"))
+                if not msgs and parts == 0:
+                    self.caught_up.set()
+        finally:
+            consumer.close()
+
+
+def popularity_from_store(store: Any, ids: list[str], feature: str = "item_views_1d",
+                          table: str = "hot") -> dict[str, float]:
+    """Read one pre-assembled value per item (missing: 0)."""
+    if not ids:
+        return {}
+    res = store.get_values("item", table, ids)
+    if feature not in res.columns:
+        return {}
+    col = res.matrix[:, res.columns.index(feature)]
+    return {i: float(v) for i, v in zip(ids, col.tolist()) if v == v}

@@ -1,0 +1,62 @@
+"""Serving configuration: frozen, validated at definition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServingConfig:
+    """Everything ``tessera serve`` needs; defaults are the embedded platform's.
+
+    Attributes:
+        host, port: bind address (127.0.0.1 unless told otherwise).
+        store_url: online store the features are read from (read-only).
+        features_path: feature definitions.
+        registry_dir: model registry watched for new versions.
+        bootstrap: Kafka for the forward log, engagements and the item catalog
+            (None: no Kafka; impressions go to the spool only).
+        spool_dir: where impressions wait while Kafka is unreachable.
+        max_in_flight: feed requests served at once; beyond it, 503 with Retry-After.
+        candidate_limits: per generator, how many candidates it may return.
+        l1_keep: candidates kept after L1 for L2.
+        max_limit: largest page a client may ask for.
+        candidate_cache_ttl_ms: TTL of the (user, feed type) candidate cache.
+        author_cap: at most this many items of one author per page.
+        max_body_bytes: request size limit.
+        api_keys: {key: role} with roles ``read`` (feed, features), ``write`` (events),
+            ``admin`` (reload); empty means no authentication (local use).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    store_url: str = "lmdb://.tessera/store"
+    features_path: Path = Path("features.yaml")
+    registry_dir: Path = Path(".tessera/registry")
+    bootstrap: str | None = None
+    spool_dir: Path = Path(".tessera/spool")
+    max_in_flight: int = 32
+    retry_after_s: int = 1
+    candidate_limits: dict[str, int] = field(default_factory=lambda: {
+        "ann": 1000, "trending": 500, "fresh": 300, "topics": 500})
+    l1_keep: int = 500
+    max_limit: int = 100
+    default_limit: int = 20
+    candidate_cache_ttl_ms: int = 30_000
+    author_cap: int = 2
+    max_body_bytes: int = 1_000_000
+    api_keys: dict[str, str] = field(default_factory=dict)
+    refresh_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1..65535, got {self.port}")
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        if not 1 <= self.default_limit <= self.max_limit:
+            raise ValueError(f"default_limit must be 1..max_limit ({self.max_limit}), "
+                             f"got {self.default_limit}")
+        bad = {k: v for k, v in self.api_keys.items() if v not in ("read", "write", "admin")}
+        if bad:
+            raise ValueError(f"api key roles must be read, write or admin; got {bad}")

@@ -1,0 +1,212 @@
+"""Forward logging of impressions to Kafka, off the request path, with a disk spool.
+
+Requests hand their impressions to ``ImpressionLogger.log`` (a bounded queue, never
+blocking the request on Kafka). A background thread encodes each request's impressions as
+one columnar batch envelope and produces it. Whatever Kafka does not acknowledge (broker
+down: librdkafka fails the delivery after ``message.timeout.ms``) is appended to a spool file
+on disk, fsynced; a drainer resends spooled messages once Kafka acknowledges again and
+deletes each spool segment only after every message in it was acknowledged. Nothing is
+dropped: a full queue spools synchronously instead.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import struct
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from schemas.columnar import encode_batch, records_to_columns
+from tessera.logs import get_logger
+
+log = get_logger("serving.forward_log")
+_LEN = struct.Struct("<I")
+
+
+class Spool:
+    """Length-prefixed messages in segment files; append is fsynced."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._current: Path | None = None
+
+    def append(self, payloads: list[bytes]) -> None:
+        """Persist ``payloads`` (durable when this returns)."""
+        if not payloads:
+            return
+        with self._lock:
+            if self._current is None:
+                self._current = self.dir / f"spool-{time.time_ns()}-{uuid.uuid4().hex[:6]}.bin"
+            with self._current.open("ab") as f:
+                for p in payloads:
+                    f.write(_LEN.pack(len(p)))
+                    f.write(p)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def take_segments(self) -> list[Path]:
+        """Close the current segment and return every segment waiting to be sent."""
+        with self._lock:
+            self._current = None
+            return sorted(self.dir.glob("spool-*.bin"))
+
+    @staticmethod
+    def read(segment: Path) -> list[bytes]:
+        """Every complete message of a segment (a torn tail from a crash is ignored)."""
+        data = segment.read_bytes()
+        out, pos = [], 0
+        while pos + 4 <= len(data):
+            (n,) = _LEN.unpack_from(data, pos)
+            if pos + 4 + n > len(data):
+                break
+            out.append(data[pos + 4:pos + 4 + n])
+            pos += 4 + n
+        return out
+
+    def pending(self) -> int:
+        """Number of spooled messages."""
+        return sum(len(self.read(s)) for s in sorted(self.dir.glob("spool-*.bin")))
+
+
+class ImpressionLogger:
+    """Asynchronous, loss-free impression logging (see the module docstring)."""
+
+    def __init__(self, bootstrap: str | None, spool_dir: Path, *, topic: str = "impressions",
+                 metrics: Any = None, queue_size: int = 10_000, drain_interval_s: float = 2.0):
+        self.topic = topic
+        self.spool = Spool(spool_dir)
+        self.metrics = metrics
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._stop = threading.Event()
+        self._producer = None
+        self._last_ack = 0.0
+        self._drain_interval = drain_interval_s
+        self._inflight = 0
+        self._lock = threading.Lock()
+        if bootstrap:
+            from confluent_kafka import Producer
+
+            from tessera.topics import producer_config
+
+            self._producer = Producer(producer_config(
+                bootstrap, **{"message.timeout.ms": 5000, "socket.timeout.ms": 3000,
+                              "reconnect.backoff.max.ms": 1000, "linger.ms": 5}))
+        self._thread = threading.Thread(target=self._run, name="impression-logger", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ request side
+    def log(self, records: list[dict]) -> None:
+        """Queue one request's impressions (returns at once; spools if the queue is full)."""
+        if not records:
+            return
+        try:
+            self._queue.put_nowait(records)
+        except queue.Full:
+            self.spool.append([self._encode(records)])
+            self._count("spooled", len(records))
+
+    # ------------------------------------------------------------------ background
+    def _encode(self, records: list[dict]) -> bytes:
+        return encode_batch(records_to_columns(self.topic, records))
+
+    def _count(self, outcome: str, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.impressions.labels(outcome=outcome).inc(n)
+
+    def _send(self, payload: bytes, n: int) -> None:
+        if self._producer is None:
+            self.spool.append([payload])
+            self._count("spooled", n)
+            return
+
+        def delivered(err, _msg, payload=payload, n=n) -> None:
+            with self._lock:
+                self._inflight -= 1
+            if err is not None:
+                self.spool.append([payload])
+                self._count("spooled", n)
+            else:
+                self._last_ack = time.monotonic()
+                self._count("sent", n)
+
+        while True:
+            try:
+                with self._lock:
+                    self._inflight += 1
+                self._producer.produce(self.topic, payload, on_delivery=delivered)
+                return
+            except BufferError:
+                with self._lock:
+                    self._inflight -= 1
+                self._producer.poll(0.1)
+
+    def _run(self) -> None:
+        next_drain = time.monotonic() + self._drain_interval
+        while not self._stop.is_set() or not self._queue.empty():
+            try:
+                records = self._queue.get(timeout=0.05)
+                self._send(self._encode(records), len(records))
+            except queue.Empty:
+                pass
+            if self._producer is not None:
+                self._producer.poll(0)
+                if time.monotonic() >= next_drain:
+                    self._drain()
+                    next_drain = time.monotonic() + self._drain_interval
+
+    def _reachable(self) -> bool:
+        try:
+            self._producer.list_topics(self.topic, timeout=1.0)
+            return True
+        except Exception:
+            return False
+
+    def _drain(self) -> None:
+        """Resend spooled messages once Kafka answers; delete a segment when all were acked."""
+        segments = sorted(self.spool.dir.glob("spool-*.bin"))
+        if not segments or not self._reachable():
+            return
+        for segment in self.spool.take_segments():
+            payloads = Spool.read(segment)
+            failed: list[bytes] = []
+
+            def done(err, _msg, p, failed=failed) -> None:
+                if err is not None:
+                    failed.append(p)  # callbacks run in this thread (flush/poll): no lock
+
+            for p in payloads:
+                self._producer.produce(self.topic, p, on_delivery=lambda e, m, p=p: done(e, m, p))
+            remaining = self._producer.flush(15)
+            if remaining:
+                return  # still unacknowledged: keep the segment for the next drain
+            segment.unlink()
+            if failed:
+                self.spool.append(failed)
+            else:
+                log.info("spool_drained", messages=len(payloads))
+
+    def flush(self, timeout_s: float = 15.0) -> None:
+        """Wait until queued impressions were handed to Kafka (or spooled)."""
+        deadline = time.monotonic() + timeout_s
+        while not self._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self._producer is not None:
+            self._producer.flush(max(0.0, deadline - time.monotonic()))
+
+    def drain_now(self) -> None:
+        """Resend the spool now (tests, admin)."""
+        if self._producer is not None:
+            self._drain()
+
+    def close(self, timeout_s: float = 15.0) -> None:
+        """Stop the thread; anything not acknowledged by then stays in the spool."""
+        self._stop.set()
+        self._thread.join(timeout=timeout_s)
+        if self._producer is not None:
+            self._producer.flush(timeout_s)

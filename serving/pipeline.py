@@ -1,0 +1,215 @@
+"""The feed request life cycle: candidates -> hydrate -> L1 -> L2 -> rules -> forward log.
+
+``FeedPipeline.feed`` is synchronous (numpy, LMDB and ONNX Runtime release the GIL where it
+matters); the HTTP layer runs it in a worker thread. Every stage is timed into the stage
+histogram, and each stage's candidate survival is recorded.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from features.client import FeatureClient
+from features.errors import TesseraError
+from serving.catalog import ItemCatalog
+from serving.config import ServingConfig
+from serving.forward_log import ImpressionLogger
+from serving.metrics import ServingMetrics
+from serving.ranking import ModelBundle
+from serving.requests import FeedRequest
+from tessera.logs import get_logger
+
+log = get_logger("serving.pipeline")
+
+SOURCE_PRIORITY = ("ann", "topics", "follow", "trending", "fresh")
+
+
+@dataclass
+class FeedResult:
+    """What ``feed`` returns (the HTTP layer turns it into JSON)."""
+
+    request_id: str
+    items: list[dict]
+    model_versions: dict[str, str]
+    feature_watermark: int
+    degraded: list[str] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class FeedPipeline:
+    """Everything a feed request needs, shared by the request threads."""
+
+    def __init__(self, config: ServingConfig, client: FeatureClient, catalog: ItemCatalog,
+                 logger: ImpressionLogger, metrics: ServingMetrics):
+        self.config = config
+        self.client = client
+        self.catalog = catalog
+        self.logger = logger
+        self.metrics = metrics
+        self.models = ModelBundle()
+        self._candidate_cache: dict[tuple[str, str], tuple[float, list[tuple[str, str]]]] = {}
+
+    # ------------------------------------------------------------------ stages
+    @contextmanager
+    def _stage(self, name: str, timings: dict[str, float]):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t
+            timings[name] = dt * 1000
+            self.metrics.stage_seconds.labels(stage=name).observe(dt)
+
+    def _sequence(self, user_id: str, degraded: list[str]):
+        try:
+            seq = self.client.get_sequences([user_id], max_len=50)
+            n = int(seq.lengths[0])
+            return list(seq.item_ids[0, :n]), list(seq.actions[0, :n])
+        except TesseraError:
+            degraded.append("sequences_unavailable")
+            return [], []
+
+    def candidates(self, req: FeedRequest, seq_items: list[str], models: ModelBundle,
+                   user_vec_inputs: dict | None = None) -> list[tuple[str, str]]:
+        """Fan out to the generators; merge and dedupe keeping each item's first source."""
+        key = (req.user_id, req.feed_type)
+        now = time.monotonic()
+        hit = self._candidate_cache.get(key)
+        if hit is not None and hit[0] > now:
+            self.metrics.cache.labels(cache="candidates", result="hit").inc()
+            return hit[1]
+        self.metrics.cache.labels(cache="candidates", result="miss").inc()
+        limits = self.config.candidate_limits
+        snap = self.catalog.snapshot
+        out: dict[str, str] = {}
+
+        def add(ids, source: str, limit: int) -> None:
+            n = 0
+            for i in ids:
+                if n >= limit:
+                    break
+                if i not in out:
+                    out[i] = source
+                n += 1
+
+        if models.retrieval is not None and seq_items is not None:
+            try:
+                add(models.retrieval.search(seq_items, limits.get("ann", 1000)), "ann",
+                    limits.get("ann", 1000))
+            except Exception as exc:  # a broken index must not fail the request
+                log.warning("ann_failed", error=str(exc)[:200])
+        topics = Counter(t for t in self.catalog.topics(seq_items) if t)
+        if topics:
+            per = max(1, limits.get("topics", 500) // max(1, min(3, len(topics))))
+            for topic, _ in topics.most_common(3):
+                add(snap.by_topic.get(topic, ()), "topics", per)
+        if req.feed_type == "FOLLOW":
+            authors = {a for a in self.catalog.authors(seq_items) if a}
+            add((i for i in snap.trending if (self.catalog.meta(i) or ("",))[0] in authors),
+                "follow", limits.get("topics", 500))
+        add(snap.trending, "trending", limits.get("trending", 500))
+        add(snap.fresh, "fresh", limits.get("fresh", 300))
+        result = list(out.items())
+        self._candidate_cache[key] = (now + self.config.candidate_cache_ttl_ms / 1000, result)
+        if len(self._candidate_cache) > 100_000:
+            self._candidate_cache.clear()
+        return result
+
+    # ------------------------------------------------------------------ request
+    def feed(self, req: FeedRequest) -> FeedResult:
+        """Serve one feed page (see the module docstring)."""
+        timings: dict[str, float] = {}
+        degraded: list[str] = []
+        models = self.models  # one consistent bundle for the whole request
+        request_id = f"r-{uuid.uuid4().hex}"
+        with self._stage("sequence", timings):
+            seq_items, _ = self._sequence(req.user_id, degraded)
+        with self._stage("candidates", timings):
+            cands = self.candidates(req, seq_items, models)
+        seen = set(seq_items)
+        cands = [(i, s) for i, s in cands if i not in seen]
+        self.metrics.candidates.labels(stage="retrieved").observe(len(cands))
+        ids = [i for i, _ in cands]
+        sources = [s for _, s in cands]
+
+        item_names = models.item_feature_names()
+        user_names = models.user_feature_names()
+        watermark = 0
+        with self._stage("hydrate", timings):
+            try:
+                items_fv = self.client.get_features("item", ids, list(item_names))
+                watermark = items_fv.watermark
+                item_cols = {n: items_fv.values[:, j] for j, n in enumerate(items_fv.names)}
+                user_row: dict[str, float] = {}
+                if user_names:
+                    ufv = self.client.get_features("user", [req.user_id], list(user_names))
+                    user_row = ufv.row(0)
+                    watermark = min(watermark, ufv.watermark)
+                self.metrics.feature_lag.set(max(0, items_fv.lag_ms) / 1000)
+            except TesseraError as exc:
+                degraded.append("store_unavailable")
+                self.metrics.degraded.labels(reason="store_unavailable").inc()
+                log.warning("hydrate_failed", error=str(exc)[:200])
+                pop = self.catalog.snapshot.popularity
+                item_cols = {"item_views_1d": np.array([pop.get(i, 0.0) for i in ids]),
+                             "item_ctr_1d": np.full(len(ids), 0.01)}
+                user_row = {}
+        scores_l1 = np.zeros(len(ids))
+        with self._stage("l1", timings):
+            ranker = models.l1 if models.l1 is not None and not degraded else models.fallback
+            if ids:
+                scores_l1 = ranker.score(item_cols, user=user_row)
+            keep = np.argsort(-scores_l1, kind="stable")[: self.config.l1_keep]
+        self.metrics.candidates.labels(stage="l1").observe(len(keep))
+        sub_cols = {n: c[keep] for n, c in item_cols.items()}
+        with self._stage("l2", timings):
+            ranker2 = models.l2 if models.l2 is not None and not degraded else models.fallback
+            scores_l2 = ranker2.score(sub_cols, user=user_row) if len(keep) else np.zeros(0)
+            order = keep[np.argsort(-scores_l2, kind="stable")]
+            l2_of = dict(zip(keep.tolist(), scores_l2.tolist()))
+        with self._stage("rules", timings):
+            per_author: Counter = Counter()
+            page = []
+            for idx in order.tolist():
+                author = (self.catalog.meta(ids[idx]) or ("",))[0]
+                if author and per_author[author] >= self.config.author_cap:
+                    continue
+                per_author[author] += 1
+                page.append(idx)
+                if len(page) >= req.limit:
+                    break
+        n0 = max(1, len(ids))
+        self.metrics.survival.labels(stage="l1").set(len(keep) / n0)
+        self.metrics.survival.labels(stage="page").set(len(page) / n0)
+        versions = models.versions
+        now = int(time.time() * 1000)
+        items, impressions = [], []
+        feat_names = list(item_cols)
+        for pos, idx in enumerate(page):
+            item_id = ids[idx]
+            author, topic, _ = self.catalog.meta(item_id) or ("", "", 0)
+            imp_id = f"imp-{uuid.uuid4().hex}"
+            score = float(l2_of[idx])
+            items.append({"item_id": item_id, "author_id": author, "score": score,
+                          "source": sources[idx], "position": pos, "impression_id": imp_id})
+            feats = {n: float(item_cols[n][idx]) for n in feat_names if item_cols[n][idx] == item_cols[n][idx]}
+            feats.update({f"user:{k}": float(v) for k, v in user_row.items()
+                          if isinstance(v, float) and v == v})
+            impressions.append({
+                "impression_id": imp_id, "event_id": imp_id, "event_ts": now,
+                "request_id": request_id, "user_id": req.user_id, "item_id": item_id,
+                "author_id": author, "topic": topic, "position": pos,
+                "feed_type": req.feed_type, "source": sources[idx],
+                "model_versions": versions,
+                "scores": {"l1": float(scores_l1[idx]), "l2": score},
+                "features": feats, "feature_watermark": int(watermark),
+            })
+        with self._stage("log", timings):
+            self.logger.log(impressions)
+        return FeedResult(request_id, items, versions, int(watermark), degraded, timings)

@@ -1,0 +1,112 @@
+"""End to end over real HTTP: a feed request is ranked, its impressions reach Kafka with the
+features that were used, an engagement reaches Kafka, and bad requests get a 4xx naming the
+field."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from schemas.codec import decode
+from schemas.columnar import columns_to_records, decode_message
+from tessera.topics import read_to_end
+
+pytestmark = pytest.mark.integration
+
+
+def _impressions(bootstrap):
+    out = []
+    for m in read_to_end(bootstrap, "impressions"):
+        out.extend(columns_to_records(decode_message(m.value(), "impressions")))
+    return out
+
+
+def test_feed_is_ranked_and_logged_with_its_features(stack):
+    before = {r["impression_id"] for r in _impressions(stack.bootstrap)}
+    r = httpx.post(f"{stack.base_url}/v1/feed", json={"user_id": "u1", "limit": 15}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    items = body["items"]
+    assert len(items) == 15
+    assert [i["position"] for i in items] == list(range(15))
+    scores = [i["score"] for i in items]
+    assert scores == sorted(scores, reverse=True)
+    assert len({i["item_id"] for i in items}) == 15
+    assert {i["source"] for i in items} <= {"ann", "topics", "follow", "trending", "fresh"}
+    assert body["feature_watermark"] > 0 and body["model_versions"]
+    # author diversity: at most 2 items per author on the page
+    authors = [i["author_id"] for i in items if i["author_id"]]
+    assert all(authors.count(a) <= 2 for a in authors)
+
+    deadline = time.monotonic() + 20
+    logged = []
+    while time.monotonic() < deadline:
+        logged = [x for x in _impressions(stack.bootstrap) if x["impression_id"] not in before]
+        if len(logged) >= 15:
+            break
+        time.sleep(0.3)
+    by_id = {x["impression_id"]: x for x in logged}
+    assert set(by_id) == {i["impression_id"] for i in items}
+    for it in items:
+        imp = by_id[it["impression_id"]]
+        assert imp["request_id"] == body["request_id"] and imp["item_id"] == it["item_id"]
+        assert imp["feature_watermark"] == body["feature_watermark"]
+        assert imp["scores"]["l2"] == pytest.approx(it["score"])
+        assert "item_views_1d" in imp["features"] and imp["model_versions"]
+
+
+def test_engagement_reaches_kafka(stack):
+    ev = {"impression_id": "imp-x", "user_id": "u1", "item_id": "i1", "action": "click",
+          "event_id": "e-test-1"}
+    r = httpx.post(f"{stack.base_url}/v1/events", json=ev, timeout=10)
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = [decode(m.value(), topic="engagements")[1] for m in
+                 read_to_end(stack.bootstrap, "engagements")
+                 if m.value()[:1] == b"\x00" and m.value()[1:5] == (2).to_bytes(4, "big")]
+        if any(e["event_id"] == "e-test-1" for e in found):
+            return
+        time.sleep(0.3)
+    raise AssertionError("the engagement did not reach the engagements topic")
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({}, 422, "user_id"),
+    ({"user_id": 7}, 422, "user_id"),
+    ({"user_id": "u1", "limit": 1000}, 422, "limit"),
+    ({"user_id": "u1", "limit": "10"}, 422, "limit"),
+    ({"user_id": "u1", "feed_type": "HOME"}, 422, "feed_type"),
+    ({"user_id": "u1", "extra": 1}, 422, "extra"),
+    ([1, 2], 422, "body"),
+])
+def test_bad_feed_requests_name_the_field(stack, body, status, field):
+    r = httpx.post(f"{stack.base_url}/v1/feed", json=body, timeout=10)
+    assert r.status_code == status
+    assert r.json()["field"] == field and r.json()["error"]
+
+
+def test_malformed_json_and_bad_events(stack):
+    r = httpx.post(f"{stack.base_url}/v1/feed", content=b"{nope", timeout=10)
+    assert r.status_code == 422 and r.json()["field"] == "body"
+    r = httpx.post(f"{stack.base_url}/v1/events", json={"impression_id": "i", "user_id": "u",
+                                                         "item_id": "x", "action": "poke"})
+    assert r.status_code == 422 and r.json()["field"] == "action"
+    r = httpx.post(f"{stack.base_url}/v1/events", json=[{"impression_id": "i", "user_id": "u",
+                                                          "item_id": "x", "action": "click",
+                                                          "event_ts": -5}])
+    assert r.status_code == 422 and r.json()["field"] == "[0].event_ts"
+
+
+def test_features_endpoint_and_metrics(stack):
+    r = httpx.get(f"{stack.base_url}/v1/features",
+                  params={"entity": "item", "ids": "t-nope", "names": "item_views_1h"})
+    assert r.status_code == 200 and r.json()["rows"][0]["missing"] == ["item_views_1h"]
+    r = httpx.get(f"{stack.base_url}/v1/features", params={"entity": "item", "ids": "x",
+                                                           "names": "bogus"})
+    assert r.status_code == 422 and r.json()["field"] == "names"
+    m = httpx.get(f"{stack.base_url}/metrics").text
+    assert "tessera_stage_seconds_bucket" in m and "tessera_candidate_survival_ratio" in m
+    assert httpx.get(f"{stack.base_url}/openapi.json").json()["openapi"].startswith("3.")
