@@ -22,6 +22,8 @@ _COMMANDS: list[tuple[str, str]] = [
     ("tessera.commands.offline", "batch"),
     ("tessera.commands.offline", "backfill"),
     ("tessera.commands.offline", "replay"),
+    ("tessera.commands.consistency", "consistency"),
+    ("tessera.commands.models", "models"),
 ]
 
 

@@ -1,0 +1,526 @@
+"""Online/offline consistency: do the logged online feature values equal the offline ones?
+
+For a sample of logged impressions, every logged feature value that is a window or derived
+feature of the definitions is recomputed from the offline blocks with the point-in-time
+backfill (``features.backfill.backfill_columns``: the same window ``[align_down(end - W, h),
+end)`` with ``end = align_down(min(feature_watermark, event_ts), b)`` the online read used)
+and compared with what serving logged. Serving logs float32, so values match when
+``|offline - logged| <= 1e-6 * max(1, |offline|)`` (or both are NaN).
+
+Each mismatch is attributed to one cause, checked in this order:
+
+``late_data``
+    A late event (from the ``late_events`` table) of the row's entity, of the feature's
+    source topic and passing its filter, falls in the row's window: the online read could
+    not have seen it, the batch-corrected offline blocks do. For a derived feature: a late
+    event in the window of any input.
+``missing_blocks``
+    The offline blocks table has no block of the entity and feature inside the window while
+    the logged value is not the no-data value, or it has blocks while the logged value is the
+    no-data value (the online read had none). The no-data value is what a read without any
+    block returns (``0`` for counts and sums, the feature's ``default`` otherwise; for a
+    derived feature, the expression over its inputs' no-data values).
+``other``
+    Anything else (a bug, a changed definition, a corrupt block).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import numpy as np
+import pyarrow as pa
+
+from features.backfill import backfill_columns
+from features.errors import TesseraError
+from features.expressions import parse_derived, parse_filter
+from features.pointintime import point_in_time, query_ends
+from features.spec import DerivedFeatureSpec, FeatureSet, FeatureSpec
+from features.tiling import tail_hop
+from features.timeutil import to_iso
+
+__all__ = [
+    "CAUSES",
+    "Cause",
+    "ConsistencyError",
+    "ConsistencyReport",
+    "FeatureConsistency",
+    "Mismatch",
+    "consistency_report",
+    "logged_features",
+    "values_match",
+]
+
+Cause = Literal["late_data", "missing_blocks", "other"]
+CAUSES: tuple[Cause, ...] = get_args(Cause)
+
+REL_TOLERANCE = 1e-6
+"""Serving logs float32: ``|a - b| <= REL_TOLERANCE * max(1, |a|)`` counts as equal."""
+EXAMPLES_PER_CAUSE = 3
+_REQUIRED = ("event_ts", "feature_watermark")
+
+
+class ConsistencyError(TesseraError):
+    """The impressions or late events cannot be checked as given."""
+
+
+def values_match(offline: np.ndarray, logged: np.ndarray) -> np.ndarray:
+    """Return where ``logged`` equals ``offline`` up to float32 logging (NaN equals NaN)."""
+    a = np.asarray(offline, dtype=np.float64)
+    b = np.asarray(logged, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        close = np.abs(a - b) <= REL_TOLERANCE * np.maximum(1.0, np.abs(a))
+    return close | (np.isnan(a) & np.isnan(b))
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One impression whose logged value differs from the offline one."""
+
+    impression_id: str
+    cause: Cause
+    logged: float
+    offline: float
+
+
+@dataclass(frozen=True)
+class FeatureConsistency:
+    """How one feature's logged values compare with the offline recomputation."""
+
+    name: str
+    rows: int
+    matched: int
+    causes: Mapping[Cause, int]
+    examples: tuple[Mismatch, ...] = ()
+
+    @property
+    def matched_share(self) -> float:
+        """Share of rows whose logged value equals the offline value (1.0 with no rows)."""
+        return self.matched / self.rows if self.rows else 1.0
+
+    def share(self, cause: Cause) -> float:
+        """Share of rows mismatched for ``cause``."""
+        return self.causes.get(cause, 0) / self.rows if self.rows else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "name": self.name,
+            "rows": self.rows,
+            "matched": self.matched,
+            "matched_share": self.matched_share,
+            "causes": {c: int(self.causes.get(c, 0)) for c in CAUSES},
+            "examples": [
+                {"impression_id": m.impression_id, "cause": m.cause,
+                 "logged": _json_float(m.logged), "offline": _json_float(m.offline)}
+                for m in self.examples
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class ConsistencyReport:
+    """Per-feature consistency of a sample of logged impressions."""
+
+    from_ts: int | None
+    to_ts: int | None
+    impressions: int
+    sampled: int
+    seed: int
+    late_events: int
+    features: tuple[FeatureConsistency, ...] = field(default_factory=tuple)
+
+    @property
+    def rows(self) -> int:
+        """Compared values, all features together."""
+        return sum(f.rows for f in self.features)
+
+    @property
+    def matched_share(self) -> float:
+        """Share of compared values that match, all features together."""
+        rows = self.rows
+        return sum(f.matched for f in self.features) / rows if rows else 1.0
+
+    def feature(self, name: str) -> FeatureConsistency:
+        """Return the result of feature ``name`` (KeyError naming the known ones otherwise)."""
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(f"no result for {name!r}; have {[f.name for f in self.features]}")
+
+    def range_text(self) -> str:
+        """``<from> .. <to>`` in ISO-8601 UTC (``?`` for an open bound)."""
+        lo = to_iso(self.from_ts) if self.from_ts is not None else "?"
+        hi = to_iso(self.to_ts) if self.to_ts is not None else "?"
+        return f"{lo} .. {hi}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "from_ts": self.from_ts,
+            "to_ts": self.to_ts,
+            "impressions": self.impressions,
+            "sampled": self.sampled,
+            "seed": self.seed,
+            "late_events": self.late_events,
+            "rows": self.rows,
+            "matched_share": self.matched_share,
+            "features": [f.to_dict() for f in self.features],
+        }
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        """The report as JSON text (NaN values as ``null``)."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_table(self) -> str:
+        """The report as a readable fixed-width table, then a few example mismatches."""
+        lines = [
+            f"online/offline consistency {self.range_text()}",
+            f"{self.sampled:,} of {self.impressions:,} impressions sampled (seed {self.seed}), "
+            f"{self.late_events:,} late events; {self.rows:,} values, "
+            f"{self.matched_share:.1%} match",
+            "",
+        ]
+        if self.sampled == 0:
+            lines[1] = "no logged impressions in the range"
+            return "\n".join(lines)
+        if not self.features:
+            lines.append("no logged feature is a window or derived feature of the definitions")
+            return "\n".join(lines)
+        width = max(len("feature"), *(len(f.name) for f in self.features))
+        head = (f"{'feature':<{width}}  {'rows':>7}  {'matched':>8}  "
+                + "  ".join(f"{c:>14}" for c in CAUSES))
+        lines += [head, "-" * len(head)]
+        for f in self.features:
+            lines.append(f"{f.name:<{width}}  {f.rows:>7,}  {f.matched_share:>8.1%}  "
+                         + "  ".join(f"{f.causes.get(c, 0):>14,}" for c in CAUSES))
+        examples = [(f.name, m) for f in self.features for m in f.examples]
+        if examples:
+            lines += ["", "example mismatches:"]
+            id_width = max(len(m.impression_id) for _, m in examples)
+            for name, m in examples:
+                lines.append(f"  {name:<{width}}  {m.cause:<14}  {m.impression_id:<{id_width}}  "
+                             f"logged {m.logged:.6g}  offline {m.offline:.6g}")
+        return "\n".join(lines)
+
+
+def _json_float(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+
+def logged_features(column: pa.ChunkedArray | pa.Array | Sequence[Any]) -> list[dict[str, float]]:
+    """Decode a logged-features column into one ``{name: value}`` dict per row.
+
+    Accepts JSON object strings (the training table), arrow maps (the raw impressions table,
+    read as lists of ``(key, value)`` pairs), structs or plain dicts. ``None`` entries and
+    null values are "not logged".
+
+    Raises:
+        ConsistencyError: an entry is neither of these.
+    """
+    values = column.to_pylist() if hasattr(column, "to_pylist") else list(column)
+    out: list[dict[str, float]] = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append({})
+            continue
+        if isinstance(v, str | bytes):
+            try:
+                v = json.loads(v)
+            except ValueError as exc:
+                raise ConsistencyError(
+                    f"logged features of row {i} are not a JSON object: {exc}; the column "
+                    "must hold {name: value} objects"
+                ) from exc
+        if isinstance(v, list):
+            v = dict(v)
+        if not isinstance(v, Mapping):
+            raise ConsistencyError(
+                f"logged features of row {i} are a {type(v).__name__}, expected a "
+                "{name: value} object (JSON text, a map or a dict)"
+            )
+        out.append({str(k): float(x) for k, x in v.items() if x is not None})
+    return out
+
+
+def _canonical(row: dict[str, float], entity_type_of: Mapping[str, str]) -> dict[str, float]:
+    """Map entity-prefixed logged names (``user:user_clicks_1d``, as serving logs the user's
+    features) to the feature name when the prefix is that feature's entity type."""
+    out = dict(row)
+    for key, value in row.items():
+        prefix, sep, name = key.partition(":")
+        if sep and entity_type_of.get(name) == prefix and name not in row:
+            out[name] = value
+    return out
+
+
+def _late_records(late_events: pa.Table | None) -> dict[str, list[Mapping[str, Any]]]:
+    """Decode the late events into records per topic.
+
+    Rows of the ``late_events`` table carry the event as framed Avro bytes (``payload``);
+    a table without ``payload`` is taken to hold the event fields as columns already.
+    """
+    if late_events is None or late_events.num_rows == 0:
+        return {}
+    if "topic" not in late_events.column_names:
+        raise ConsistencyError(
+            f"late events need a 'topic' column; got {late_events.column_names}; pass "
+            "OfflineTables.scan_late_events(...)"
+        )
+    out: dict[str, list[Mapping[str, Any]]] = {}
+    if "payload" not in late_events.column_names:
+        for rec in late_events.to_pylist():
+            out.setdefault(rec["topic"], []).append(rec)
+        return out
+    from schemas.codec import decode
+
+    topics = late_events.column("topic").to_pylist()
+    payloads = late_events.column("payload").to_pylist()
+    for i, (topic, payload) in enumerate(zip(topics, payloads, strict=True)):
+        try:
+            _, rec = decode(payload, topic=topic)
+        except Exception as exc:
+            raise ConsistencyError(
+                f"late event {i} of topic {topic!r} does not decode: {exc}; the payload must "
+                "be a framed single-event record (what the blocks flow's late sink writes)"
+            ) from exc
+        out.setdefault(topic, []).append(rec)
+    return out
+
+
+def _late_index(spec: FeatureSpec, records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """``{entity id: sorted event times}`` of the late events that count for ``spec``."""
+    flt = parse_filter(spec.filter) if spec.filter else None
+    by_entity: dict[str, list[int]] = {}
+    for rec in records:
+        ent = rec.get(spec.entity)
+        if ent is None or rec.get("event_ts") is None:
+            continue
+        if flt is not None:
+            try:
+                if not flt.evaluate_row(rec):
+                    continue
+            except KeyError:
+                continue
+        by_entity.setdefault(str(ent), []).append(int(rec["event_ts"]))
+    return {e: np.sort(np.asarray(ts, dtype=np.int64)) for e, ts in by_entity.items()}
+
+
+def _block_index(blocks: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{entity id: (block starts, block ends)}`` sorted by start."""
+    if blocks is None or blocks.num_rows == 0:
+        return {}
+    ids = blocks.column("entity_id").to_pylist()
+    starts = blocks.column("start_ms").to_numpy()
+    ends = starts + blocks.column("size_ms").to_numpy()
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(ids):
+        groups.setdefault(e, []).append(i)
+    out = {}
+    for e, rows in groups.items():
+        idx = np.asarray(rows, dtype=np.int64)
+        idx = idx[np.argsort(starts[idx], kind="stable")]
+        out[e] = (starts[idx], ends[idx])
+    return out
+
+
+def _any_in(index: dict[str, np.ndarray], ids: Sequence[str], lo: np.ndarray,
+            hi: np.ndarray) -> np.ndarray:
+    """Per row: does ``index[id]`` hold a time in ``[lo, hi)``?"""
+    out = np.zeros(len(ids), dtype=bool)
+    for i, e in enumerate(ids):
+        ts = index.get(e)
+        if ts is not None and len(ts):
+            k = np.searchsorted(ts, lo[i], side="left")
+            out[i] = k < len(ts) and ts[k] < hi[i]
+    return out
+
+
+def _has_blocks(index: dict[str, tuple[np.ndarray, np.ndarray]], ids: Sequence[str],
+                lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Per row: does the entity have a block lying inside ``[lo, hi)``?"""
+    out = np.zeros(len(ids), dtype=bool)
+    for i, e in enumerate(ids):
+        got = index.get(e)
+        if got is None:
+            continue
+        starts, ends = got
+        a = np.searchsorted(starts, lo[i], side="left")
+        b = np.searchsorted(starts, hi[i], side="left")
+        out[i] = bool(np.any(ends[a:b] <= hi[i]))
+    return out
+
+
+_EMPTY_BLOCKS = pa.table({
+    "entity_id": pa.array([], pa.string()),
+    "start_ms": pa.array([], pa.int64()),
+    "size_ms": pa.array([], pa.int64()),
+    "rep": pa.array([], pa.binary()),
+})
+
+
+def _no_data_value(spec: FeatureSpec, window: int) -> float:
+    """What a read of ``spec`` over ``window`` returns when the entity has no block."""
+    end = np.array([spec.block_sizes[-1] * 1000], dtype=np.int64)
+    return float(point_in_time(spec, [window], ["-"], end, _EMPTY_BLOCKS)[0].values[0])
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Signals:
+    """Per row of the sample, for one feature: late event in the window, blocks, no-data value."""
+
+    late: np.ndarray
+    blocks: np.ndarray
+    no_data: float
+
+
+def consistency_report(
+    training_or_impressions: pa.Table,
+    features: FeatureSet,
+    scan_blocks: Callable[..., pa.Table],
+    late_events: pa.Table | None,
+    *,
+    sample: int = 10_000,
+    seed: int = 0,
+    from_ts: int | None = None,
+    to_ts: int | None = None,
+    features_column: str = "features",
+) -> ConsistencyReport:
+    """Compare logged online feature values with the offline recomputation, per feature.
+
+    Args:
+        training_or_impressions: logged impressions: ``event_ts``, ``feature_watermark``, the
+            entity key columns of the checked features, the logged features (column
+            ``features_column``: JSON text, a map or dicts) and, for examples,
+            ``impression_id``.
+        features: the definitions; logged names that are neither a window value
+            (``item_views_1h``) nor a derived feature are ignored; a name prefixed with its
+            entity type (``user:user_clicks_1d``, as serving logs user features) counts as
+            the feature.
+        scan_blocks: ``OfflineTables.scan_blocks`` (or any function with its keywords).
+        late_events: ``OfflineTables.scan_late_events(...)`` over (at least) every window of
+            the range, or ``None`` when there are none.
+        sample: at most this many impressions are checked, drawn uniformly with ``seed``.
+        from_ts, to_ts: the range, for the report's title (default: the sample's times).
+
+    Returns:
+        A :class:`ConsistencyReport` with one entry per checked feature, sorted by name.
+
+    Raises:
+        ConsistencyError: a required column is missing or ``sample`` is not positive.
+    """
+    if sample < 1:
+        raise ConsistencyError(f"sample must be >= 1, got {sample}; pass e.g. sample=10000")
+    table = training_or_impressions
+    missing = [c for c in (*_REQUIRED, features_column) if c not in table.column_names]
+    if missing:
+        raise ConsistencyError(
+            f"impressions miss the column(s) {missing}; need event_ts, feature_watermark, the "
+            f"entity keys and the logged features ({features_column!r}), have "
+            f"{table.column_names}"
+        )
+    n_in = table.num_rows
+    if n_in > sample:
+        rng = np.random.default_rng(seed)
+        table = table.take(pa.array(np.sort(rng.choice(n_in, size=sample, replace=False))))
+    n = table.num_rows
+    late_records = _late_records(late_events)
+    n_late = sum(len(v) for v in late_records.values())
+    ts = table.column("event_ts").to_numpy()
+    if from_ts is None and n:
+        from_ts = int(ts.min())
+    if to_ts is None and n:
+        to_ts = int(ts.max()) + 1
+
+    logged = logged_features(table.column(features_column))
+    by_window = {f.window_name(w): (f, w) for f in features.features for w in f.windows}
+    by_derived = {d.name: d for d in features.derived}
+    entity_type_of = {**{k: f.entity_type for k, (f, _) in by_window.items()},
+                      **{k: d.entity_type for k, d in by_derived.items()}}
+    logged = [_canonical(row, entity_type_of) for row in logged]
+    names = sorted({k for row in logged for k in row if k in entity_type_of})
+    needed_entities = {by_window[k][0].entity for k in names if k in by_window}
+    for k in names:
+        if k in by_derived:
+            needed_entities |= {by_window[i][0].entity for i in by_derived[k].inputs}
+    absent = sorted(e for e in needed_entities if e not in table.column_names)
+    if absent:
+        raise ConsistencyError(
+            f"impressions miss the entity key column(s) {absent} of the logged features; "
+            f"have {table.column_names}"
+        )
+    if not names or n == 0:
+        return ConsistencyReport(from_ts, to_ts, n_in, n, seed, n_late, ())
+
+    scanned: dict[str, pa.Table] = {}
+
+    def capture(**kwargs: Any) -> pa.Table:
+        blocks = scan_blocks(**kwargs)
+        for key in kwargs.get("feature_keys") or ():
+            scanned[key] = blocks
+        return blocks
+
+    offline = backfill_columns(table, features, names, capture)
+    wm = table.column("feature_watermark").to_numpy()
+    ids = (table.column("impression_id").to_pylist() if "impression_id" in table.column_names
+           else [str(i) for i in range(n)])
+
+    signals: dict[str, _Signals] = {}
+    late_by_spec: dict[str, dict[str, np.ndarray]] = {}
+    blocks_by_spec: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+
+    def window_signals(name: str) -> _Signals:
+        if name in signals:
+            return signals[name]
+        spec, w = by_window[name]
+        if spec.key not in late_by_spec:
+            late_by_spec[spec.key] = _late_index(spec, late_records.get(spec.source, ()))
+            blocks_by_spec[spec.key] = _block_index(scanned.get(spec.key))
+        ends = query_ends(ts, wm, spec.streaming_block)
+        hop = tail_hop(w, spec.block_sizes)
+        lo = ends - w
+        lo = lo - lo % hop
+        ents = [None if e is None else str(e) for e in table.column(spec.entity).to_pylist()]
+        sig = _Signals(_any_in(late_by_spec[spec.key], ents, lo, ends),
+                       _has_blocks(blocks_by_spec[spec.key], ents, lo, ends),
+                       _no_data_value(spec, w))
+        signals[name] = sig
+        return sig
+
+    def derived_signals(d: DerivedFeatureSpec) -> _Signals:
+        # an input is a window value or a derived feature defined above this one
+        inputs = [derived_signals(by_derived[i]) if i in by_derived else window_signals(i)
+                  for i in d.inputs]
+        late = np.logical_or.reduce([s.late for s in inputs])
+        blocks = np.logical_or.reduce([s.blocks for s in inputs])
+        no_data = parse_derived(d.expression).evaluate_row(
+            {i: s.no_data for i, s in zip(d.inputs, inputs, strict=True)}, default=d.default)
+        return _Signals(late, blocks, float(no_data))
+
+    results = []
+    for name in names:
+        sig = window_signals(name) if name in by_window else derived_signals(by_derived[name])
+        present = np.array([name in row for row in logged], dtype=bool)
+        got = np.array([row.get(name, np.nan) for row in logged], dtype=np.float64)
+        want = np.asarray(offline[name], dtype=np.float64)
+        match = values_match(want, got)
+        logged_no_data = values_match(np.full(n, sig.no_data), got)
+        cause = np.where(sig.late, 0, np.where(sig.blocks == logged_no_data, 1, 2))
+        bad = present & ~match
+        counts = {c: int(np.sum(bad & (cause == k))) for k, c in enumerate(CAUSES)}
+        examples = []
+        for k, c in enumerate(CAUSES):
+            for i in np.flatnonzero(bad & (cause == k))[:EXAMPLES_PER_CAUSE].tolist():
+                examples.append(Mismatch(str(ids[i]), c, float(got[i]), float(want[i])))
+        results.append(FeatureConsistency(name, int(present.sum()),
+                                          int(np.sum(present & match)), counts, tuple(examples)))
+    return ConsistencyReport(from_ts, to_ts, n_in, n, seed, n_late, tuple(results))
