@@ -28,7 +28,7 @@ from features.spec_loader import load_features
 from features.store import open_store
 from serving.catalog import CatalogFollower, ItemCatalog, popularity_from_store
 from serving.config import ServingConfig
-from serving.errors import BadRequest, Overloaded, ServingError, Unauthorized
+from serving.errors import BadRequest, Overloaded, PayloadTooLarge, ServingError, Unauthorized
 from serving.forward_log import ImpressionLogger
 from serving.metrics import ServingMetrics
 from serving.openapi import OPENAPI
@@ -133,12 +133,12 @@ class ServingState:
     async def body_json(self, request: Request) -> Any:
         length = request.headers.get("content-length")
         if length is not None and int(length) > self.config.max_body_bytes:
-            raise ServingError(f"the body is larger than {self.config.max_body_bytes} bytes",
-                               field="body")
+            raise PayloadTooLarge(f"the body is larger than {self.config.max_body_bytes} bytes",
+                                  field="body")
         raw = await request.body()
         if len(raw) > self.config.max_body_bytes:
-            raise ServingError(f"the body is larger than {self.config.max_body_bytes} bytes",
-                               field="body")
+            raise PayloadTooLarge(f"the body is larger than {self.config.max_body_bytes} bytes",
+                                  field="body")
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -167,7 +167,12 @@ def create_app(config: ServingConfig) -> Starlette:
             body = await st.body_json(request)
             req = parse_feed(body, default_limit=st.config.default_limit,
                              max_limit=st.config.max_limit)
-            result = await run_in_threadpool(st.pipeline.feed, req)
+            ranker = request.headers.get("x-tessera-ranker")
+            if ranker not in (None, "", "model", "popularity"):
+                raise BadRequest("X-Tessera-Ranker must be 'model' or 'popularity'",
+                                 field="X-Tessera-Ranker")
+            result = await run_in_threadpool(st.pipeline.feed, req,
+                                             ranker=ranker if ranker == "popularity" else None)
             st.metrics.requests.labels(route="feed", status="200").inc()
             payload = {"request_id": result.request_id, "items": result.items,
                        "model_versions": result.model_versions,
@@ -176,10 +181,12 @@ def create_app(config: ServingConfig) -> Starlette:
                 payload["degraded"] = result.degraded
             return json_response(payload)
         except ServingError as exc:
-            if exc.status == 413 or exc.field == "body" and "larger" in exc.message:
-                exc.status = 413
             st.metrics.requests.labels(route="feed", status=str(exc.status)).inc()
             return error_response(exc)
+        except Exception as exc:  # a bug must give a JSON 500, logged, not a dropped connection
+            log.exception("feed_failed", error=str(exc)[:300])
+            st.metrics.requests.labels(route="feed", status="500").inc()
+            return error_response(ServingError("internal error; see the server log"))
         finally:
             with st._lock:
                 st.in_flight -= 1

@@ -34,6 +34,12 @@ class Unauthorized(ServingError):
     status = 401
 
 
+class PayloadTooLarge(ServingError):
+    """The request body is over the size limit (HTTP 413)."""
+
+    status = 413
+
+
 class Overloaded(ServingError):
     """The endpoint is at capacity (HTTP 503 with Retry-After)."""
 

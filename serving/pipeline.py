@@ -122,11 +122,18 @@ class FeedPipeline:
         return result
 
     # ------------------------------------------------------------------ request
-    def feed(self, req: FeedRequest) -> FeedResult:
-        """Serve one feed page (see the module docstring)."""
+    def feed(self, req: FeedRequest, *, ranker: str | None = None) -> FeedResult:
+        """Serve one feed page (see the module docstring).
+
+        Args:
+            ranker: ``"popularity"`` ranks with the baseline (experiments, the simulator's
+                control arm); None uses the loaded models.
+        """
         timings: dict[str, float] = {}
         degraded: list[str] = []
         models = self.models  # one consistent bundle for the whole request
+        if ranker == "popularity":
+            models = ModelBundle(retrieval=models.retrieval)
         request_id = f"r-{uuid.uuid4().hex}"
         with self._stage("sequence", timings):
             seq_items, _ = self._sequence(req.user_id, degraded)

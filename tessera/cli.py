@@ -22,8 +22,10 @@ _COMMANDS: list[tuple[str, str]] = [
     ("tessera.commands.offline", "batch"),
     ("tessera.commands.offline", "backfill"),
     ("tessera.commands.offline", "replay"),
+    ("tessera.commands.train", "train"),
     ("tessera.commands.consistency", "consistency"),
     ("tessera.commands.models", "models"),
+    ("tessera.commands.simulate", "simulate"),
 ]
 
 

@@ -27,9 +27,9 @@ def test_overload_gets_fast_503_with_retry_after_then_recovers(stack):
     release = threading.Event()
     real_feed = state.pipeline.feed
 
-    def slow_feed(req):
+    def slow_feed(req, **kwargs):
         release.wait(10)  # hold the slot until the test lets go
-        return real_feed(req)
+        return real_feed(req, **kwargs)
 
     state.pipeline.feed = slow_feed
     url = f"http://127.0.0.1:{port}/v1/feed"
