@@ -18,6 +18,8 @@ _COMMANDS: list[tuple[str, str]] = [
     ("tessera.commands.worker", "worker"),
     ("tessera.commands.demo", "demo"),
     ("tessera.commands.serve", "serve"),
+    ("tessera.commands.up", "up"),
+    ("tessera.commands.up", "down"),
     ("tessera.commands.import_", "import_group"),
     ("tessera.commands.offline", "batch"),
     ("tessera.commands.offline", "backfill"),

@@ -190,11 +190,11 @@ def test_arm_shares_follow_the_setting():
 def test_same_seed_same_run():
     (a, views_a), (b, views_b) = (_run(FakeServer(), concurrency=1) for _ in range(2))
     assert a.total.impressions == b.total.impressions and a.total.actions == b.total.actions
-    assert [(v["user_id"], v["dwell_ms"]) for v in views_a] == [
-        (v["user_id"], v["dwell_ms"]) for v in views_b
+    assert [(v["user_id"], v["dwell_ms"]) for v in views_a.records] == [
+        (v["user_id"], v["dwell_ms"]) for v in views_b.records
     ]
     _, views_c = _run(FakeServer(), concurrency=1, seed=12)
-    assert [v["user_id"] for v in views_c] != [v["user_id"] for v in views_a]
+    assert [v["user_id"] for v in views_c.records] != [v["user_id"] for v in views_a.records]
 
 
 def test_errors_and_timeouts_are_counted_per_arm_and_not_per_version():
@@ -221,7 +221,7 @@ def test_engagement_rates_follow_affinity_and_position():
                         total_views=100, engagement=EngagementRates(click=0.3))
     server = FakeServer(page=20)
     report, sink = _run(server, world=world, max_requests=300, users_per_tick=50,
-                        popularity_share=0.0)
+                        popularity_share=0.0, concurrency=1)
     from tessera.synth.world import World
 
     w = World(world)
