@@ -67,11 +67,7 @@ def point_in_time(
     ends = np.asarray(ends, dtype=np.int64)
     ids = np.asarray(entity_ids, dtype=object)
     n = len(ids)
-    blk_ids = blocks.column("entity_id").to_pylist() if blocks.num_rows else []
-    code_of: dict[str, int] = {}
-    blk_codes = np.fromiter((code_of.setdefault(e, len(code_of)) for e in blk_ids),
-                            dtype=np.int64, count=len(blk_ids))
-    q_codes = np.fromiter((code_of.get(e, -1) for e in ids.tolist()), dtype=np.int64, count=n)
+    blk_codes, q_codes, n_codes = _entity_codes(blocks, ids)
     starts = blocks.column("start_ms").to_numpy() if blocks.num_rows else np.zeros(0, np.int64)
     sizes = blocks.column("size_ms").to_numpy() if blocks.num_rows else np.zeros(0, np.int64)
     reps_bin = blocks.column("rep").combine_chunks() if blocks.num_rows else None
@@ -99,7 +95,7 @@ def point_in_time(
     decoded = [agg.from_bytes(b) for b in reps_bin.to_pylist()] if reps_bin is not None else []
     order = np.lexsort((starts, sizes, blk_codes)) if len(blk_codes) else np.zeros(0, np.int64)
     codes_sorted = blk_codes[order]
-    bounds = np.searchsorted(codes_sorted, np.arange(len(code_of) + 1))
+    bounds = np.searchsorted(codes_sorted, np.arange(n_codes + 1))
     for w in windows:
         vals = np.full(n, np.nan)
         missing = np.ones(n, dtype=bool)
@@ -127,6 +123,24 @@ def point_in_time(
             vals[missing] = spec.default
         out.append(WindowValues(spec.window_name(w), vals, missing, lists))
     return out
+
+
+def _entity_codes(blocks: pa.Table, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Integer codes of the blocks' and the queries' entities, without Python per row.
+
+    Returns (block codes, query codes with -1 for entities without blocks, number of codes).
+    """
+    import pyarrow.compute as pc
+
+    if not blocks.num_rows:
+        return np.zeros(0, np.int64), np.full(len(ids), -1, np.int64), 0
+    enc = pc.dictionary_encode(blocks.column("entity_id")).combine_chunks()
+    dictionary = enc.dictionary
+    blk_codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    query = pa.array(ids, type=dictionary.type) if len(ids) else pa.array([], dictionary.type)
+    q = pc.index_in(query, value_set=dictionary)
+    q_codes = q.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return blk_codes, q_codes, len(dictionary)
 
 
 def _fixed_reps(agg, reps_bin: pa.Array | None, n: int) -> np.ndarray:

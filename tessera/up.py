@@ -249,13 +249,20 @@ class Platform:
 
     def start_simulator(self) -> None:
         c = self.config
-        self.spawn("simulate", self._tessera(
-            "simulate", "--url", f"http://127.0.0.1:{c.port}", "--bootstrap", self.bootstrap,
-            "--users", str(c.users), "--items", str(c.items), "--seed", str(c.seed),
-            "--rate", str(c.sim_rate), "--popularity-share", str(c.popularity_share),
-            "--report", str(c.state_dir / "sim.json")))
+        self.spawn("simulate", self._tessera("simulate", *self.simulator_args(),
+                                             "--duration", "100000h"))
         self.say(f"simulator  {c.sim_rate:g} feed requests/s, {c.popularity_share:.0%} of users "
                  "on the popularity baseline")
+
+    def simulator_args(self) -> list[str]:
+        """``tessera simulate`` options that rebuild exactly the bootstrap world."""
+        c, w = self.config, self.world
+        return ["--url", f"http://127.0.0.1:{c.port}", "--bootstrap", self.bootstrap,
+                "--users", str(w.n_users), "--items", str(w.n_items),
+                "--authors", str(w.n_authors), "--topics", str(w.n_topics),
+                "--seed", str(w.seed), "--world-start", str(w.start_ts),
+                "--world-days", f"{w.duration_ms / DAY:.9f}",
+                "--rate", str(c.sim_rate), "--popularity-share", str(c.popularity_share)]
 
     # ------------------------------------------------------------------ lifecycle
     def up(self, stop: Callable[[], bool] = lambda: False) -> None:

@@ -1,0 +1,339 @@
+"""Feature preprocessing shared by training and serving: one schema, one set of functions.
+
+A :class:`FeatureSchema` lists, in model-input order, the dense features (each with its
+``log1p`` flag and standardization stats), the categorical fields (each hashed into its
+own number of buckets) and the sequence field (item ids, hashed with the item-id buckets,
+cut or padded to ``sequence_length``). It is fitted on the training rows, stored as JSON in
+the model manifest and read back by serving, so both sides turn the same rows into the
+same tensors.
+
+Rows are columnar: a mapping ``{name: sequence of values}`` (a :data:`Batch`), or a list
+of row dicts (turned columnar with :func:`columnar`). Missing values are ``None`` or NaN;
+a missing dense value becomes the feature's ``default`` before the transform.
+
+Hashing reserves bucket 0 for "missing / padding": ``hash_ids`` maps an id to
+``1 + crc32(utf-8 id) % (buckets - 1)``, which is stable across processes and machines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from features.errors import TesseraError
+
+__all__ = [
+    "Batch",
+    "FeatureSchemaError",
+    "CategoricalField",
+    "DenseFeature",
+    "FeatureSchema",
+    "DenseStats",
+    "categorical_matrix",
+    "columnar",
+    "dense_matrix",
+    "hash_ids",
+    "select_dense",
+    "sequence_matrix",
+]
+
+Batch = Mapping[str, Any]
+"""Columnar rows: ``{column name: sequence or numpy array of values}``, all one length."""
+
+SCHEMA_FORMAT = 1
+
+
+class FeatureSchemaError(TesseraError, ValueError):
+    """A feature schema, or a value given to build one, is invalid."""
+
+
+def hash_ids(ids: Sequence[Any], buckets: int) -> np.ndarray:
+    """Hash ids into ``[1, buckets)``; ``None``/empty ids map to 0 (the padding bucket).
+
+    The hash is ``1 + crc32(utf-8 str(id)) % (buckets - 1)``: stable across processes,
+    identical in training and serving.
+
+    Raises:
+        FeatureSchemaError: ``buckets`` is below 2.
+    """
+    if isinstance(buckets, bool) or not isinstance(buckets, (int, np.integer)) or buckets < 2:
+        raise FeatureSchemaError(f"buckets must be an int >= 2, got {buckets!r}")
+    mod = int(buckets) - 1
+    cache: dict[Any, int] = {}
+    out = np.empty(len(ids), dtype=np.int64)
+    for k, v in enumerate(ids):
+        h = cache.get(v)
+        if h is None:
+            if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+                h = 0
+            else:
+                h = 1 + zlib.crc32(str(v).encode("utf-8")) % mod
+            cache[v] = h
+        out[k] = h
+    return out
+
+
+@dataclass(frozen=True)
+class DenseFeature:
+    """One dense input: ``(transform(value or default) - mean) / std``.
+
+    ``log1p`` applies ``sign(x) * log1p(|x|)`` first (for counts and other heavy tails).
+    """
+
+    name: str
+    log1p: bool = False
+    mean: float = 0.0
+    std: float = 1.0
+    default: float = 0.0
+
+
+@dataclass(frozen=True)
+class CategoricalField:
+    """A string id column hashed into ``buckets`` (bucket 0 = missing)."""
+
+    name: str
+    buckets: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.buckets, bool) or not isinstance(self.buckets, int) or self.buckets < 2:
+            raise FeatureSchemaError(
+                f"categorical field {self.name!r}: buckets must be an int >= 2, "
+                f"got {self.buckets!r}"
+            )
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """How rows become model inputs; serialized to JSON in the model manifest.
+
+    Args:
+        dense: dense features in input-column order.
+        categorical: hashed id fields in input-column order.
+        sequence: name of the field holding the user's recent item ids (a list per row),
+            or None for a model without a sequence.
+        sequence_length: ids kept per row (the most recent first), padded with 0.
+        sequence_buckets: buckets of the sequence ids (the item-id buckets, so a model
+            may share the item embedding).
+    """
+
+    dense: tuple[DenseFeature, ...] = ()
+    categorical: tuple[CategoricalField, ...] = ()
+    sequence: str | None = None
+    sequence_length: int = 0
+    sequence_buckets: int = 2
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [d.name for d in self.dense] + [c.name for c in self.categorical]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise FeatureSchemaError(f"feature names appear twice in the schema: {dup}")
+        if self.sequence is not None and self.sequence_length < 1:
+            raise FeatureSchemaError(
+                f"sequence {self.sequence!r} needs sequence_length >= 1, "
+                f"got {self.sequence_length!r}"
+            )
+        if self.sequence_buckets < 2:
+            raise FeatureSchemaError(
+                f"sequence_buckets must be >= 2, got {self.sequence_buckets!r}"
+            )
+
+    @property
+    def dense_names(self) -> list[str]:
+        """Dense feature names in input order."""
+        return [d.name for d in self.dense]
+
+    @property
+    def categorical_names(self) -> list[str]:
+        """Categorical field names in input order."""
+        return [c.name for c in self.categorical]
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Every input name: dense, then categorical, then the sequence field."""
+        seq = [self.sequence] if self.sequence else []
+        return [*self.dense_names, *self.categorical_names, *seq]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict (with a ``format`` number)."""
+        d = asdict(self)
+        d["extra"] = dict(self.extra)
+        d["format"] = SCHEMA_FORMAT
+        return d
+
+    def to_json(self) -> str:
+        """Return the schema as a JSON string (sorted keys)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FeatureSchema:
+        """Rebuild a schema from :meth:`to_dict` output.
+
+        Raises:
+            FeatureSchemaError: the dict is not a schema of a known format.
+        """
+        fmt = data.get("format", SCHEMA_FORMAT)
+        if fmt != SCHEMA_FORMAT:
+            raise FeatureSchemaError(
+                f"feature schema format {fmt!r} is not supported (expected {SCHEMA_FORMAT}); "
+                "retrain the model with this version of Tessera"
+            )
+        try:
+            return cls(
+                dense=tuple(DenseFeature(**d) for d in data.get("dense", ())),
+                categorical=tuple(CategoricalField(**c) for c in data.get("categorical", ())),
+                sequence=data.get("sequence"),
+                sequence_length=int(data.get("sequence_length", 0)),
+                sequence_buckets=int(data.get("sequence_buckets", 2)),
+                extra=dict(data.get("extra", {})),
+            )
+        except TypeError as exc:
+            raise FeatureSchemaError(f"malformed feature schema: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> FeatureSchema:
+        """Parse :meth:`to_json` output."""
+        return cls.from_dict(json.loads(text))
+
+
+class DenseStats:
+    """Streaming mean/std of dense features (after ``log1p`` where asked), for fitting.
+
+    Call :meth:`update` on every training batch, then :meth:`features`.
+    """
+
+    def __init__(self, names: Sequence[str], log1p: Sequence[str] = (),
+                 defaults: Mapping[str, float] | None = None):
+        self.names = list(names)
+        self.log1p = set(log1p)
+        self.defaults = dict(defaults or {})
+        self.n = 0
+        self.sum = np.zeros(len(self.names))
+        self.sumsq = np.zeros(len(self.names))
+
+    def _raw(self) -> tuple[DenseFeature, ...]:
+        return tuple(DenseFeature(n, n in self.log1p, 0.0, 1.0, self.defaults.get(n, 0.0))
+                     for n in self.names)
+
+    def update(self, batch: Batch) -> None:
+        """Fold one batch of rows in."""
+        x = dense_matrix(batch, FeatureSchema(dense=self._raw())).astype(np.float64)
+        self.n += len(x)
+        self.sum += x.sum(axis=0)
+        self.sumsq += (x * x).sum(axis=0)
+
+    def features(self) -> tuple[DenseFeature, ...]:
+        """Return the fitted features (std floored at 1e-6; mean 0, std 1 when no rows)."""
+        if self.n == 0:
+            return self._raw()
+        mean = self.sum / self.n
+        var = np.maximum(self.sumsq / self.n - mean * mean, 0.0)
+        std = np.maximum(np.sqrt(var), 1e-6)
+        return tuple(
+            DenseFeature(n, n in self.log1p, float(m), float(s), self.defaults.get(n, 0.0))
+            for n, m, s in zip(self.names, mean, std)
+        )
+
+
+def columnar(rows: Sequence[Mapping[str, Any]] | Batch) -> Batch:
+    """Return ``rows`` as a :data:`Batch` (row dicts are transposed; a batch is returned)."""
+    if isinstance(rows, Mapping):
+        return rows
+    keys: dict[str, None] = {}
+    for r in rows:
+        keys.update(dict.fromkeys(r))
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def _length(batch: Batch) -> int:
+    for v in batch.values():
+        return len(v)
+    return 0
+
+
+def dense_matrix(rows: Sequence[Mapping[str, Any]] | Batch, schema: FeatureSchema) -> np.ndarray:
+    """Return the standardized dense inputs, float32 ``[n, len(schema.dense)]``.
+
+    A missing column or value (None, NaN) takes the feature's ``default``.
+    """
+    batch = columnar(rows)
+    n = _length(batch)
+    out = np.empty((n, len(schema.dense)), dtype=np.float32)
+    for j, f in enumerate(schema.dense):
+        col = batch.get(f.name)
+        if col is None:
+            x = np.full(n, f.default, dtype=np.float64)
+        else:
+            x = np.asarray(col, dtype=np.float64)  # None -> NaN
+            x = np.where(np.isfinite(x), x, f.default)
+        if f.log1p:
+            x = np.sign(x) * np.log1p(np.abs(x))
+        out[:, j] = (x - f.mean) / f.std
+    return out
+
+
+def categorical_matrix(rows: Sequence[Mapping[str, Any]] | Batch,
+                       schema: FeatureSchema) -> np.ndarray:
+    """Return the hashed categorical inputs, int64 ``[n, len(schema.categorical)]``."""
+    batch = columnar(rows)
+    n = _length(batch)
+    out = np.zeros((n, len(schema.categorical)), dtype=np.int64)
+    for j, c in enumerate(schema.categorical):
+        col = batch.get(c.name)
+        if col is not None:
+            out[:, j] = hash_ids(list(col), c.buckets)
+    return out
+
+
+def sequence_matrix(rows: Sequence[Mapping[str, Any]] | Batch,
+                    schema: FeatureSchema) -> np.ndarray:
+    """Return the hashed sequence ids, int64 ``[n, sequence_length]``, 0-padded on the right.
+
+    A row's sequence is a list of item ids, most recent first (a ``last_n`` value); a JSON
+    string of such a list is accepted too. Ids beyond ``sequence_length`` are dropped.
+    """
+    batch = columnar(rows)
+    n = _length(batch)
+    length = schema.sequence_length
+    out = np.zeros((n, max(length, 0)), dtype=np.int64)
+    if schema.sequence is None or length == 0:
+        return out
+    col = batch.get(schema.sequence)
+    if col is None:
+        return out
+    flat: list[Any] = []
+    where: list[tuple[int, int]] = []
+    for i, seq in enumerate(col):
+        if seq is None or (isinstance(seq, float) and math.isnan(seq)):
+            continue
+        if isinstance(seq, str):
+            seq = json.loads(seq) if seq.startswith("[") else seq.split()
+        for k, v in enumerate(list(seq)[:length]):
+            flat.append(v)
+            where.append((i, k))
+    if flat:
+        hashed = hash_ids(flat, schema.sequence_buckets)
+        idx = np.asarray(where, dtype=np.int64)
+        out[idx[:, 0], idx[:, 1]] = hashed
+    return out
+
+
+def select_dense(schema: FeatureSchema, names: Sequence[str]) -> FeatureSchema:
+    """Return a schema with only the dense features ``names`` (in that order), no ids or sequence.
+
+    Raises:
+        FeatureSchemaError: a name is not a dense feature of ``schema``.
+    """
+    by_name = {d.name: d for d in schema.dense}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise FeatureSchemaError(
+            f"dense feature(s) {missing} are not in the schema; it has {sorted(by_name)}"
+        )
+    return FeatureSchema(dense=tuple(by_name[n] for n in names))
