@@ -62,6 +62,11 @@ class ServingState:
         self.catalog = ItemCatalog()
         self.logger = ImpressionLogger(config.bootstrap, config.spool_dir, metrics=self.metrics)
         self.pipeline = FeedPipeline(config, self.client, self.catalog, self.logger, self.metrics)
+        from serving.tracking import CtrTracker, DriftTracker
+
+        self.ctr = CtrTracker()
+        self.drift = DriftTracker()
+        self.pipeline.ctr, self.pipeline.drift = self.ctr, self.drift
         self.follower = CatalogFollower(config.bootstrap, self.catalog).start() \
             if config.bootstrap else None
         self.events_producer = None
@@ -206,6 +211,7 @@ def create_app(config: ServingConfig) -> Starlette:
             for rec in records:
                 st.events_producer.produce("engagements", encode("engagements", rec),
                                            key=rec["user_id"].encode())
+                st.ctr.record_engagement(rec["impression_id"], rec["action"], rec["event_ts"])
             st.events_producer.poll(0)
             st.metrics.requests.labels(route="events", status="202").inc()
             return json_response({"accepted": len(records),
@@ -279,6 +285,9 @@ def create_app(config: ServingConfig) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
+    from serving.dashboard import dashboard_routes
+
+    routes += dashboard_routes(state)
     return Starlette(routes=routes, lifespan=lifespan)
 
 

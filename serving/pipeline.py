@@ -12,6 +12,7 @@ import uuid
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,8 @@ class FeedPipeline:
         self.logger = logger
         self.metrics = metrics
         self.models = ModelBundle()
+        self.ctr = None  # serving.tracking.CtrTracker (the dashboard's CTR per version)
+        self.drift = None  # serving.tracking.DriftTracker (served feature distributions)
         self._candidate_cache: dict[tuple[str, str], tuple[float, list[tuple[str, str]]]] = {}
 
     # ------------------------------------------------------------------ stages
@@ -76,7 +79,7 @@ class FeedPipeline:
             return [], []
 
     def candidates(self, req: FeedRequest, seq_items: list[str], models: ModelBundle,
-                   user_vec_inputs: dict | None = None) -> list[tuple[str, str]]:
+                   user_row: dict | None = None) -> list[tuple[str, str]]:
         """Fan out to the generators; merge and dedupe keeping each item's first source."""
         key = (req.user_id, req.feed_type)
         now = time.monotonic()
@@ -100,8 +103,8 @@ class FeedPipeline:
 
         if models.retrieval is not None and seq_items is not None:
             try:
-                add(models.retrieval.search(seq_items, limits.get("ann", 1000)), "ann",
-                    limits.get("ann", 1000))
+                add(models.retrieval.search(seq_items, limits.get("ann", 1000), user_row),
+                    "ann", limits.get("ann", 1000))
             except Exception as exc:  # a broken index must not fail the request
                 log.warning("ann_failed", error=str(exc)[:200])
         topics = Counter(t for t in self.catalog.topics(seq_items) if t)
@@ -137,8 +140,20 @@ class FeedPipeline:
         request_id = f"r-{uuid.uuid4().hex}"
         with self._stage("sequence", timings):
             seq_items, _ = self._sequence(req.user_id, degraded)
+        user_names = models.user_feature_names()
+        user_row: dict[str, Any] = {}
+        watermark = 0
+        with self._stage("hydrate_user", timings):
+            if user_names:
+                try:
+                    ufv = self.client.get_features("user", [req.user_id], list(user_names))
+                    user_row = ufv.row(0)
+                    watermark = ufv.watermark
+                except TesseraError as exc:
+                    degraded.append("store_unavailable")
+                    log.warning("hydrate_user_failed", error=str(exc)[:200])
         with self._stage("candidates", timings):
-            cands = self.candidates(req, seq_items, models)
+            cands = self.candidates(req, seq_items, models, user_row)
         seen = set(seq_items)
         cands = [(i, s) for i, s in cands if i not in seen]
         self.metrics.candidates.labels(stage="retrieved").observe(len(cands))
@@ -146,38 +161,41 @@ class FeedPipeline:
         sources = [s for _, s in cands]
 
         item_names = models.item_feature_names()
-        user_names = models.user_feature_names()
-        watermark = 0
         with self._stage("hydrate", timings):
             try:
+                if "store_unavailable" in degraded:
+                    raise TesseraError("the store failed for the user read")
                 items_fv = self.client.get_features("item", ids, list(item_names))
-                watermark = items_fv.watermark
+                watermark = min(watermark, items_fv.watermark) if watermark else items_fv.watermark
                 item_cols = {n: items_fv.values[:, j] for j, n in enumerate(items_fv.names)}
-                user_row: dict[str, float] = {}
-                if user_names:
-                    ufv = self.client.get_features("user", [req.user_id], list(user_names))
-                    user_row = ufv.row(0)
-                    watermark = min(watermark, ufv.watermark)
                 self.metrics.feature_lag.set(max(0, items_fv.lag_ms) / 1000)
             except TesseraError as exc:
-                degraded.append("store_unavailable")
+                if "store_unavailable" not in degraded:
+                    degraded.append("store_unavailable")
                 self.metrics.degraded.labels(reason="store_unavailable").inc()
                 log.warning("hydrate_failed", error=str(exc)[:200])
                 pop = self.catalog.snapshot.popularity
                 item_cols = {"item_views_1d": np.array([pop.get(i, 0.0) for i in ids]),
                              "item_ctr_1d": np.full(len(ids), 0.01)}
                 user_row = {}
+        context = {"item_id": ids, "author_id": self.catalog.authors(ids),
+                   "topic": self.catalog.topics(ids), "user_id": req.user_id,
+                   "sequence": seq_items}
         scores_l1 = np.zeros(len(ids))
         with self._stage("l1", timings):
             ranker = models.l1 if models.l1 is not None and not degraded else models.fallback
             if ids:
-                scores_l1 = ranker.score(item_cols, user=user_row)
+                scores_l1 = ranker.score(item_cols, user=user_row, context=context)
             keep = np.argsort(-scores_l1, kind="stable")[: self.config.l1_keep]
         self.metrics.candidates.labels(stage="l1").observe(len(keep))
         sub_cols = {n: c[keep] for n, c in item_cols.items()}
+        sub_ctx = {**context, "item_id": [ids[k] for k in keep.tolist()],
+                   "author_id": [context["author_id"][k] for k in keep.tolist()],
+                   "topic": [context["topic"][k] for k in keep.tolist()]}
         with self._stage("l2", timings):
             ranker2 = models.l2 if models.l2 is not None and not degraded else models.fallback
-            scores_l2 = ranker2.score(sub_cols, user=user_row) if len(keep) else np.zeros(0)
+            scores_l2 = (ranker2.score(sub_cols, user=user_row, context=sub_ctx)
+                         if len(keep) else np.zeros(0))
             order = keep[np.argsort(-scores_l2, kind="stable")]
             l2_of = dict(zip(keep.tolist(), scores_l2.tolist()))
         with self._stage("rules", timings):
@@ -219,4 +237,12 @@ class FeedPipeline:
             })
         with self._stage("log", timings):
             self.logger.log(impressions)
+            if self.ctr is not None:
+                from serving.tracking import version_label
+
+                self.ctr.record_impressions(version_label(versions),
+                                            [i["impression_id"] for i in items], now)
+            if self.drift is not None and page and not degraded:
+                for n in feat_names:
+                    self.drift.observe(n, item_cols[n][page])
         return FeedResult(request_id, items, versions, int(watermark), degraded, timings)

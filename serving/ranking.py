@@ -25,8 +25,10 @@ class Ranker(Protocol):
     version: str
     feature_names: tuple[str, ...]
 
-    def score(self, features: dict[str, np.ndarray], *, user: dict[str, Any]) -> np.ndarray:
-        """One score per candidate (higher is better)."""
+    def score(self, features: dict[str, np.ndarray], *, user: dict[str, Any],
+              context: dict[str, Any] | None = None) -> np.ndarray:
+        """One score per candidate (higher is better); ``context`` carries ids and the
+        user's sequence for models that read them."""
 
 
 @dataclass
@@ -36,7 +38,8 @@ class PopularityRanker:
     version: str = "popularity"
     feature_names: tuple[str, ...] = POPULARITY_FEATURES
 
-    def score(self, features: dict[str, np.ndarray], *, user: dict[str, Any]) -> np.ndarray:
+    def score(self, features: dict[str, np.ndarray], *, user: dict[str, Any],
+              context: dict[str, Any] | None = None) -> np.ndarray:
         views = np.nan_to_num(features.get("item_views_1d", np.zeros(0)), nan=0.0)
         ctr = np.nan_to_num(features.get("item_ctr_1d", np.zeros_like(views)), nan=0.0)
         return (ctr + 1e-3) * np.log1p(views)
