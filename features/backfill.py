@@ -10,6 +10,7 @@ feature (derived features computed from their backfilled inputs).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -94,9 +95,10 @@ def backfill_columns(
         blocks = scan_blocks(feature_keys=[spec.key], start_from=earliest_start(spec, ends),
                              start_to=int(ends.max()) if len(ends) else 0)
         for wv in point_in_time(spec, ws, ids, ends, blocks):
-            if wv.lists is not None:
-                continue  # lists are not columns of the training table
-            out[wv.name] = wv.values
+            if wv.lists is not None:  # last_n lists travel as JSON text (models read them)
+                out[wv.name] = np.array([json.dumps(v) for v in wv.lists], dtype=object)
+            else:
+                out[wv.name] = wv.values
     for d in derived:
         expr = parse_derived(d.expression)
         out[d.name] = np.asarray(expr.evaluate_columns({i: out[i] for i in d.inputs},
@@ -132,6 +134,7 @@ def run_backfill(
         col = f"feature_{name}"
         if col in data.column_names:
             data = data.drop_columns([col])
-        data = data.append_column(col, pa.array(values, pa.float64()))
+        typ = pa.string() if values.dtype == object else pa.float64()
+        data = data.append_column(col, pa.array(values, typ))
     written = training.append_examples(data, version) if data.num_rows else 0
     return BackfillReport(version, written, tuple(cols), time.perf_counter() - t0)
