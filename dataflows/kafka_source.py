@@ -111,7 +111,19 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         if first is None:
             if self._eof:
                 raise StopIteration()
+            beat = self._source.idle_heartbeat_ms
+            if beat is not None and (time.monotonic() - self._idle_since) * 1000 >= beat:
+                # an empty batch: lets downstream timers (sink commits) run while idle
+                self._idle_since = time.monotonic()
+                wm = self._cursor.max_ts
+                return [SourceBatch(
+                    topic=self._topic, partition=self._partition,
+                    columns=empty_columns(self._topic), late=np.zeros(0, dtype=bool),
+                    watermark=wm - self._source.lateness if wm > NO_TIME else NO_TIME,
+                    first_offset=self._cursor.offset, next_offset=self._cursor.offset,
+                    offsets=np.zeros(0, np.int64))]
             return []
+        self._idle_since = time.monotonic()
         cols = concat_columns(parts, topic=self._topic) if parts else empty_columns(self._topic)
         ts = np.asarray(cols.columns["event_ts"], dtype=np.int64)
         late, new_max = classify_late(self._cursor.max_ts, ts, self._source.lateness)
@@ -149,6 +161,8 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         start_offsets: optional ``{"topic:p": offset}`` for a first run (replay).
         stop_at_ts: end a partition once its watermark passes this event time (replay of a
             range): every on-time event after it is at or after ``stop_at_ts``.
+        idle_heartbeat_ms: when a partition has had nothing to read for this long, emit an
+            empty batch so timers downstream (sink commits) run while the topic is idle.
     """
 
     def __init__(
@@ -163,6 +177,7 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         start_offsets: dict[str, int] | None = None,
         consumer_overrides: dict[str, Any] | None = None,
         stop_at_ts: int | None = None,
+        idle_heartbeat_ms: int | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.topics = tuple(topics)
@@ -173,6 +188,7 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         self.start_offsets = dict(start_offsets or {})
         self.consumer_overrides = dict(consumer_overrides or {})
         self.stop_at_ts = stop_at_ts
+        self.idle_heartbeat_ms = idle_heartbeat_ms
 
     def partition_keys(self) -> list[str]:
         """Every ``topic:partition`` this source reads."""

@@ -132,14 +132,15 @@ class LabelShardLogic(StatefulLogic[LabelInput, list[dict[str, Any]], dict[str, 
         self.join = join
         self.parts = parts
 
-    def _emit(self) -> tuple[list[list[dict[str, Any]]], bool]:
+    def _emit(self, always: bool = False) -> tuple[list[list[dict[str, Any]]], bool]:
         rows = self.join.flush(self.join.watermark(self.parts))
-        return ([rows] if rows else []), StatefulLogic.RETAIN
+        return ([rows] if rows or always else []), StatefulLogic.RETAIN
 
     def on_item(self, value: LabelInput):
         self.join.add_columns(value.columns)
         self.join.advance(value.part, value.watermark)
-        return self._emit()
+        # an empty (heartbeat) batch still reaches the sink, so it commits while idle
+        return self._emit(always=len(value.columns) == 0)
 
     def on_eof(self):
         out = self._emit()
@@ -218,6 +219,7 @@ def build_label_flow(config: LabelFlowConfig) -> Dataflow:
         bootstrap=config.bootstrap, topics=LABEL_TOPICS, lateness=config.lateness_ms,
         bounded=config.bounded, batch_messages=config.batch_messages,
         start_offsets=config.start_offsets,
+        idle_heartbeat_ms=None if config.bounded else min(1_000, config.commit_interval_ms),
     )
     parts = source.partition_keys()
     join_config = config.join_config()

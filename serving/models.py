@@ -21,11 +21,15 @@ from tessera.logs import get_logger
 log = get_logger("serving.models")
 
 
-def _split(names, entity_of) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(item-side names, user-side names) of a model's dense features."""
-    items = tuple(n for n in names if entity_of(n) != "user")
+def _split(names, entity_of) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(item, user, author) names of a model's dense features.
+
+    Author features are read for each candidate's author and broadcast to its rows.
+    """
+    items = tuple(n for n in names if entity_of(n) not in ("user", "author"))
     users = tuple(n for n in names if entity_of(n) == "user")
-    return items, users
+    authors = tuple(n for n in names if entity_of(n) == "author")
+    return items, users, authors
 
 
 @dataclass
@@ -40,6 +44,7 @@ class OnnxRanker:
     output_name: str
     item_features: tuple[str, ...]
     user_features: tuple[str, ...]
+    author_features: tuple[str, ...]
     task_weights: dict[str, float]
     tasks: tuple[str, ...]
 
@@ -110,9 +115,9 @@ def load_version(info: Any, entity_of) -> Any:
     session = onnx_session(path)
     inputs = tuple(i.name for i in session.get_inputs())
     output = session.get_outputs()[0].name
-    item_names, user_names = _split([d.name for d in schema.dense], entity_of)
+    item_names, user_names, author_names = _split([d.name for d in schema.dense], entity_of)
     ranker = OnnxRanker(info.kind, info.version, schema, session, inputs, output, item_names,
-                        user_names, dict(m.get("task_weights") or {}),
+                        user_names, author_names, dict(m.get("task_weights") or {}),
                         tuple(m.get("tasks") or ()))
     ranker.score({n: np.zeros(2) for n in item_names} or {"_": np.zeros(2)}, user={})  # probe
     return ranker

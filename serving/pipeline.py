@@ -168,6 +168,12 @@ class FeedPipeline:
                 items_fv = self.client.get_features("item", ids, list(item_names))
                 watermark = min(watermark, items_fv.watermark) if watermark else items_fv.watermark
                 item_cols = {n: items_fv.values[:, j] for j, n in enumerate(items_fv.names)}
+                author_names = models.author_feature_names()
+                if author_names and ids:  # each author read once, broadcast to its items
+                    afv = self.client.get_features("author", self.catalog.authors(ids),
+                                                   list(author_names))
+                    watermark = min(watermark, afv.watermark)
+                    item_cols.update({n: afv.values[:, j] for j, n in enumerate(afv.names)})
                 self.metrics.feature_lag.set(max(0, items_fv.lag_ms) / 1000)
             except TesseraError as exc:
                 if "store_unavailable" not in degraded:

@@ -74,6 +74,14 @@ class ModelBundle:
                 names.update(dict.fromkeys(m.item_features))
         return tuple(names)
 
+    def author_feature_names(self) -> tuple[str, ...]:
+        """Author features any stage needs (read per candidate's author)."""
+        names: dict[str, None] = {}
+        for m in (self.l1, self.l2):
+            if m is not None:
+                names.update(dict.fromkeys(getattr(m, "author_features", ())))
+        return tuple(names)
+
     def user_feature_names(self) -> tuple[str, ...]:
         """User features any stage needs."""
         names: dict[str, None] = {}
