@@ -164,6 +164,8 @@ class Platform:
                                  id_namespace=f"h{now}-")
         summary = write_to_kafka(self.world, self.bootstrap, batch_events=1_000)
         total = sum(summary.counts.values())
+        (c.state_dir).mkdir(parents=True, exist_ok=True)
+        (c.state_dir / "simulator_args.json").write_text(json.dumps(self.simulator_args()))
         self.say(f"history    {total:,} events over {c.history_days:g} days")
         return now
 
@@ -183,21 +185,32 @@ class Platform:
                                            "--label-window", c.label_window))
         self.say("workers    blocks, sequences, archive, labels")
 
-    def wait_caught_up(self, until_ts: int, timeout_s: float = 900) -> None:
-        """Wait until every blocks shard's watermark passed ``until_ts`` (event time)."""
+    def wait_caught_up(self, until_ts: int, timeout_s: float = 900, idle_s: float = 15) -> int:
+        """Wait until the blocks worker has read the history; return its watermark.
+
+        Caught up means every shard's watermark passed ``until_ts``, or the watermarks have
+        not moved for ``idle_s`` (a partition with no recent events holds the minimum back,
+        but then the worker is idle: everything there is was read).
+        """
         from features.store import open_store
 
         deadline = time.monotonic() + timeout_s
+        last, since = None, time.monotonic()
         while time.monotonic() < deadline:
             self.check_children()
             try:
                 with open_store(self.config.store, readonly=True) as store:
                     marks = store.get_watermarks("blocks/")
-                if marks and min(marks.values()) >= until_ts:
-                    self.say(f"caught up  blocks watermark {to_iso(min(marks.values()))}")
-                    return
             except Exception:
-                pass
+                marks = {}
+            if marks:
+                snapshot = tuple(sorted(marks.items()))
+                if snapshot != last:
+                    last, since = snapshot, time.monotonic()
+                low = min(marks.values())
+                if low >= until_ts or time.monotonic() - since >= idle_s:
+                    self.say(f"caught up  blocks watermark {to_iso(low)}")
+                    return low
             time.sleep(1.0)
         raise TimeoutError("the workers did not catch up with the history in time")
 
@@ -271,14 +284,15 @@ class Platform:
         self.start_broker()
         history_end = self.bootstrap_history()
         self.start_workers()
-        self.wait_caught_up(history_end - 2 * MINUTE - 60_000)
+        caught = self.wait_caught_up(history_end - 2 * MINUTE - 60_000)
         self.start_preassemble()
         t0 = history_end - int(c.history_days * DAY)
-        versions = self.train_all(t0, history_end - 5 * MINUTE)
+        train_end = caught - caught % (5 * MINUTE)
+        versions = self.train_all(t0, train_end)
         self.say(f"models     {versions}")
         self.start_serving()
         self.start_simulator()
-        last_train_end = history_end - 5 * MINUTE
+        last_train_end = train_end
         next_retrain = time.monotonic() + c.retrain_every_s
         while not stop():
             self.check_children()

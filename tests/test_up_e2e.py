@@ -1,0 +1,111 @@
+"""`tessera up` end to end: the whole platform starts, a retrained model is published and
+served, the simulator's learned arm is compared with the popularity baseline, and
+`tessera down` leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tessera.broker import find_free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+TESSERA = [sys.executable, "-m", "tessera.cli"]
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = path.read_text(errors="replace") if path.exists() else ""
+        if text in out:
+            return out
+        if proc.poll() is not None:
+            raise AssertionError(f"tessera up exited early ({proc.returncode}):\n{out[-3000:]}")
+        time.sleep(1.0)
+    raise AssertionError(f"timed out waiting for {text!r}:\n{out[-3000:]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_up_retrains_serves_and_down_stops_everything(tmp_path):
+    home = tmp_path / "home"
+    port = find_free_port()
+    out = tmp_path / "up.out"
+    proc = subprocess.Popen(
+        [*TESSERA, "up", "--short", "--home", str(home), "--port", str(port),
+         "--retrain-every", "20", "--max-retrains", "1"],
+        stdout=out.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=Path(__file__).resolve().parents[1])
+    pids: dict[str, int] = {}
+    try:
+        _wait_for(out, "retrained  #1", proc, timeout_s=1200)
+        pids = json.loads((home / "up" / "pids.json").read_text())["pids"]
+        current = (home / "registry" / "l2" / "CURRENT").read_text().strip()
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        served = None
+        while time.monotonic() < deadline:  # the retrained version is hot-reloaded
+            r = httpx.post(f"{url}/v1/feed", json={"user_id": "u1", "limit": 10}, timeout=30)
+            assert r.status_code == 200, r.text
+            served = r.json()["model_versions"]["l2"]
+            if served == current:
+                break
+            time.sleep(1)
+        assert served == current
+        versions = [p.name for p in (home / "registry" / "l2").iterdir() if p.name.startswith("v")]
+        assert len(versions) >= 2  # the initial model and the retrained one
+
+        # a measured simulation: half the users on the learned ranker, half on popularity
+        args = json.loads((home / "up" / "simulator_args.json").read_text())
+        args = [a for a in args]
+        i = args.index("--rate")
+        args[i + 1] = "8"
+        sim = subprocess.run([*TESSERA, "simulate", *args, "--duration", "45s",
+                              "--popularity-share", "0.5", "--sim-seed", "3", "--json"],
+                             capture_output=True, text=True, timeout=300)
+        assert sim.returncode == 0, sim.stderr[-2000:]
+        report = json.loads(sim.stdout[sim.stdout.index("{"):])
+        model = report["by_arm"]["model"]
+        base = report["by_arm"]["baseline"]
+        assert model["requests"] > 50 and base["requests"] > 50
+        assert model["errors"] == 0 and base["errors"] == 0
+        p1, n1 = model["ctr"], model["impressions"]
+        p2, n2 = base["ctr"], base["impressions"]
+        se = math.sqrt(max(p1 * (1 - p1), 1e-6) / n1 + max(p2 * (1 - p2), 1e-6) / n2)
+        print(f"CTR learned={p1:.4f} ({n1} impressions) popularity={p2:.4f} ({n2}); se={se:.4f}")
+        (tmp_path / "ctr.json").write_text(json.dumps({"learned": p1, "popularity": p2, "se": se}))
+        # The learned ranker must not lose to popularity beyond noise (two standard errors).
+        assert p1 >= p2 - 2 * se
+    finally:
+        down = subprocess.run([*TESSERA, "down", "--home", str(home)], capture_output=True,
+                              text=True, timeout=120)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=60)
+    assert down.returncode == 0
+    time.sleep(1)
+    left = [n for n, pid in pids.items() if _alive(pid)]
+    assert not left, f"processes left behind: {left}"
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    assert str(home) not in ps, ps
