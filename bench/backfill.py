@@ -176,16 +176,7 @@ def source_events(h: History, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray
 # ------------------------------------------------------------------------------ Tessera
 def blocks_table(res: FeatureBlocksResult) -> pa.Table:
     """The ``point_in_time`` input (entity_id, start_ms, size_ms, rep) of computed blocks."""
-    ids: list[str] = []
-    starts, sizes, reps = [], [], []
-    for size, (e, s, r) in res.by_size.items():
-        ids.extend(e)
-        starts.append(np.asarray(s, np.int64))
-        sizes.append(np.full(len(s), size, np.int64))
-        reps.extend(r)
-    return pa.table({"entity_id": pa.array(ids, pa.string()),
-                     "start_ms": np.concatenate(starts), "size_ms": np.concatenate(sizes),
-                     "rep": pa.array(reps, pa.binary())})
+    return res.to_arrow()
 
 
 def run_tessera(h: History, lo: int, hi: int):

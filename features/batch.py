@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -29,14 +30,55 @@ from features.timeutil import align_down, align_up
 
 @dataclass
 class FeatureBlocksResult:
-    """Blocks of one feature over a range: per size, entity ids, starts and rep bytes."""
+    """Blocks of one feature over a range, columnar.
+
+    ``by_size[size] = (entity codes, starts, reps)``: codes index ``dictionary``; reps are a
+    structured array (fixed-width aggregations) or a list of reps.
+    """
 
     spec: FeatureSpec
-    by_size: dict[int, tuple[list[str], np.ndarray, list[bytes]]] = field(default_factory=dict)
+    dictionary: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+    by_size: dict[int, tuple[np.ndarray, np.ndarray, Any]] = field(default_factory=dict)
 
     def count(self) -> int:
         """Total number of blocks."""
         return sum(len(v[1]) for v in self.by_size.values())
+
+    def rows(self, size: int) -> tuple[list[str], list[int], list[bytes]]:
+        """The blocks of one size as (entity ids, starts, rep bytes) lists."""
+        codes, starts, reps = self.by_size[size]
+        agg = build_aggregation(self.spec)
+        return self.dictionary[codes].tolist(), starts.tolist(), _rep_bytes(agg, reps)
+
+    def to_arrow(self):
+        """All blocks as a pyarrow table (entity_id, start_ms, size_ms, rep), built from the
+        columns without a Python object per block for fixed-width reps."""
+        import pyarrow as pa
+
+        agg = build_aggregation(self.spec)
+        codes, starts, sizes, reps = [], [], [], []
+        for size, (c, s, r) in self.by_size.items():
+            codes.append(c)
+            starts.append(s)
+            sizes.append(np.full(len(s), size, np.int64))
+            reps.append(r)
+        if not codes:
+            return pa.table({"entity_id": pa.array([], pa.string()),
+                             "start_ms": pa.array([], pa.int64()),
+                             "size_ms": pa.array([], pa.int64()), "rep": pa.array([], pa.binary())})
+        ent = pa.DictionaryArray.from_arrays(pa.array(np.concatenate(codes).astype(np.int32)),
+                                             pa.array(self.dictionary.tolist(), pa.string()))
+        if agg.rep_dtype is not None:
+            data = np.concatenate(reps)
+            w = agg.rep_dtype.itemsize
+            offsets = (np.arange(len(data) + 1, dtype=np.int32) * w)
+            rep = pa.Array.from_buffers(pa.binary(), len(data),
+                                        [None, pa.py_buffer(offsets.tobytes()),
+                                         pa.py_buffer(data.tobytes())])
+        else:
+            rep = pa.array([b for r in reps for b in _rep_bytes(agg, r)], pa.binary())
+        return pa.table({"entity_id": ent, "start_ms": np.concatenate(starts),
+                         "size_ms": np.concatenate(sizes), "rep": rep})
 
 
 def compute_blocks(spec: FeatureSpec, columns, from_ts: int, to_ts: int) -> FeatureBlocksResult:
@@ -74,21 +116,22 @@ def compute_blocks(spec: FeatureSpec, columns, from_ts: int, to_ts: int) -> Feat
     reps = agg.group_reduce(inv.astype(np.int64), len(uniq), values, ts)
     b_codes = (uniq >> 32).astype(np.int64)
     b_starts = (uniq & 0xFFFFFFFF) * finest
-    dictionary = ent.dictionary
-    out.by_size[finest] = (dictionary[b_codes].tolist(), b_starts, _rep_bytes(agg, reps))
+    out.dictionary = np.asarray(ent.dictionary, dtype=object)
+    out.by_size[finest] = (b_codes, b_starts, reps)
     for size in spec.block_sizes[1:]:
         starts = b_starts - b_starts % size
         inside = (starts >= from_ts) & (starts + size <= to_ts)
         if not inside.any():
-            out.by_size[size] = ([], np.zeros(0, np.int64), [])
+            out.by_size[size] = (np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                 agg.identity_array(0) if agg.rep_dtype is not None else [])
             continue
         sel = np.flatnonzero(inside)
         ckey = (b_codes[sel] << 32) | (starts[sel] // finest)
         cuniq, cinv = np.unique(ckey, return_inverse=True)
         sub = reps[sel] if isinstance(reps, np.ndarray) else [reps[i] for i in sel.tolist()]
         rolled = agg.group_combine(cinv.astype(np.int64), len(cuniq), sub)
-        out.by_size[size] = (dictionary[(cuniq >> 32).astype(np.int64)].tolist(),
-                             (cuniq & 0xFFFFFFFF) * finest, _rep_bytes(agg, rolled))
+        out.by_size[size] = ((cuniq >> 32).astype(np.int64), (cuniq & 0xFFFFFFFF) * finest,
+                             rolled)
     return out
 
 
@@ -152,9 +195,10 @@ def run_batch_blocks(
             res = compute_blocks(spec, cols, from_ts, to_ts)
             rows = []
             store_rows = []
-            for size, (ids, starts, reps) in res.by_size.items():
+            for size in res.by_size:
+                ids, starts, reps = res.rows(size)
                 blocks_count[size] = blocks_count.get(size, 0) + len(ids)
-                for e, s, r in zip(ids, starts.tolist(), reps):
+                for e, s, r in zip(ids, starts, reps):
                     rows.append((spec.entity_type, e, spec.key, s, size, r))
                     if online_sizes == "all" or size != spec.streaming_block:
                         store_rows.append((e, spec.key, s, size, r))

@@ -134,7 +134,8 @@ def _entity_codes(blocks: pa.Table, ids: np.ndarray) -> tuple[np.ndarray, np.nda
 
     if not blocks.num_rows:
         return np.zeros(0, np.int64), np.full(len(ids), -1, np.int64), 0
-    enc = pc.dictionary_encode(blocks.column("entity_id")).combine_chunks()
+    col = blocks.column("entity_id").combine_chunks()
+    enc = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
     dictionary = enc.dictionary
     blk_codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     query = pa.array(ids, type=dictionary.type) if len(ids) else pa.array([], dictionary.type)

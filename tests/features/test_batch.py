@@ -40,8 +40,9 @@ def test_blocks_and_rollups_equal_the_reference_inside_the_range():
         res = compute_blocks(spec, cols, from_ts, to_ts)
         agg = build_aggregation(spec)
         got = {}
-        for size, (ids, starts, reps) in res.by_size.items():
-            for e, s, r in zip(ids, starts.tolist(), reps):
+        for size in res.by_size:
+            ids, starts, reps = res.rows(size)
+            for e, s, r in zip(ids, starts, reps):
                 got[(spec.key, e, s, size)] = agg.from_bytes(r)
         want = {k: v for k, v in oracle.items() if k[0] == spec.key
                 and k[2] >= from_ts and k[2] + k[3] <= to_ts}
