@@ -124,7 +124,8 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
                     offsets=np.zeros(0, np.int64))]
             return []
         self._idle_since = time.monotonic()
-        cols = concat_columns(parts, topic=self._topic) if parts else empty_columns(self._topic)
+        cols = (concat_columns(parts, topic=self._topic, dedupe=False) if parts
+                else empty_columns(self._topic))
         ts = np.asarray(cols.columns["event_ts"], dtype=np.int64)
         late, new_max = classify_late(self._cursor.max_ts, ts, self._source.lateness)
         self._cursor = PartitionCursor(offset=next_offset, max_ts=new_max)

@@ -69,13 +69,23 @@ class DictColumn:
         return cls(codes, _object_array(list(index)))
 
     @classmethod
-    def concat(cls, parts: Sequence[DictColumn]) -> DictColumn:
-        """Concatenate columns, merging their dictionaries and remapping codes."""
+    def concat(cls, parts: Sequence[DictColumn], *, dedupe: bool = True) -> DictColumn:
+        """Concatenate columns, merging their dictionaries and remapping codes.
+
+        With ``dedupe=False`` the dictionaries are appended as they are (a value may then
+        appear under several codes): no Python work per dictionary entry, for the hot path.
+        """
         if not parts:
             return cls(np.empty(0, np.int32), _object_array([]))
         first = parts[0].dictionary
         if all(p.dictionary is first for p in parts):
             return cls(np.concatenate([p.codes for p in parts]), first)
+        if not dedupe:
+            sizes = np.array([len(p.dictionary) for p in parts], dtype=np.int64)
+            base = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+            codes = np.concatenate([np.where(p.codes >= 0, p.codes + b, NULL_CODE)
+                                    for p, b in zip(parts, base.tolist())]).astype(np.int32)
+            return cls(codes, np.concatenate([p.dictionary for p in parts]))
         index: dict[str, int] = {}
         remapped = []
         for p in parts:
@@ -351,8 +361,11 @@ def columns_to_records(cols: EventColumns) -> list[dict[str, Any]]:
     )
 
 
-def concat_columns(parts: Sequence[EventColumns], *, topic: str | None = None) -> EventColumns:
+def concat_columns(parts: Sequence[EventColumns], *, topic: str | None = None,
+                   dedupe: bool = True) -> EventColumns:
     """Concatenate events of one topic in order; ``topic`` is needed only when ``parts`` is empty.
+
+    ``dedupe=False`` appends string dictionaries without merging equal values (fast).
 
     Raises:
         SchemaError: the parts hold different topics or column sets.
@@ -372,7 +385,8 @@ def concat_columns(parts: Sequence[EventColumns], *, topic: str | None = None) -
     for name in names:
         first = parts[0].columns[name]
         if isinstance(first, DictColumn):
-            cols[name] = DictColumn.concat([p.columns[name] for p in parts])  # type: ignore[misc]
+            cols[name] = DictColumn.concat([p.columns[name] for p in parts],  # type: ignore[misc]
+                                           dedupe=dedupe)
         else:
             cols[name] = np.concatenate([p.columns[name] for p in parts])  # type: ignore[misc]
     return EventColumns(topic, sum(p.n for p in parts), cols)
