@@ -44,11 +44,20 @@ class Spool:
             if self._current is None:
                 self._current = self.dir / f"spool-{time.time_ns()}-{uuid.uuid4().hex[:6]}.bin"
             with self._current.open("ab") as f:
-                for p in payloads:
-                    f.write(_LEN.pack(len(p)))
-                    f.write(p)
-                f.flush()
-                os.fsync(f.fileno())
+                before = f.tell()
+                try:
+                    for p in payloads:
+                        f.write(_LEN.pack(len(p)))
+                        f.write(p)
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError:
+                    # never leave a torn record: cut the segment back to its last whole one
+                    try:
+                        f.truncate(before)
+                    except OSError:
+                        self._current = None  # start a fresh segment next time
+                    raise
 
     def take_segments(self) -> list[Path]:
         """Close the current segment and return every segment waiting to be sent."""
@@ -89,6 +98,9 @@ class ImpressionLogger:
         self._drain_interval = drain_interval_s
         self._inflight = 0
         self._lock = threading.Lock()
+        # payloads the spool could not take (disk full): kept in memory, retried each cycle
+        self._unspooled: list[bytes] = []
+        self.spool_errors = 0
         if bootstrap:
             from confluent_kafka import Producer
 
@@ -108,8 +120,25 @@ class ImpressionLogger:
         try:
             self._queue.put_nowait(records)
         except queue.Full:
-            self.spool.append([self._encode(records)])
-            self._count("spooled", len(records))
+            self._spool([self._encode(records)], len(records))
+
+    def _spool(self, payloads: list[bytes], n: int) -> None:
+        """Persist payloads; if the disk refuses (full, read-only), keep them in memory.
+
+        Nothing is dropped: held payloads are retried on every cycle of the logger thread and
+        sent straight to Kafka once it answers. The error is logged and counted once per
+        failing write.
+        """
+        try:
+            self.spool.append(payloads)
+            self._count("spooled", n)
+        except OSError as exc:
+            with self._lock:
+                self._unspooled.extend(payloads)
+                self.spool_errors += 1
+            self._count("held_in_memory", n)
+            log.error("spool_write_failed", error=str(exc), held=len(self._unspooled),
+                      spool=str(self.spool.dir))
 
     # ------------------------------------------------------------------ background
     def _encode(self, records: list[dict]) -> bytes:
@@ -121,16 +150,14 @@ class ImpressionLogger:
 
     def _send(self, payload: bytes, n: int) -> None:
         if self._producer is None:
-            self.spool.append([payload])
-            self._count("spooled", n)
+            self._spool([payload], n)
             return
 
         def delivered(err, _msg, payload=payload, n=n) -> None:
             with self._lock:
                 self._inflight -= 1
             if err is not None:
-                self.spool.append([payload])
-                self._count("spooled", n)
+                self._spool([payload], n)
             else:
                 self._last_ack = time.monotonic()
                 self._count("sent", n)
@@ -149,16 +176,35 @@ class ImpressionLogger:
     def _run(self) -> None:
         next_drain = time.monotonic() + self._drain_interval
         while not self._stop.is_set() or not self._queue.empty():
-            try:
-                records = self._queue.get(timeout=0.05)
-                self._send(self._encode(records), len(records))
-            except queue.Empty:
-                pass
-            if self._producer is not None:
-                self._producer.poll(0)
+            try:  # this thread must survive anything: it is the only way impressions leave
+                try:
+                    records = self._queue.get(timeout=0.05)
+                    self._send(self._encode(records), len(records))
+                except queue.Empty:
+                    pass
+                if self._producer is not None:
+                    self._producer.poll(0)
                 if time.monotonic() >= next_drain:
-                    self._drain()
+                    self._retry_held()
+                    if self._producer is not None:
+                        self._drain()
                     next_drain = time.monotonic() + self._drain_interval
+            except Exception as exc:
+                log.error("impression_logger_error", error=str(exc)[:300])
+                time.sleep(0.1)
+
+    def _retry_held(self) -> None:
+        """Payloads the disk refused: spool them now if it has room, else keep holding."""
+        with self._lock:
+            held, self._unspooled = self._unspooled, []
+        if not held:
+            return
+        try:
+            self.spool.append(held)
+            log.info("spool_recovered", messages=len(held))
+        except OSError:
+            with self._lock:
+                self._unspooled = held + self._unspooled
 
     def _reachable(self) -> bool:
         try:
@@ -201,8 +247,14 @@ class ImpressionLogger:
 
     def drain_now(self) -> None:
         """Resend the spool now (tests, admin)."""
+        self._retry_held()
         if self._producer is not None:
             self._drain()
+
+    @property
+    def held_in_memory(self) -> int:
+        """Payloads waiting in memory because the spool disk refused them."""
+        return len(self._unspooled)
 
     def close(self, timeout_s: float = 15.0) -> None:
         """Stop the thread; anything not acknowledged by then stays in the spool."""

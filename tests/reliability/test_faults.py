@@ -1,0 +1,67 @@
+"""Faults on the real stack (the cheaper scenarios of ``bench/faults.py``), each checked
+against an oracle: nothing lost, nothing counted twice.
+
+kill -9 of the blocks and archive workers is tested in ``tests/dataflows``; here:
+
+* kill -9 of the sequences worker and of the label-join worker, restart from recovery;
+* the broker frozen (SIGSTOP) under load, then resumed (SIGCONT);
+* the online store unavailable: serving degrades to popularity and says so, then recovers;
+* a corrupt model version (garbage ONNX; hash mismatch) is refused, the old one serves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration]
+
+_PATH = Path(__file__).resolve().parents[2] / "bench" / "faults.py"
+_spec = importlib.util.spec_from_file_location("tessera_bench_faults", _PATH)
+faults = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = faults  # dataclasses resolve their module by name
+_spec.loader.exec_module(faults)
+
+SIZES = faults.Sizes(views=30_000, users=300, items=1_000, pause_s=3.0, requests=12)
+
+
+def _check(row) -> None:
+    detail = "\n".join(row.notes)
+    assert row.lost == 0, detail
+    assert row.double_counted == 0, detail
+    assert row.events_in > 0 and row.events_out >= row.events_in, detail
+    assert row.recovery_s is not None, detail
+    assert row.passed, detail
+
+
+@pytest.fixture(scope="module")
+def serving_stack(tmp_path_factory):
+    with faults._serving_stack(tmp_path_factory.mktemp("faults-serving")) as stack:
+        yield stack
+
+
+@pytest.mark.slow
+def test_kill_9_sequences_worker_then_restart_loses_and_repeats_nothing(tmp_path):
+    _check(faults.kill9_sequences(tmp_path, SIZES))
+
+
+@pytest.mark.slow
+def test_kill_9_label_worker_then_restart_matches_join_reference(tmp_path):
+    _check(faults.kill9_labels(tmp_path, SIZES))
+
+
+@pytest.mark.slow
+def test_broker_sigstop_under_load_then_sigcont_matches_oracle(tmp_path):
+    _check(faults.sigstop_broker(tmp_path, SIZES))
+
+
+def test_store_unavailable_degrades_to_popularity_then_recovers(serving_stack, tmp_path):
+    _check(faults.store_unavailable(tmp_path, SIZES, stack=serving_stack))
+
+
+def test_corrupt_model_versions_are_refused_and_the_old_one_keeps_serving(serving_stack,
+                                                                         tmp_path):
+    _check(faults.corrupt_model(tmp_path, SIZES, stack=serving_stack))
