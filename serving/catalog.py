@@ -156,12 +156,19 @@ class CatalogFollower:
 
 
 def popularity_from_store(store: Any, ids: list[str], feature: str = "item_views_1d",
-                          table: str = "hot") -> dict[str, float]:
-    """Read one pre-assembled value per item (missing: 0)."""
-    if not ids:
-        return {}
-    res = store.get_values("item", table, ids)
-    if feature not in res.columns:
-        return {}
-    col = res.matrix[:, res.columns.index(feature)]
-    return {i: float(v) for i, v in zip(ids, col.tolist()) if v == v}
+                          table: str = "hot", chunk: int = 5_000) -> dict[str, float]:
+    """Read one pre-assembled value per item (missing: 0), in chunks.
+
+    Between chunks the thread sleeps briefly, so a refresh over a large catalog never holds
+    the interpreter for long against the request threads.
+    """
+    out: dict[str, float] = {}
+    for lo in range(0, len(ids), chunk):
+        part = ids[lo:lo + chunk]
+        res = store.get_values("item", table, part)
+        if feature not in res.columns:
+            return {}
+        col = res.matrix[:, res.columns.index(feature)]
+        out.update((i, float(v)) for i, v in zip(part, col.tolist()) if v == v)
+        time.sleep(0.002)
+    return out

@@ -47,7 +47,7 @@ class ServingConfig:
     author_cap: int = 2
     max_body_bytes: int = 1_000_000
     api_keys: dict[str, str] = field(default_factory=dict)
-    refresh_interval_s: float = 10.0
+    refresh_interval_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

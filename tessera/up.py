@@ -216,7 +216,8 @@ class Platform:
 
     def start_preassemble(self) -> None:
         self.spawn("preassemble", self._tessera("worker", "preassemble", "--store",
-                                                self.config.store, "--interval", "10s"))
+                                                self.config.store, "--interval", "10s",
+                                                "--entity", "item", "--entity", "author"))
 
     def train_all(self, from_ts: int, to_ts: int) -> dict[str, str]:
         """Batch blocks + backfill over the range, then train and publish L1, L2, retrieval."""
