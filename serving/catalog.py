@@ -111,24 +111,42 @@ class CatalogFollower:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        """Follow the topic; when the brokers go away, drop the consumer and start over.
+
+        A consumer kept assigned across a broker restart crashed librdkafka here (a segfault
+        in its main thread when the embedded broker came back with recreated topics), so the
+        follower closes its consumer on the first transport error and reads the topic from
+        the beginning once a metadata request succeeds again (item events are upserts, so
+        reading them twice is harmless).
+        """
+        while not self._stop.is_set():
+            try:
+                self._follow_once()
+            except Exception as exc:  # never let the follower thread die
+                log.warning("catalog_follower_error", error=str(exc)[:200])
+            if not self._stop.is_set():
+                self._stop.wait(1.0)
+
+    def _follow_once(self) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
         from schemas.columnar import decode_message
         from tessera.topics import consumer_config, list_topics
 
-        while not self._stop.is_set():
-            try:
-                parts = list_topics(self.bootstrap).get(self.topic, 0)
-                break
-            except Exception:
-                time.sleep(1.0)
-        else:
-            return
-        consumer = Consumer(consumer_config(self.bootstrap, partition_eof=True))
+        parts = list_topics(self.bootstrap).get(self.topic, 0)
+        broken = threading.Event()
+
+        def on_error(err) -> None:
+            if err.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+                              KafkaError._RESOLVE):
+                broken.set()
+
+        consumer = Consumer(consumer_config(self.bootstrap, partition_eof=True,
+                                            error_cb=on_error))
         consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in range(parts)])
         at_end: set[int] = set()
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not broken.is_set():
                 msgs = consumer.consume(1000, timeout=0.5)
                 for m in msgs:
                     err = m.error()
@@ -151,6 +169,8 @@ class CatalogFollower:
                         self.catalog.upsert(i, a, t, ts, deleted=(op == "deleted"))
                 if not msgs and parts == 0:
                     self.caught_up.set()
+            if broken.is_set():
+                log.warning("catalog_follower_reconnect", reason="brokers unreachable")
         finally:
             consumer.close()
 
