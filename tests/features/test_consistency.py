@@ -80,10 +80,11 @@ def _blocks(views: list[dict]) -> pa.Table:
     ids, keys, starts, sizes, reps = [], [], [], [], []
     for spec in FS.features:
         res = compute_blocks(spec, cols, T0, T0 + DAY)
-        for size, (ents, st, rp) in res.by_size.items():
+        for size in res.by_size:
+            ents, st, rp = res.rows(size)
             ids += ents
             keys += [spec.key] * len(ents)
-            starts += st.tolist()
+            starts += st
             sizes += [size] * len(ents)
             reps += rp
     n = len(ids)

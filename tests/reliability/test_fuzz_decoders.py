@@ -47,7 +47,7 @@ def test_truncated_and_corrupted_valid_messages(cut, flip, value):
 
 
 def test_wrong_schema_and_oversized_messages_are_rejected_with_a_reason():
-    with pytest.raises(SchemaError, match="schema id 2 \(engagements\) is not allowed on topic 'views'"):
+    with pytest.raises(SchemaError, match=r"schema id 2 \(engagements\) is not allowed on topic 'views'"):
         decode_message(encode("engagements", {
             "event_id": "e", "event_ts": 1, "impression_id": "i", "user_id": "u",
             "item_id": "x", "action": "click"}), "views")
