@@ -15,6 +15,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 
 import bytewax.operators as op
@@ -78,6 +79,14 @@ class BlocksFlowConfig:
                 out[(etype, topic)] = keep
         return out
 
+    @cached_property
+    def entity_fields(self) -> dict[str, tuple[str, ...]]:
+        """Per topic, the entity fields its features aggregate on (the routing, computed once)."""
+        out: dict[str, tuple[str, ...]] = {}
+        for topic in self.topics:
+            out[topic] = tuple(dict.fromkeys(f.entity for f in self.features.for_source(topic)))
+        return out
+
     def shard_configs(self) -> dict[tuple[str, str], BlockShardConfig]:
         """One shard config per (topic, entity field) that features aggregate on."""
         out: dict[tuple[str, str], BlockShardConfig] = {}
@@ -114,9 +123,8 @@ def route(config: BlocksFlowConfig, batch: SourceBatch) -> list[tuple[str, tuple
         keep &= (ts >= config.event_range[0]) & (ts < config.event_range[1])
     on_time = batch.columns if keep.all() else batch.columns.filter(keep)
     out = []
-    for topic, entity in config.shard_configs():
-        if topic != batch.topic:
-            continue
+    topic = batch.topic
+    for entity in config.entity_fields.get(topic, ()):
         col = on_time.columns[entity]
         dict_shard = np.append(shard_of(col.dictionary, config.shards), -1)
         ev_shard = dict_shard[np.asarray(col.codes)]
