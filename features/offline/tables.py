@@ -237,6 +237,25 @@ def _range_predicates(
     return preds
 
 
+def create_concurrently(create: Callable[[], Any], attempts: int = 8,
+                        backoff_s: float = 0.05) -> Any:
+    """Run an idempotent catalog ``create_*_if_not_exists`` that other processes may race.
+
+    Two workers starting together both see "missing" and both insert; the loser's insert
+    fails (a SQL catalog raises a unique-constraint error, not "already exists"). Retrying
+    then finds the winner's object. Returns what ``create`` returns; re-raises after
+    ``attempts`` failures.
+    """
+    for attempt in range(attempts):
+        try:
+            return create()
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(backoff_s * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 class OfflineTables:
     """The ``blocks`` and ``late_events`` Iceberg tables of one catalog namespace.
 
@@ -272,7 +291,7 @@ class OfflineTables:
         self._clock_ms = clock_ms
         self._tables: dict[str, Table] = {}
         try:
-            catalog.create_namespace_if_not_exists(namespace)
+            create_concurrently(lambda: catalog.create_namespace_if_not_exists(namespace))
             for name, (schema, spec) in _TABLES.items():
                 self._tables[name] = self._create_or_load(name, schema, spec)
         except OfflineTableError:
@@ -323,7 +342,8 @@ class OfflineTables:
         try:
             if catalog_properties is not None:
                 props = {"warehouse": location, **dict(catalog_properties)}
-                catalog: Catalog = load_catalog(catalog_name, **props)
+                catalog: Catalog = create_concurrently(lambda: load_catalog(catalog_name,
+                                                                            **props))
             else:
                 if catalog_uri is None:
                     if path is None:
@@ -332,7 +352,9 @@ class OfflineTables:
                             "default SQLite catalog; pass catalog_uri= or catalog_properties="
                         )
                     catalog_uri = f"sqlite:///{path / 'catalog.db'}"
-                catalog = SqlCatalog(catalog_name, uri=catalog_uri, warehouse=location)
+                uri = catalog_uri  # the SQL catalog creates its own tables on first open
+                catalog = create_concurrently(
+                    lambda: SqlCatalog(catalog_name, uri=uri, warehouse=location))
         except OfflineTableError:
             raise
         except Exception as exc:
@@ -351,9 +373,9 @@ class OfflineTables:
         try:
             table = self.catalog.load_table(ident)
         except NoSuchTableError:
-            table = self.catalog.create_table_if_not_exists(
+            table = create_concurrently(lambda: self.catalog.create_table_if_not_exists(
                 ident, schema=schema, partition_spec=spec
-            )
+            ))
         have = [f.name for f in table.schema().fields]
         want = [f.name for f in schema.fields]
         if have != want:

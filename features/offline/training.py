@@ -44,6 +44,7 @@ from features.offline.tables import (
     _days_column,
     _dedupe_latest,
     _range_predicates,
+    create_concurrently,
 )
 
 __all__ = [
@@ -177,9 +178,9 @@ class TrainingTables:
         try:
             table = self.catalog.load_table(self.identifier)
         except NoSuchTableError:
-            table = self.catalog.create_table_if_not_exists(
+            table = create_concurrently(lambda: self.catalog.create_table_if_not_exists(
                 self.identifier, schema=TRAINING_SCHEMA, partition_spec=TRAINING_SPEC
-            )
+            ))
         have = [f.name for f in table.schema().fields]
         missing = [n for n in (*BASE_COLUMNS, "event_day") if n not in have]
         if missing:
