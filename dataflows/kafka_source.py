@@ -9,13 +9,42 @@ watermark, and the dead letters of anything that failed to decode.
 
 In bounded mode a partition ends at librdkafka's partition EOF (on the embedded broker this
 fires only after every acknowledged record was delivered; its high watermark is not used).
+
+Broker restarts (tail mode)
+---------------------------
+The embedded broker keeps its log in memory: stopped and started again on the same port, with
+the topics created anew, a partition's log starts over at offset 0. Two things then go wrong
+for a consumer that was tailing it:
+
+* librdkafka 2.12 segfaults when its fetcher talks to the recreated topic under the old
+  topic id (seen on Tansu: a Fetch answered "unknown topic" for the stale id, then a crash in
+  ``rd_kafka_metadata_update_op``). A consumer created after the restart is fine.
+* the consumer's position is past the end of the new log, and Tansu answers such fetches
+  with nothing rather than ``OFFSET_OUT_OF_RANGE``, so ``auto.offset.reset`` never fires and
+  the new events are never read.
+
+So in tail mode a partition watches its consumer's ``error_cb``: on a transport or
+all-brokers-down error it closes the consumer at once (before the broker can come back) and
+discards what that consume call returned (the cursor covers only what was emitted, so nothing
+is lost). It then checks the log, retrying until the broker answers, with a short-lived probe
+consumer: the message at ``offset - 1`` (the last one emitted) must still be there with the
+same fingerprint (a CRC of key, value and timestamp, kept in the cursor). Tansu's high
+watermark is the first offset of the last batch plus one, so ``high < offset`` is normal on an
+intact log: the probe then reads on from the last batch to the message or to the partition's
+EOF. Missing or different means the log was reset: the partition logs ``source.log_reset``
+and resumes from the log's start, keeping its running maximum event time (the watermark never
+goes back). Either way a new consumer takes over. As a fallback for a restart no error
+reported, an idle partition re-checks every ``VERIFY_IDLE_S`` seconds (a watermark query; the
+probe only when the watermarks are ambiguous and changed). The hot path is unchanged but for a
+CRC of each batch's last message.
 """
 
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,7 +55,10 @@ from features.blockstate import classify_late
 from schemas.codec import DeadLetter
 from schemas.columnar import EventColumns, concat_columns, decode_message, empty_columns
 from schemas.errors import SchemaError
+from tessera.logs import get_logger
 from tessera.topics import consumer_config, list_topics
+
+log = get_logger("dataflows.kafka_source")
 
 NO_TIME = -(2**62)
 
@@ -37,6 +69,16 @@ class PartitionCursor:
 
     offset: int
     max_ts: int = NO_TIME
+    #: fingerprint of the message at ``offset - 1`` (see :func:`message_fingerprint`); None
+    #: when unknown (nothing read yet, or a snapshot from before this field existed)
+    last_fp: int | None = None
+
+
+def message_fingerprint(msg: Any) -> int:
+    """A 64-bit fingerprint of a Kafka message: CRC-32 of key and value, and its timestamp."""
+    _, ts = msg.timestamp()
+    crc = zlib.crc32(msg.value() or b"", zlib.crc32(msg.key() or b""))
+    return (crc << 32) | (int(ts) & 0xFFFFFFFF)
 
 
 @dataclass
@@ -59,33 +101,211 @@ class SourceBatch:
         return f"{self.topic}:{self.partition}"
 
 
+_INTACT, _RESET = "intact", "reset"
+
+
 class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
+    #: an idle tailing partition checks its log this often (fallback for unreported restarts)
+    VERIFY_IDLE_S = 10.0
+    #: wait between checks while the broker does not answer
+    VERIFY_RETRY_S = 0.5
+    #: timeout of each broker request of a check; the probe read gets ``PROBE_READ_S``
+    VERIFY_TIMEOUT_S = 1.0
+    PROBE_READ_S = 3.0
+    #: a check still failing after this long is logged (again every as long)
+    VERIFY_WARN_S = 30.0
+
     def __init__(self, source: KafkaBatchSource, topic: str, partition: int,
                  cursor: PartitionCursor):
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
         self._source = source
         self._topic = topic
         self._partition = partition
         self._cursor = cursor
-        config = consumer_config(source.bootstrap, partition_eof=source.bounded,
-                                 **source.consumer_overrides)
-        self._consumer = Consumer(config)
-        start = cursor.offset if cursor.offset >= 0 else OFFSET_BEGINNING
-        self._consumer.assign([TopicPartition(topic, partition, start)])
+        self._tail = not source.bounded
         self._eof = False
         self._idle_since = time.monotonic()
+        # tail mode: the log is checked (and the consumer replaced) when this is set
+        self._suspect = False
+        self._retry_at = 0.0
+        self._suspect_since = 0.0
+        self._warned_at = 0.0
+        self._quiet_since = time.monotonic()
+        self._verified: tuple[int, int, int] | None = None  # (low, high, offset) found intact
+        self._consumer: Any = self._new_consumer()
+
+    # -- consumers -------------------------------------------------------------------
+
+    def _new_consumer(self) -> Any:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        source = self._source
+        config = consumer_config(source.bootstrap, partition_eof=source.bounded,
+                                 **source.consumer_overrides)
+        if self._tail:
+            config["error_cb"] = self._error_cb_for(config.get("error_cb"))
+        consumer = Consumer(config)
+        start = self._cursor.offset if self._cursor.offset >= 0 else OFFSET_BEGINNING
+        consumer.assign([TopicPartition(self._topic, self._partition, start)])
+        return consumer
+
+    def _error_cb_for(self, inner: Any) -> Any:
+        from confluent_kafka import KafkaError
+
+        broken = (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN)
+
+        def error_cb(err: Any) -> None:
+            if inner is not None:
+                inner(err)
+            if err.code() in broken:
+                self._set_suspect()
+
+        return error_cb
+
+    def _drop_consumer(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer.close()
+
+    # -- log checks (tail mode) ------------------------------------------------------
+
+    def _probe_log(self) -> tuple[str | None, int]:
+        """Check that the last message read is still in the log: ``(verdict, low)``.
+
+        The verdict is ``"intact"``, ``"reset"``, or None when the broker did not answer (or
+        the topic or partition does not exist yet); ``low`` is the log's first offset.
+        """
+        from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+        source = self._source
+        config = consumer_config(source.bootstrap, fast=False,
+                                 **{**source.consumer_overrides, "enable.partition.eof": True})
+        probe = Consumer(config)
+        tp = TopicPartition(self._topic, self._partition)
+        try:
+            try:
+                meta = probe.list_topics(self._topic, timeout=self.VERIFY_TIMEOUT_S)
+                topic = meta.topics.get(self._topic)
+                if topic is None or topic.error is not None or \
+                        self._partition not in topic.partitions:
+                    return None, 0
+                marks = probe.get_watermark_offsets(tp, timeout=self.VERIFY_TIMEOUT_S,
+                                                    cached=False)
+            except KafkaException:
+                return None, 0
+            if marks is None:
+                return None, 0
+            low, high = marks
+            offset = self._cursor.offset
+            if offset <= low:
+                return _INTACT, low  # nothing read past the log's start
+            if high <= low:
+                return _RESET, low  # an empty log, but messages up to offset - 1 were read
+            want = offset - 1
+            # below ``high`` the offset is in the log; above, read on from the last batch
+            # (Tansu's high watermark is that batch's first offset plus one)
+            start = want if high >= offset else max(low, high - 1)
+            probe.assign([TopicPartition(self._topic, self._partition, start)])
+            deadline = time.monotonic() + self.PROBE_READ_S
+            while time.monotonic() < deadline:
+                for m in probe.consume(1000, timeout=0.1):
+                    err = m.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            return _RESET, low  # the log ends before offset - 1
+                        return None, low
+                    if m.offset() < want:
+                        continue
+                    if m.offset() > want:
+                        return _INTACT, low  # offset - 1 is gone but the log goes on
+                    fp = self._cursor.last_fp
+                    same = fp is None or message_fingerprint(m) == fp
+                    return (_INTACT if same else _RESET), low
+            return None, low
+        finally:
+            probe.close()
+
+    def _recover(self) -> bool:
+        """Close the consumer, check the log, and resume; False while the broker is away."""
+        self._drop_consumer()
+        now = time.monotonic()
+        if now < self._retry_at:
+            time.sleep(min(self._source.poll_s, self._retry_at - now))
+            return False
+        verdict, low = self._probe_log()
+        if verdict is None:
+            now = time.monotonic()
+            self._retry_at = now + self.VERIFY_RETRY_S
+            if now - max(self._suspect_since, self._warned_at) >= self.VERIFY_WARN_S:
+                self._warned_at = now
+                log.warning("source.verify_pending", topic=self._topic,
+                            partition=self._partition, offset=self._cursor.offset,
+                            waiting_s=round(now - self._suspect_since, 1))
+            return False
+        if verdict == _RESET:
+            log.warning("source.log_reset", topic=self._topic, partition=self._partition,
+                        old_offset=self._cursor.offset, new_offset=low)
+            self._cursor = replace(self._cursor, offset=low, last_fp=None)
+        else:
+            log.info("source.position_verified", topic=self._topic, partition=self._partition,
+                     offset=self._cursor.offset)
+        self._consumer = self._new_consumer()
+        self._suspect = False
+        self._verified = None
+        self._warned_at = 0.0
+        self._quiet_since = time.monotonic()
+        return True
+
+    def _idle_check(self) -> None:
+        """Fallback for a restart no error reported: is the log still the one read?"""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        offset = self._cursor.offset
+        if offset <= 0:
+            return  # nothing read: the consumer's position is valid in any log
+        try:
+            marks = self._consumer.get_watermark_offsets(
+                TopicPartition(self._topic, self._partition),
+                timeout=self.VERIFY_TIMEOUT_S, cached=False)
+        except KafkaException:
+            marks = None
+        if marks is None:
+            self._set_suspect()  # the broker does not answer: check once it does
+            return
+        low, high = marks
+        if high >= offset or (low, high, offset) == self._verified:
+            return
+        verdict, _ = self._probe_log()
+        if verdict == _INTACT:
+            self._verified = (low, high, offset)
+        else:
+            self._set_suspect()
+
+    def _set_suspect(self) -> None:
+        if not self._suspect:
+            self._suspect = True
+            self._suspect_since = time.monotonic()
+
+    # -- reading ---------------------------------------------------------------------
 
     def next_batch(self) -> list[SourceBatch]:
         from confluent_kafka import KafkaError
 
         if self._eof:
             raise StopIteration()
-        msgs = self._consumer.consume(self._source.batch_messages, timeout=self._source.poll_s)
+        msgs: list[Any] = []  # stays empty while the broker is away (heartbeats still go out)
+        if not self._suspect or self._recover():
+            msgs = self._consumer.consume(self._source.batch_messages,
+                                          timeout=self._source.poll_s)
+            if self._suspect:
+                # error_cb fired during this call: the broker went away; what came back may
+                # come from a restarted log, so check first (the cursor covers none of it)
+                msgs = []
+                self._drop_consumer()
         parts: list[EventColumns] = []
         part_offsets: list[np.ndarray] = []
         dead: list[DeadLetter] = []
         first = None
+        last = None
         next_offset = self._cursor.offset
         for m in msgs:
             err = m.error()
@@ -96,6 +316,7 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
                 raise RuntimeError(f"kafka error on {self._topic}:{self._partition}: {err}")
             off = m.offset()
             first = off if first is None else first
+            last = m
             next_offset = off + 1
             payload = m.value() or b""
             try:
@@ -111,6 +332,11 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         if first is None:
             if self._eof:
                 raise StopIteration()
+            now = time.monotonic()
+            if self._tail and not self._suspect and \
+                    now - self._quiet_since >= self.VERIFY_IDLE_S:
+                self._quiet_since = now
+                self._idle_check()
             beat = self._source.idle_heartbeat_ms
             if beat is not None and (time.monotonic() - self._idle_since) * 1000 >= beat:
                 # an empty batch: lets downstream timers (sink commits) run while idle
@@ -123,12 +349,14 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
                     first_offset=self._cursor.offset, next_offset=self._cursor.offset,
                     offsets=np.zeros(0, np.int64))]
             return []
-        self._idle_since = time.monotonic()
+        self._idle_since = self._quiet_since = time.monotonic()
         cols = (concat_columns(parts, topic=self._topic, dedupe=False) if parts
                 else empty_columns(self._topic))
         ts = np.asarray(cols.columns["event_ts"], dtype=np.int64)
         late, new_max = classify_late(self._cursor.max_ts, ts, self._source.lateness)
-        self._cursor = PartitionCursor(offset=next_offset, max_ts=new_max)
+        self._cursor = PartitionCursor(
+            offset=next_offset, max_ts=new_max,
+            last_fp=message_fingerprint(last) if self._tail else None)
         stop = self._source.stop_at_ts
         if stop is not None and new_max - self._source.lateness >= stop:
             self._eof = True  # every later on-time event is at or after stop_at_ts
@@ -146,7 +374,7 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         return self._cursor
 
     def close(self) -> None:
-        self._consumer.close()
+        self._drop_consumer()
 
 
 class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
