@@ -171,6 +171,7 @@ class _Pending:
     partition_ids: list[np.ndarray] = field(default_factory=list)
     offsets: list[np.ndarray] = field(default_factory=list)
     next_offsets: dict[int, int] = field(default_factory=dict)
+    resets: set[int] = field(default_factory=set)  # partitions whose log was reset
     events: int = 0
     since: float = 0.0  # monotonic time the first uncommitted batch arrived
 
@@ -211,6 +212,12 @@ class _ArchivePartition(StatelessSinkPartition[Any]):
                 pend.offsets.append(offsets)
                 pend.events += item.columns.n
             pend.next_offsets[item.partition] = item.next_offset
+            if item.log_reset:
+                # the broker's log restarted (an empty embedded broker): offsets go back
+                pend.resets.add(item.partition)
+                log.warning("archive_log_reset", topic=item.topic, partition=item.partition,
+                            committed=self.committed[item.topic].get(item.partition),
+                            new_offset=item.first_offset)
         if dead:
             # Flushed before any commit that moves past them: never lost.
             self.deadletters.write_batch(dead)
@@ -234,6 +241,7 @@ class _ArchivePartition(StatelessSinkPartition[Any]):
         rows = self.tables.append(
             topic, cols, pids, offs, pend.next_offsets,
             expected_offsets={p: committed.get(p) for p in pend.next_offsets},
+            reset_partitions=pend.resets,
         )
         committed.update(pend.next_offsets)
         self.rows_written += rows

@@ -94,6 +94,9 @@ class SourceBatch:
     next_offset: int
     deadletters: list[DeadLetter] = field(default_factory=list)
     offsets: np.ndarray | None = None  # offset of each event's message
+    #: the partition's log was reset under the source (a broker restarted empty) and this is
+    #: the first batch read from the new log: offsets went back to ``first_offset``
+    log_reset: bool = False
 
     @property
     def part(self) -> str:
@@ -131,6 +134,7 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         self._warned_at = 0.0
         self._quiet_since = time.monotonic()
         self._verified: tuple[int, int, int] | None = None  # (low, high, offset) found intact
+        self._reset_pending = False  # the next emitted batch carries ``log_reset``
         self._consumer: Any = self._new_consumer()
 
     # -- consumers -------------------------------------------------------------------
@@ -245,6 +249,7 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             log.warning("source.log_reset", topic=self._topic, partition=self._partition,
                         old_offset=self._cursor.offset, new_offset=low)
             self._cursor = replace(self._cursor, offset=low, last_fp=None)
+            self._reset_pending = True
         else:
             log.info("source.position_verified", topic=self._topic, partition=self._partition,
                      offset=self._cursor.offset)
@@ -342,12 +347,13 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
                 # an empty batch: lets downstream timers (sink commits) run while idle
                 self._idle_since = time.monotonic()
                 wm = self._cursor.max_ts
+                reset, self._reset_pending = self._reset_pending, False
                 return [SourceBatch(
                     topic=self._topic, partition=self._partition,
                     columns=empty_columns(self._topic), late=np.zeros(0, dtype=bool),
                     watermark=wm - self._source.lateness if wm > NO_TIME else NO_TIME,
                     first_offset=self._cursor.offset, next_offset=self._cursor.offset,
-                    offsets=np.zeros(0, np.int64))]
+                    offsets=np.zeros(0, np.int64), log_reset=reset)]
             return []
         self._idle_since = self._quiet_since = time.monotonic()
         cols = (concat_columns(parts, topic=self._topic, dedupe=False) if parts
@@ -360,11 +366,13 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         stop = self._source.stop_at_ts
         if stop is not None and new_max - self._source.lateness >= stop:
             self._eof = True  # every later on-time event is at or after stop_at_ts
+        reset, self._reset_pending = self._reset_pending, False
         return [SourceBatch(
             topic=self._topic, partition=self._partition, columns=cols, late=late,
             watermark=new_max - self._source.lateness if new_max > NO_TIME else NO_TIME,
             first_offset=first, next_offset=next_offset, deadletters=dead,
             offsets=np.concatenate(part_offsets) if part_offsets else np.zeros(0, np.int64),
+            log_reset=reset,
         )]
 
     def next_awake(self) -> datetime | None:

@@ -30,7 +30,7 @@ writing duplicates or gaps.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +316,7 @@ class RawTables:
         next_offsets: Mapping[int, int],
         *,
         expected_offsets: Mapping[int, int | None] | None = None,
+        reset_partitions: Iterable[int] = (),
     ) -> int:
         """Append one micro-batch and its consumed offsets in one Iceberg commit.
 
@@ -329,12 +330,15 @@ class RawTables:
             expected_offsets: ``{partition: offset or None}`` this writer believes committed
                 for each partition of ``next_offsets`` (None: never committed). When given,
                 the commit is refused if another writer moved one of them.
+            reset_partitions: partitions whose Kafka log was reset (the broker restarted
+                empty): their offsets may move back.
 
         Returns:
             The number of rows written.
 
         Raises:
-            OffsetConflictError: an offset would move backwards, or moved under us.
+            OffsetConflictError: an offset would move backwards (outside
+                ``reset_partitions``), or moved under us.
             OfflineTableError: bad columns, or too many lost commit races.
         """
         _check_topic(topic)
@@ -362,7 +366,8 @@ class RawTables:
             table.refresh()
             for attempt in range(off._retries + 1):
                 previous = self._latest_offsets(table)
-                self._check_offsets(topic, previous, next_offsets, expected_offsets)
+                self._check_offsets(topic, previous, next_offsets, expected_offsets,
+                                    reset_partitions)
                 merged = {**previous, **{int(p): int(o) for p, o in next_offsets.items()}}
                 props = {f"{OFFSET_PROPERTY_PREFIX}{p}": str(o) for p, o in sorted(merged.items())}
                 try:
@@ -384,14 +389,16 @@ class RawTables:
         previous: Mapping[int, int],
         next_offsets: Mapping[int, int],
         expected: Mapping[int, int | None] | None,
+        resets: Iterable[int] = (),
     ) -> None:
+        resets = {int(p) for p in resets}
         for p, o in next_offsets.items():
             have = previous.get(int(p))
             if expected is not None and have != expected.get(p):
                 raise OffsetConflictError(
                     topic, int(p), have, f"but this writer expected {expected.get(p)}"
                 )
-            if have is not None and int(o) < have:
+            if have is not None and int(o) < have and int(p) not in resets:
                 raise OffsetConflictError(
                     topic, int(p), have, f"and this commit would move it back to {o}"
                 )

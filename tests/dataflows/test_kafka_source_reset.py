@@ -80,6 +80,7 @@ def test_intact_log_resumes_where_it_was_after_a_broker_error(fresh_broker):
         _produce(fresh_broker, [_views("c", 4, ts + 200)])
         more = _read(part, lambda out: bool(out))
         assert more[0].first_offset == 25
+        assert not any(b.log_reset for b in more)
         assert _ids(more) == [f"c-{j}" for j in range(4)]
     finally:
         part.close()
@@ -113,6 +114,8 @@ def test_recreated_topic_is_read_again_from_its_start(fresh_broker, new_messages
         assert [(e["topic"], e["partition"], e["old_offset"], e["new_offset"])
                 for e in resets] == [("views", 0, 8, 0)]
         assert got[0].first_offset == 0
+        # the first batch of the new log says so (the archive lets its offsets go back)
+        assert got[0].log_reset and not any(b.log_reset for b in got[1:])
         ids = _ids(got)
         assert ids == [f"new{k}-{j}" for k in range(new_messages) for j in range(2)]
         assert part.snapshot().max_ts >= max_ts  # the watermark does not go back
