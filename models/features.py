@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -35,6 +36,11 @@ __all__ = [
     "DenseFeature",
     "FeatureSchema",
     "DenseStats",
+    "CrossFeature",
+    "KeyRate",
+    "KeyShare",
+    "key_counts",
+    "key_share",
     "categorical_matrix",
     "columnar",
     "dense_matrix",
@@ -108,6 +114,134 @@ class CategoricalField:
             )
 
 
+def _as_list(value: Any) -> list[Any]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, str):
+        return json.loads(value) if value.startswith("[") else value.split()
+    return list(value)
+
+
+def key_counts(keys: Sequence[Any], lists: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Return, per row, how often ``keys[i]`` occurs in ``lists[i]``, and the list's length.
+
+    A list may be a Python list, a JSON array string (as backfilled) or None (empty). Rows
+    holding the same list object (one user's list broadcast to every candidate) are counted
+    once.
+    """
+    n = len(keys)
+    count = np.zeros(n, dtype=np.float64)
+    length = np.zeros(n, dtype=np.float64)
+    counted: dict[int, tuple[Counter, int]] = {}
+    for i in range(n):
+        v = lists[i]
+        hit = counted.get(id(v))
+        if hit is None:
+            items = _as_list(v)
+            hit = (Counter(items), len(items))
+            counted[id(v)] = hit
+        counts, total = hit
+        count[i] = counts.get(keys[i], 0)
+        length[i] = total
+    return count, length
+
+
+def key_share(keys: Sequence[Any], lists: Sequence[Any]) -> np.ndarray:
+    """Return, per row, the share of ``lists[i]`` equal to ``keys[i]`` (0 for an empty list)."""
+    count, length = key_counts(keys, lists)
+    return np.divide(count, length, out=np.zeros_like(count), where=length > 0)
+
+
+def _column(batch: Batch, name: str, n: int) -> Sequence[Any]:
+    col = batch.get(name)
+    return [None] * n if col is None else col
+
+
+@dataclass(frozen=True)
+class KeyShare:
+    """A user x candidate cross feature: the share of a list feature's values equal to a key.
+
+    ``KeyShare("topic_share_engaged_7d", key="topic", values="user_engaged_topics_7d")`` is,
+    per candidate row, the fraction of the user's recently engaged topics that are the
+    candidate's topic (0 when the list is empty or missing).
+    """
+
+    name: str
+    key: str
+    values: str
+    kind: ClassVar[str] = "share"
+
+    @property
+    def lists(self) -> tuple[str, ...]:
+        """The list features this cross reads."""
+        return (self.values,)
+
+    def compute(self, batch: Batch, n: int) -> np.ndarray:
+        """The feature for every row of ``batch`` (which holds ``key`` and the list)."""
+        return key_share(batch[self.key], _column(batch, self.values, n))
+
+
+@dataclass(frozen=True)
+class KeyRate:
+    """A smoothed per-key rate between two list features of one user.
+
+    ``(count of key in hits + prior_hits) / (count of key in trials + prior_trials)``: with
+    ``hits`` the topics of the user's long views and ``trials`` the topics of all their
+    views, it is how often the user dwells on the candidate's topic once shown it, which
+    removes the exposure bias a plain share has (popular topics are viewed by everyone).
+    """
+
+    name: str
+    key: str
+    hits: str
+    trials: str
+    prior_hits: float = 0.5
+    prior_trials: float = 5.0
+    kind: ClassVar[str] = "rate"
+
+    @property
+    def lists(self) -> tuple[str, ...]:
+        """The list features this cross reads."""
+        return (self.hits, self.trials)
+
+    def compute(self, batch: Batch, n: int) -> np.ndarray:
+        """The feature for every row of ``batch`` (which holds ``key`` and both lists)."""
+        keys = batch[self.key]
+        hits, _ = key_counts(keys, _column(batch, self.hits, n))
+        trials, _ = key_counts(keys, _column(batch, self.trials, n))
+        return (hits + self.prior_hits) / (trials + self.prior_trials)
+
+
+CrossFeature = KeyShare | KeyRate
+"""A dense input computed from a candidate key and the user's list features, identically in
+training (backfilled list columns) and serving (hydrated lists)."""
+
+_CROSS_KINDS: dict[str, type] = {"share": KeyShare, "rate": KeyRate}
+
+
+def cross_to_dict(cross: CrossFeature) -> dict[str, Any]:
+    """A JSON-ready dict of a cross feature, with its ``kind``."""
+    return {"kind": cross.kind, **asdict(cross)}
+
+
+def cross_from_dict(data: Mapping[str, Any]) -> CrossFeature:
+    """Rebuild a cross feature from :func:`cross_to_dict` output.
+
+    Raises:
+        FeatureSchemaError: unknown kind or fields.
+    """
+    fields = dict(data)
+    kind = fields.pop("kind", None)
+    cls = _CROSS_KINDS.get(kind)
+    if cls is None:
+        raise FeatureSchemaError(
+            f"unknown cross feature kind {kind!r}; expected one of {sorted(_CROSS_KINDS)}")
+    try:
+        return cls(**fields)
+    except TypeError as exc:
+        raise FeatureSchemaError(f"malformed {kind} cross feature {data!r}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class FeatureSchema:
     """How rows become model inputs; serialized to JSON in the model manifest.
@@ -120,6 +254,9 @@ class FeatureSchema:
         sequence_length: ids kept per row (the most recent first), padded with 0.
         sequence_buckets: buckets of the sequence ids (the item-id buckets, so a model
             may share the item embedding).
+        crosses: cross features among ``dense`` that :func:`dense_matrix` computes from a
+            key column and the user's list columns when the rows do not carry them
+            (:class:`KeyShare`, :class:`KeyRate`).
     """
 
     dense: tuple[DenseFeature, ...] = ()
@@ -128,6 +265,7 @@ class FeatureSchema:
     sequence_length: int = 0
     sequence_buckets: int = 2
     extra: Mapping[str, Any] = field(default_factory=dict)
+    crosses: tuple[CrossFeature, ...] = ()
 
     def __post_init__(self) -> None:
         names = [d.name for d in self.dense] + [c.name for c in self.categorical]
@@ -164,6 +302,7 @@ class FeatureSchema:
         """Return a JSON-ready dict (with a ``format`` number)."""
         d = asdict(self)
         d["extra"] = dict(self.extra)
+        d["crosses"] = [cross_to_dict(k) for k in self.crosses]
         d["format"] = SCHEMA_FORMAT
         return d
 
@@ -192,6 +331,7 @@ class FeatureSchema:
                 sequence_length=int(data.get("sequence_length", 0)),
                 sequence_buckets=int(data.get("sequence_buckets", 2)),
                 extra=dict(data.get("extra", {})),
+                crosses=tuple(cross_from_dict(k) for k in data.get("crosses", ())),
             )
         except TypeError as exc:
             raise FeatureSchemaError(f"malformed feature schema: {exc}") from exc
@@ -209,8 +349,10 @@ class DenseStats:
     """
 
     def __init__(self, names: Sequence[str], log1p: Sequence[str] = (),
-                 defaults: Mapping[str, float] | None = None):
+                 defaults: Mapping[str, float] | None = None,
+                 crosses: Sequence[CrossFeature] = ()):
         self.names = list(names)
+        self.crosses = tuple(crosses)
         self.log1p = set(log1p)
         self.defaults = dict(defaults or {})
         self.n = 0
@@ -223,7 +365,8 @@ class DenseStats:
 
     def update(self, batch: Batch) -> None:
         """Fold one batch of rows in."""
-        x = dense_matrix(batch, FeatureSchema(dense=self._raw())).astype(np.float64)
+        raw = FeatureSchema(dense=self._raw(), crosses=self.crosses)
+        x = dense_matrix(batch, raw).astype(np.float64)
         self.n += len(x)
         self.sum += x.sum(axis=0)
         self.sumsq += (x * x).sum(axis=0)
@@ -260,13 +403,19 @@ def _length(batch: Batch) -> int:
 def dense_matrix(rows: Sequence[Mapping[str, Any]] | Batch, schema: FeatureSchema) -> np.ndarray:
     """Return the standardized dense inputs, float32 ``[n, len(schema.dense)]``.
 
-    A missing column or value (None, NaN) takes the feature's ``default``.
+    A missing column or value (None, NaN) takes the feature's ``default``. A
+    cross feature (:class:`KeyShare`, :class:`KeyRate`) the rows lack is computed from its
+    key and list columns.
     """
     batch = columnar(rows)
     n = _length(batch)
     out = np.empty((n, len(schema.dense)), dtype=np.float32)
+    crosses = {k.name: k for k in schema.crosses}
     for j, f in enumerate(schema.dense):
         col = batch.get(f.name)
+        cross = crosses.get(f.name)
+        if col is None and cross is not None and cross.key in batch:
+            col = cross.compute(batch, n)
         if col is None:
             x = np.full(n, f.default, dtype=np.float64)
         else:

@@ -31,8 +31,11 @@ from models import metrics as M
 from models.data import ExampleSource, TimeRange, decode_batch
 from models.features import (
     CategoricalField,
+    CrossFeature,
     DenseStats,
     FeatureSchema,
+    KeyRate,
+    KeyShare,
     categorical_matrix,
     dense_matrix,
     select_dense,
@@ -128,6 +131,20 @@ class RankerFeatures:
         "user_id": 50_000, "item_id": 100_000, "author_id": 10_000, "topic": 1_000})
     sequence: str | None = "user_recent_items_1d"
     sequence_length: int = 20
+    crosses: tuple[CrossFeature, ...] = ()
+
+    def __post_init__(self) -> None:
+        missing = [k.name for k in self.crosses if k.name not in self.dense]
+        if missing:
+            raise ValueError(f"RankerFeatures: cross features {missing} must be listed in dense")
+
+    @property
+    def columns(self) -> list[str]:
+        """Feature columns to read: dense (less computed crosses), then the crosses' lists."""
+        computed = {k.name for k in self.crosses}
+        cols = [n for n in self.dense if n not in computed]
+        cols += [name for k in self.crosses for name in k.lists]
+        return list(dict.fromkeys(cols))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,12 +164,25 @@ class RetrievalFeatures:
     dim: int = 32
 
 
+TOPIC_CROSSES: tuple[CrossFeature, ...] = (
+    KeyRate("topic_long_view_rate_7d", key="topic", hits="user_long_view_topics_7d",
+            trials="user_recent_topics_7d"),
+    KeyShare("topic_share_engaged_7d", key="topic", values="user_engaged_topics_7d"),
+    KeyShare("topic_share_viewed_7d", key="topic", values="user_recent_topics_7d"),
+)
+"""User x topic affinity, from the user's recent views and positive engagements: how often
+they dwell on the candidate's topic when shown it, and its share of what they engaged with
+and viewed. Ids alone learn this slowly; these make it one input."""
+
 DEFAULT_L1_FEATURES = RankerFeatures(
-    dense=("item_ctr_1d", "item_ctr_7d", "item_views_1d", "user_clicks_7d"),
+    dense=("item_ctr_1d", "item_ctr_7d", "item_views_1d", "user_clicks_7d",
+           *(k.name for k in TOPIC_CROSSES)),
     log1p=("item_views_1d", "user_clicks_7d"), categorical={}, sequence=None,
+    crosses=TOPIC_CROSSES,
 )
 DEFAULT_L2_FEATURES = RankerFeatures(
-    dense=(*_COUNT_FEATURES, "item_ctr_1d", "item_ctr_7d"), log1p=_COUNT_FEATURES,
+    dense=(*_COUNT_FEATURES, "item_ctr_1d", "item_ctr_7d", *(k.name for k in TOPIC_CROSSES)),
+    log1p=_COUNT_FEATURES, crosses=TOPIC_CROSSES,
 )
 
 
@@ -269,8 +299,9 @@ def _concat_holdout(parts: list[dict[str, np.ndarray]], rows: int) -> dict[str, 
 class _Fit:
     """What the fitting pass learns: dense stats, label counts, rows."""
 
-    def __init__(self, dense: Sequence[str], log1p: Sequence[str]):
-        self.stats = DenseStats(dense, [n for n in log1p if n in dense])
+    def __init__(self, dense: Sequence[str], log1p: Sequence[str],
+                 crosses: Sequence[CrossFeature] = ()):
+        self.stats = DenseStats(dense, [n for n in log1p if n in dense], crosses=crosses)
         self.rows = 0
         self.positives: Counter[str] = Counter()
 
@@ -324,7 +355,7 @@ def _ranker_schema(fit: _Fit, feats: RankerFeatures, *, with_ids: bool) -> Featu
         dense=fit.stats.features(), categorical=cats,
         sequence=feats.sequence if with_ids else None,
         sequence_length=feats.sequence_length if with_ids and feats.sequence else 0,
-        sequence_buckets=seq_buckets,
+        sequence_buckets=seq_buckets, crosses=tuple(feats.crosses),
     )
 
 
@@ -342,11 +373,11 @@ def _train_ranker(kind: ModelKind, source: ExampleSource, train_range: TimeRange
                   progress: Progress | None, tasks: Sequence[str] | None,
                   min_positives: int, task_weights: Mapping[str, float]) -> TrainResult:
     with_ids = kind == "l2"
-    wanted = list(feats.dense) + ([feats.sequence] if with_ids and feats.sequence else [])
+    wanted = feats.columns + ([feats.sequence] if with_ids and feats.sequence else [])
     extra = list(feats.categorical) if with_ids else []
     cols = _columns(source, wanted, extra)
     with _Run(config, progress) as run:
-        fit = _Fit(feats.dense, feats.log1p)
+        fit = _Fit(feats.dense, feats.log1p, feats.crosses)
         for batch in run.stream(source, train_range, "fit", cols, wanted):
             fit.update(batch)
         _require_rows(fit, train_range, kind)

@@ -208,7 +208,10 @@ def create_app(config: ServingConfig) -> Starlette:
                                    field=None)
             from schemas.codec import encode
 
+            catalog = st.pipeline.catalog
             for rec in records:
+                # enriched with the item's author and topic, which per-topic features read
+                rec["author_id"], rec["topic"], _ = catalog.meta(rec["item_id"]) or ("", "", 0)
                 st.events_producer.produce("engagements", encode("engagements", rec),
                                            key=rec["user_id"].encode())
                 st.ctr.record_engagement(rec["impression_id"], rec["action"], rec["event_ts"])

@@ -57,6 +57,9 @@ class OnnxRanker:
         for name in self.user_features:
             v = user.get(name)
             cols[name] = np.full(n, np.nan if v is None or isinstance(v, list) else v)
+        for cross in self.schema.crosses:  # the user's lists, one object for every candidate
+            for name in cross.lists:
+                cols[name] = [user.get(name)] * n
         ctx = context or {}
         for key, value in ctx.items():
             cols[key] = value if not np.isscalar(value) else [value] * n
@@ -115,7 +118,11 @@ def load_version(info: Any, entity_of) -> Any:
     session = onnx_session(path)
     inputs = tuple(i.name for i in session.get_inputs())
     output = session.get_outputs()[0].name
-    item_names, user_names, author_names = _split([d.name for d in schema.dense], entity_of)
+    computed = {k.name for k in schema.crosses}
+    item_names, user_names, author_names = _split(
+        [d.name for d in schema.dense if d.name not in computed], entity_of)
+    lists = [name for k in schema.crosses for name in k.lists]
+    user_names += tuple(n for n in dict.fromkeys(lists) if n not in user_names)
     ranker = OnnxRanker(info.kind, info.version, schema, session, inputs, output, item_names,
                         user_names, author_names, dict(m.get("task_weights") or {}),
                         tuple(m.get("tasks") or ()))

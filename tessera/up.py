@@ -323,6 +323,7 @@ class Platform:
 BACKFILL_FEATURES = (
     "item_views", "item_impressions", "item_clicks", "item_likes", "item_hides",
     "item_dwell_mean", "item_unique_viewers", "user_views", "user_clicks", "user_recent_items",
+    "user_recent_topics", "user_long_view_topics", "user_engaged_topics",
     "user_topics_distinct", "author_views", "item_ctr_1d", "item_ctr_7d",
 )
 

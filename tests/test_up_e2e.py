@@ -79,7 +79,7 @@ def test_up_retrains_serves_and_down_stops_everything(tmp_path):
         args = [a for a in args]
         i = args.index("--rate")
         args[i + 1] = "8"
-        sim = subprocess.run([*TESSERA, "simulate", *args, "--duration", "45s",
+        sim = subprocess.run([*TESSERA, "simulate", *args, "--duration", "75s",
                               "--popularity-share", "0.5", "--sim-seed", "3", "--json"],
                              capture_output=True, text=True, timeout=300)
         assert sim.returncode == 0, sim.stderr[-2000:]
@@ -93,8 +93,11 @@ def test_up_retrains_serves_and_down_stops_everything(tmp_path):
         se = math.sqrt(max(p1 * (1 - p1), 1e-6) / n1 + max(p2 * (1 - p2), 1e-6) / n2)
         print(f"CTR learned={p1:.4f} ({n1} impressions) popularity={p2:.4f} ({n2}); se={se:.4f}")
         (tmp_path / "ctr.json").write_text(json.dumps({"learned": p1, "popularity": p2, "se": se}))
-        # The learned ranker must not lose to popularity beyond noise (two standard errors).
-        assert p1 >= p2 - 2 * se
+        # The learned ranker must beat popularity beyond noise: by more than two standard
+        # errors of the difference (a one-sided test at about 2.3%). It reads the user x topic
+        # cross features; on this world it measured +1.8 points (about 4 SE at 45 s, so the
+        # longer run below keeps a false failure well under 1%).
+        assert p1 > p2 + 2 * se, f"learned {p1:.4f} does not beat popularity {p2:.4f}"
     finally:
         down = subprocess.run([*TESSERA, "down", "--home", str(home)], capture_output=True,
                               text=True, timeout=120)
