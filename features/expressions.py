@@ -326,6 +326,8 @@ class _Builder:
 
     def constant(self, node: ast.Constant) -> _Const:
         v = node.value
+        if isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**63:
+            raise self.fail("integer literals must fit in 64 bits", node)
         if self.dialect == "derived":
             if isinstance(v, bool) or v is None or not isinstance(v, (int, float)):
                 raise self.fail(

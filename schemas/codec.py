@@ -136,12 +136,19 @@ def _diagnose(ts: TopicSchema, data: bytes, topic: str | None, exc: Exception) -
     )
 
 
+@cache
+def _int_fields(name: str) -> tuple[str, ...]:
+    """Top-level ``int`` fields of a schema (nullable ones included)."""
+    return tuple(f.name for f in _load(name).fields if f.kind == "int")
+
+
 def read_body(ts: TopicSchema, data: bytes, *, topic: str | None = None) -> dict[str, Any]:
     """Decode the Avro body of framed ``data`` with schema ``ts``; no bytes may be left over.
 
     Raises:
-        DecodeError: the body is truncated or malformed (naming the first bad field), or has
-        trailing bytes.
+        DecodeError: the body is truncated or malformed (naming the first bad field), has
+        trailing bytes, or has an ``int`` outside 32 bits (an overlong varint, which fastavro
+        reads as a 64-bit value).
     """
     bio = io.BytesIO(data)
     bio.seek(HEADER_SIZE)
@@ -157,6 +164,15 @@ def read_body(ts: TopicSchema, data: bytes, *, topic: str | None = None) -> dict
             topic=topic,
             offset=end,
         )
+    for name in _int_fields(ts.name):
+        value = record[name]
+        if value is not None and not _INT32[0] <= value <= _INT32[1]:
+            raise DecodeError(
+                f"int value {value} is outside the 32-bit range [{_INT32[0]}, {_INT32[1]}] "
+                "(an overlong varint)",
+                topic=topic,
+                field=name,
+            )
     return record
 
 

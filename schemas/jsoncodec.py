@@ -56,7 +56,7 @@ def _coerce_scalar(kind: str, value: Any, info: FieldInfo) -> Any:
             raise _Bad(f"expected a base64 string, got {_describe(value)}")
         try:
             return base64.b64decode(value, validate=True)
-        except binascii.Error as exc:
+        except (binascii.Error, ValueError) as exc:  # ValueError: non-ASCII characters
             raise _Bad(f"invalid base64: {exc}") from exc
     raise _Bad(f"type {kind} is not supported in JSON")
 

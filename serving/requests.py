@@ -95,8 +95,9 @@ def parse_engagements(body: Any, *, max_events: int = 1000) -> list[dict]:
         if ts > now + 3_600_000:
             raise BadRequest("event_ts is more than an hour in the future", field=f"{where}event_ts")
         dwell = ev.get("dwell_ms", 0)
-        if isinstance(dwell, bool) or not isinstance(dwell, int) or dwell < 0:
-            raise BadRequest("dwell_ms must be a non-negative integer", field=f"{where}dwell_ms")
+        if isinstance(dwell, bool) or not isinstance(dwell, int) or not 0 <= dwell < 2**63:
+            raise BadRequest("dwell_ms must be a non-negative 64-bit integer",
+                             field=f"{where}dwell_ms")
         out.append({
             "event_id": event_id or f"e-{uuid.uuid4().hex}", "event_ts": ts,
             "impression_id": impression_id, "user_id": user_id, "item_id": item_id,
