@@ -10,10 +10,13 @@ in-flight counter checked before any work: beyond ``max_in_flight`` a request ge
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import orjson
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -77,6 +80,7 @@ class ServingState:
 
             self.events_producer = Producer(producer_config(config.bootstrap))
         self.in_flight = 0
+        self._feed_limiter: anyio.CapacityLimiter | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.watcher = None
@@ -105,6 +109,12 @@ class ServingState:
         except ImportError:
             return
         self.watcher = start_model_watch(self)
+
+    def feed_limiter(self) -> anyio.CapacityLimiter:
+        """The threads feed requests are computed on (``config.feed_threads`` at once)."""
+        if self._feed_limiter is None:  # made inside the event loop, on first use
+            self._feed_limiter = anyio.CapacityLimiter(self.config.feed_threads)
+        return self._feed_limiter
 
     def ready(self) -> tuple[bool, str]:
         """Ready when the item catalog was read to its end (or there is no Kafka)."""
@@ -176,8 +186,9 @@ def create_app(config: ServingConfig) -> Starlette:
             if ranker not in (None, "", "model", "popularity"):
                 raise BadRequest("X-Tessera-Ranker must be 'model' or 'popularity'",
                                  field="X-Tessera-Ranker")
-            result = await run_in_threadpool(st.pipeline.feed, req,
-                                             ranker=ranker if ranker == "popularity" else None)
+            feed = functools.partial(st.pipeline.feed, req,
+                                     ranker=ranker if ranker == "popularity" else None)
+            result = await anyio.to_thread.run_sync(feed, limiter=st.feed_limiter())
             st.metrics.requests.labels(route="feed", status="200").inc()
             payload = {"request_id": result.request_id, "items": result.items,
                        "model_versions": result.model_versions,

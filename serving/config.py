@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,11 @@ class ServingConfig:
         bootstrap: Kafka for the forward log, engagements and the item catalog
             (None: no Kafka; impressions go to the spool only).
         spool_dir: where impressions wait while Kafka is unreachable.
-        max_in_flight: feed requests served at once; beyond it, 503 with Retry-After.
+        max_in_flight: feed requests admitted at once (running or waiting for a feed
+            thread); beyond it, 503 with Retry-After.
+        feed_threads: feed requests computed at once (default: the CPU count, at least 2).
+            The pipeline is CPU-bound under the GIL: more threads add no throughput, and
+            starve the event loop that parses requests and answers 503s.
         candidate_limits: per generator, how many candidates it may return.
         l1_keep: candidates kept after L1 for L2.
         max_limit: largest page a client may ask for.
@@ -37,6 +42,7 @@ class ServingConfig:
     bootstrap: str | None = None
     spool_dir: Path = Path(".tessera/spool")
     max_in_flight: int = 32
+    feed_threads: int = field(default_factory=lambda: max(2, os.cpu_count() or 2))
     retry_after_s: int = 1
     candidate_limits: dict[str, int] = field(default_factory=lambda: {
         "ann": 1000, "trending": 500, "fresh": 300, "topics": 500})
@@ -54,6 +60,8 @@ class ServingConfig:
             raise ValueError(f"port must be 1..65535, got {self.port}")
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        if self.feed_threads < 1:
+            raise ValueError(f"feed_threads must be >= 1, got {self.feed_threads}")
         if not 1 <= self.default_limit <= self.max_limit:
             raise ValueError(f"default_limit must be 1..max_limit ({self.max_limit}), "
                              f"got {self.default_limit}")

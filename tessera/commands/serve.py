@@ -28,12 +28,15 @@ import click
               default=Path(".tessera/spool"), show_default=True,
               help="Where impressions wait while Kafka is unreachable.")
 @click.option("--max-in-flight", default=32, show_default=True, type=int,
-              help="Feed requests served at once per process; beyond it: 503 + Retry-After.")
+              help="Feed requests admitted at once per process (computing or waiting for a "
+              "feed thread); beyond it: 503 + Retry-After.")
+@click.option("--feed-threads", default=None, type=int,
+              help="Feed requests computed at once per process (default: CPU count, >= 2).")
 @click.option("--api-key", "api_keys", multiple=True,
               help="KEY:ROLE (read, write, admin); repeat. None: no authentication.")
 def serve(host: str, port: int, workers: int, store_url: str, features_path: Path,
           registry_dir: Path, bootstrap: str | None, spool_dir: Path, max_in_flight: int,
-          api_keys: tuple[str, ...]) -> None:
+          feed_threads: int | None, api_keys: tuple[str, ...]) -> None:
     """Serve ranked feeds over HTTP (JSON; OpenAPI schema at /openapi.json).
 
     \\b
@@ -60,6 +63,8 @@ def serve(host: str, port: int, workers: int, store_url: str, features_path: Pat
               "features_path": str(features_path), "registry_dir": str(registry_dir),
               "bootstrap": bootstrap, "spool_dir": str(spool_dir),
               "max_in_flight": max_in_flight, "api_keys": keys}
+    if feed_threads is not None:
+        config["feed_threads"] = feed_threads
     from serving.config import ServingConfig
 
     try:
