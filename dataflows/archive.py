@@ -40,6 +40,8 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from dataflows.kafka_source import KafkaBatchSource, PartitionCursor, SourceBatch
 from dataflows.sinks import DeadLetterSink
+from features.offline.raw import OffsetConflictError
+from features.offline.tables import OfflineTableError
 from schemas.columnar import EventColumns, concat_columns
 from schemas.registry import TOPICS
 from tessera.logs import get_logger
@@ -192,6 +194,7 @@ class _ArchivePartition(StatelessSinkPartition[Any]):
         self.worker = worker_index
         self.rows_written = 0
         self.commits = 0
+        self.failed = False
 
     def write_batch(self, items: list[Any]) -> None:
         dead = []
@@ -224,7 +227,25 @@ class _ArchivePartition(StatelessSinkPartition[Any]):
         for topic, pend in list(self.pending.items()):
             due = now - pend.since >= self.config.commit_interval_ms / 1000
             if due or pend.events >= self.config.max_batch_events:
-                self._commit(topic)
+                self._commit_or_fail(topic)
+
+    def _commit_or_fail(self, topic: str) -> None:
+        """Commit, or stop this writer for good with one clear error (nothing is lost: the
+        uncommitted events stay in Kafka and are read again after a restart)."""
+        try:
+            self._commit(topic)
+        except OffsetConflictError:
+            self.failed = True
+            self.pending.clear()
+            raise
+        except Exception as exc:
+            self.failed = True
+            self.pending.clear()
+            log.error("archive_commit_failed", topic=topic, error=str(exc)[:300])
+            raise OfflineTableError(
+                f"archive commit of {topic} failed: {exc}; nothing was committed for it, and "
+                "its events are read again from Kafka when the worker restarts"
+            ) from exc
 
     def _commit(self, topic: str) -> None:
         pend = self.pending.pop(topic, None)
@@ -252,8 +273,9 @@ class _ArchivePartition(StatelessSinkPartition[Any]):
 
     def close(self) -> None:
         try:
-            for topic in list(self.pending):
-                self._commit(topic)
+            if not self.failed:  # after a failed commit, a retry here would fail the same way
+                for topic in list(self.pending):
+                    self._commit_or_fail(topic)
         finally:
             self.deadletters.close()
         log.info("archive_closed", worker=self.worker, rows=self.rows_written,

@@ -49,6 +49,8 @@ class BlocksFlowConfig:
     warehouse: Path | None = None
     deadletter_topic: str = "deadletter"
     batch_messages: int = 500
+    #: events further ahead of the wall clock are dead-lettered (None: no check)
+    max_future_ms: int | None = 3_600_000
     start_offsets: dict[str, int] = field(default_factory=dict)
     event_range: tuple[int, int] | None = None  # replay: only events in [from, to) count
 
@@ -181,6 +183,7 @@ def build_blocks_flow(config: BlocksFlowConfig) -> Dataflow:
         bounded=config.bounded, batch_messages=config.batch_messages,
         start_offsets=config.start_offsets,
         stop_at_ts=config.event_range[1] if config.event_range else None,
+        max_future_ms=config.max_future_ms, validate=True,
     )
     parts_by_topic: dict[str, list[str]] = {}
     for p in source.partition_keys():

@@ -53,7 +53,13 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from features.blockstate import classify_late
 from schemas.codec import DeadLetter
-from schemas.columnar import EventColumns, concat_columns, decode_message, empty_columns
+from schemas.columnar import (
+    DictColumn,
+    EventColumns,
+    concat_columns,
+    decode_message,
+    empty_columns,
+)
 from schemas.errors import SchemaError
 from tessera.logs import get_logger
 from tessera.topics import consumer_config, list_topics
@@ -105,6 +111,69 @@ class SourceBatch:
 
 
 _INTACT, _RESET = "intact", "reset"
+
+
+MAX_ID_BYTES = 256
+"""Longest entity id an event may carry: entity ids are store keys (LMDB's limit is 511 bytes
+for a whole key) and no real id is longer; a longer one is dead-lettered."""
+
+ENTITY_ID_FIELDS = ("user_id", "item_id", "author_id")
+"""The id fields features and sequences are keyed by (the ones checked against the limit)."""
+
+
+def invalid_events(cols: EventColumns, now_ms: int,
+                   max_future_ms: int | None) -> tuple[np.ndarray, list[str]]:
+    """Events a flow must not count: ``(mask, reason of each masked event)``.
+
+    An event is invalid when its time is more than ``max_future_ms`` ahead of ``now_ms``
+    (counted, it would push its partition's watermark into the future and make every real
+    event after it late), or when an entity id is longer than :data:`MAX_ID_BYTES`.
+    """
+    bad = np.zeros(cols.n, dtype=bool)
+    why = np.full(cols.n, "", dtype=object)
+    if max_future_ms is not None and cols.n:
+        ts = np.asarray(cols.columns["event_ts"], dtype=np.int64)
+        ahead = ts > now_ms + max_future_ms
+        if ahead.any():
+            why[ahead] = [f"event_ts {t} is {t - now_ms} ms ahead of the wall clock (at most "
+                          f"{max_future_ms} ms allowed): future-dated" for t in ts[ahead]]
+            bad |= ahead
+    for name in ENTITY_ID_FIELDS:
+        col = cols.columns.get(name)
+        if not isinstance(col, DictColumn) or not len(col):
+            continue
+        words = col.dictionary.tolist()
+        chars = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        long = chars > MAX_ID_BYTES  # a UTF-8 character is 1 to 4 bytes
+        for k in np.flatnonzero(~long & (chars * 4 > MAX_ID_BYTES)).tolist():
+            long[k] = len(words[k].encode()) > MAX_ID_BYTES
+        if not long.any():
+            continue
+        rows = np.append(long, False)[np.asarray(col.codes)] & ~bad
+        if rows.any():
+            why[rows] = f"{name} is longer than {MAX_ID_BYTES} bytes: not a valid id"
+            bad |= rows
+    return bad, why.tolist()
+
+
+def rejected_deadletters(topic: str, partition: int, cols: EventColumns, offsets: np.ndarray,
+                         bad: np.ndarray, reasons: list[str]) -> list[DeadLetter]:
+    """Dead letters (stage ``validate``) for the ``bad`` events, each re-encoded on its own."""
+    from schemas.codec import encode
+    from schemas.columnar import columns_to_records
+
+    idx = np.flatnonzero(bad)
+    now = int(time.time() * 1000)
+    out = []
+    for rec, i in zip(columns_to_records(cols.take(idx)), idx.tolist(), strict=True):
+        try:
+            payload = encode(topic, rec)
+        except Exception:  # the payload is evidence only; the reason says what was wrong
+            payload = repr(rec).encode()
+        out.append(DeadLetter(
+            topic=topic, partition=partition, offset=int(offsets[i]), payload=payload,
+            key=None, reason=reasons[i], stage="validate", failed_ts=now))
+    return out
 
 
 class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
@@ -358,7 +427,16 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         self._idle_since = self._quiet_since = time.monotonic()
         cols = (concat_columns(parts, topic=self._topic, dedupe=False) if parts
                 else empty_columns(self._topic))
+        offsets = np.concatenate(part_offsets) if part_offsets else np.zeros(0, np.int64)
         ts = np.asarray(cols.columns["event_ts"], dtype=np.int64)
+        if self._source.validate:
+            bad, reasons = invalid_events(cols, int(time.time() * 1000),
+                                          self._source.max_future_ms)
+            if bad.any():
+                dead += rejected_deadletters(self._topic, self._partition, cols, offsets, bad,
+                                             reasons)
+                keep = np.flatnonzero(~bad)
+                cols, offsets, ts = cols.take(keep), offsets[keep], ts[keep]
         late, new_max = classify_late(self._cursor.max_ts, ts, self._source.lateness)
         self._cursor = PartitionCursor(
             offset=next_offset, max_ts=new_max,
@@ -371,8 +449,7 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             topic=self._topic, partition=self._partition, columns=cols, late=late,
             watermark=new_max - self._source.lateness if new_max > NO_TIME else NO_TIME,
             first_offset=first, next_offset=next_offset, deadletters=dead,
-            offsets=np.concatenate(part_offsets) if part_offsets else np.zeros(0, np.int64),
-            log_reset=reset,
+            offsets=offsets, log_reset=reset,
         )]
 
     def next_awake(self) -> datetime | None:
@@ -400,6 +477,11 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
             range): every on-time event after it is at or after ``stop_at_ts``.
         idle_heartbeat_ms: when a partition has had nothing to read for this long, emit an
             empty batch so timers downstream (sink commits) run while the topic is idle.
+        max_future_ms: events whose time is further than this ahead of the wall clock are
+            dead-lettered instead of read (None: no check). Counted, one such event would
+            move its partition's watermark into the future and make later events late.
+        validate: dead-letter invalid events (see :func:`invalid_events`: future-dated,
+            over-long ids) instead of passing them on; off, every decoded event is read.
     """
 
     def __init__(
@@ -415,6 +497,8 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         consumer_overrides: dict[str, Any] | None = None,
         stop_at_ts: int | None = None,
         idle_heartbeat_ms: int | None = None,
+        max_future_ms: int | None = None,
+        validate: bool = False,
     ) -> None:
         self.bootstrap = bootstrap
         self.topics = tuple(topics)
@@ -426,6 +510,8 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         self.consumer_overrides = dict(consumer_overrides or {})
         self.stop_at_ts = stop_at_ts
         self.idle_heartbeat_ms = idle_heartbeat_ms
+        self.max_future_ms = max_future_ms
+        self.validate = validate
 
     def partition_keys(self) -> list[str]:
         """Every ``topic:partition`` this source reads."""

@@ -82,6 +82,8 @@ class LabelFlowConfig:
     table_version: str = BASE_VERSION
     deadletter_topic: str = "deadletter"
     batch_messages: int = 500
+    #: events further ahead of the wall clock are dead-lettered (None: no check)
+    max_future_ms: int | None = 3_600_000
     start_offsets: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -220,6 +222,7 @@ def build_label_flow(config: LabelFlowConfig) -> Dataflow:
         bounded=config.bounded, batch_messages=config.batch_messages,
         start_offsets=config.start_offsets,
         idle_heartbeat_ms=None if config.bounded else min(1_000, config.commit_interval_ms),
+        max_future_ms=config.max_future_ms, validate=True,
     )
     parts = source.partition_keys()
     join_config = config.join_config()

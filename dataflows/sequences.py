@@ -61,6 +61,8 @@ class SequencesFlowConfig:
     max_len: int = 100
     bounded: bool = False
     batch_messages: int = 500
+    #: events further ahead of the wall clock are dead-lettered (None: no check)
+    max_future_ms: int | None = 3_600_000
     deadletter_topic: str = "deadletter"
 
     def __post_init__(self) -> None:
@@ -205,6 +207,7 @@ def build_sequences_flow(config: SequencesFlowConfig) -> Dataflow:
         lateness=0,
         bounded=config.bounded,
         batch_messages=config.batch_messages,
+        max_future_ms=config.max_future_ms, validate=True,
     )
     flow = Dataflow("tessera_sequences")
     batches = op.input("kafka", flow, source)
