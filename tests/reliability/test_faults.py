@@ -6,7 +6,11 @@ kill -9 of the blocks and archive workers is tested in ``tests/dataflows``; here
 * kill -9 of the sequences worker and of the label-join worker, restart from recovery;
 * the broker frozen (SIGSTOP) under load, then resumed (SIGCONT);
 * the online store unavailable: serving degrades to popularity and says so, then recovers;
-* a corrupt model version (garbage ONNX; hash mismatch) is refused, the old one serves.
+* a corrupt model version (garbage ONNX; hash mismatch) is refused, the old one serves;
+* the broker stopped and restarted empty: serving's impressions arrive once, a tailing
+  blocks worker reads the new log;
+* the impression spool's disk and the archive warehouse's disk full (a real tmpfs; skipped
+  where one cannot be mounted).
 """
 
 from __future__ import annotations
@@ -65,3 +69,25 @@ def test_store_unavailable_degrades_to_popularity_then_recovers(serving_stack, t
 def test_corrupt_model_versions_are_refused_and_the_old_one_keeps_serving(serving_stack,
                                                                          tmp_path):
     _check(faults.corrupt_model(tmp_path, SIZES, stack=serving_stack))
+
+
+@pytest.mark.slow
+def test_broker_restarted_empty_serving_and_a_tailing_worker_reconnect(tmp_path):
+    _check(faults.broker_restart(tmp_path, SIZES))
+
+
+def _needs_tmpfs(tmp_path) -> None:
+    if not faults.can_mount(tmp_path):
+        pytest.skip("cannot mount a tmpfs here (needs root): the disk-full scenarios need one")
+
+
+@pytest.mark.slow
+def test_spool_disk_full_loses_no_impression_and_recovers(tmp_path):
+    _needs_tmpfs(tmp_path)
+    _check(faults.spool_disk_full(tmp_path, SIZES))
+
+
+@pytest.mark.slow
+def test_warehouse_disk_full_fails_clearly_and_a_restart_archives_everything_once(tmp_path):
+    _needs_tmpfs(tmp_path)
+    _check(faults.warehouse_disk_full(tmp_path, SIZES))
