@@ -389,7 +389,9 @@ def kill9_labels(tmp: Path, sz: Sizes) -> Row:
         cmd = [*TESSERA, "worker", "labels", "--bootstrap", bs, "--warehouse", str(wh),
                "--bounded", "--label-window", "30m", "--lateness", LATENESS, "--shards", "3",
                "--recovery-dir", str(tmp / "recovery"), "--epoch-interval", "0.2",
-               "--commit-interval", "200ms"]
+               "--commit-interval", "200ms", "--batch-messages", "2"]
+        # two small messages per batch: the run spans many commits even on a fast machine,
+        # so the kill lands mid-stream
 
         def started() -> bool:
             return TrainingTables.open(wh).count_rows() > 0

@@ -73,6 +73,8 @@ from tessera.commands.worker import (
               help="Stateful shards of impression ids; the unit of parallelism of the join.")
 @click.option("--commit-interval", default="5s", show_default=True, metavar="DURATION",
               help="How often finished examples are committed to the Iceberg table.")
+@click.option("--batch-messages", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Kafka messages read per source batch (smaller: finer progress, slower).")
 @click.option("--epoch-interval", type=click.FloatRange(min=0, min_open=True), default=2.0,
               show_default=True, metavar="SECONDS",
               help="Seconds between Bytewax epochs (recovery snapshots).")
@@ -88,6 +90,7 @@ def labels_command(
     addresses: tuple[str, ...],
     shards: int,
     commit_interval: str,
+    batch_messages: int,
     epoch_interval: float,
 ) -> None:
     """Join impressions with their engagements into the training_examples table.
@@ -113,6 +116,7 @@ def labels_command(
             bounded=bounded,
             shards=shards,
             commit_interval_ms=commit_ms,
+            batch_messages=batch_messages,
         )
     except ValueError as exc:
         raise _fail(str(exc)) from exc
