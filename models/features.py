@@ -130,6 +130,13 @@ def key_counts(keys: Sequence[Any], lists: Sequence[Any]) -> tuple[np.ndarray, n
     once.
     """
     n = len(keys)
+    # serving: one user's list for every row (list.count compares in C, identity first)
+    if n and isinstance(lists, list) and lists.count(lists[0]) == n:
+        items = _as_list(lists[0])
+        counts = Counter(items)
+        per_key = {k: counts.get(k, 0) for k in set(keys)}
+        count = np.fromiter(map(per_key.__getitem__, keys), dtype=np.float64, count=n)
+        return count, np.full(n, float(len(items)))
     count = np.zeros(n, dtype=np.float64)
     length = np.zeros(n, dtype=np.float64)
     counted: dict[int, tuple[Counter, int]] = {}
