@@ -234,13 +234,11 @@ class _ArchivePartition(StatelessSinkPartition[Any]):
         uncommitted events stay in Kafka and are read again after a restart)."""
         try:
             self._commit(topic)
-        except OffsetConflictError:
-            self.failed = True
-            self.pending.clear()
-            raise
         except Exception as exc:
             self.failed = True
             self.pending.clear()
+            if isinstance(exc, OffsetConflictError):
+                raise  # already names the other writer
             log.error("archive_commit_failed", topic=topic, error=str(exc)[:300])
             raise OfflineTableError(
                 f"archive commit of {topic} failed: {exc}; nothing was committed for it, and "

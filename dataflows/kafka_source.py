@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -122,21 +122,22 @@ ENTITY_ID_FIELDS = ("user_id", "item_id", "author_id")
 
 
 def invalid_events(cols: EventColumns, now_ms: int,
-                   max_future_ms: int | None) -> tuple[np.ndarray, list[str]]:
-    """Events a flow must not count: ``(mask, reason of each masked event)``.
+                   max_future_ms: int | None) -> tuple[np.ndarray, dict[int, str]]:
+    """Events a flow must not count: ``(mask, {row: reason} of the masked events)``.
 
     An event is invalid when its time is more than ``max_future_ms`` ahead of ``now_ms``
     (counted, it would push its partition's watermark into the future and make every real
     event after it late), or when an entity id is longer than :data:`MAX_ID_BYTES`.
     """
     bad = np.zeros(cols.n, dtype=bool)
-    why = np.full(cols.n, "", dtype=object)
+    why: dict[int, str] = {}  # only the rejected rows: nothing is built for a clean batch
     if max_future_ms is not None and cols.n:
         ts = np.asarray(cols.columns["event_ts"], dtype=np.int64)
         ahead = ts > now_ms + max_future_ms
         if ahead.any():
-            why[ahead] = [f"event_ts {t} is {t - now_ms} ms ahead of the wall clock (at most "
-                          f"{max_future_ms} ms allowed): future-dated" for t in ts[ahead]]
+            for i in np.flatnonzero(ahead).tolist():
+                why[i] = (f"event_ts {ts[i]} is {ts[i] - now_ms} ms ahead of the wall clock "
+                          f"(at most {max_future_ms} ms allowed): future-dated")
             bad |= ahead
     for name in ENTITY_ID_FIELDS:
         col = cols.columns.get(name)
@@ -151,13 +152,14 @@ def invalid_events(cols: EventColumns, now_ms: int,
             continue
         rows = np.append(long, False)[np.asarray(col.codes)] & ~bad
         if rows.any():
-            why[rows] = f"{name} is longer than {MAX_ID_BYTES} bytes: not a valid id"
+            reason = f"{name} is longer than {MAX_ID_BYTES} bytes: not a valid id"
+            why.update(dict.fromkeys(np.flatnonzero(rows).tolist(), reason))
             bad |= rows
-    return bad, why.tolist()
+    return bad, why
 
 
 def rejected_deadletters(topic: str, partition: int, cols: EventColumns, offsets: np.ndarray,
-                         bad: np.ndarray, reasons: list[str]) -> list[DeadLetter]:
+                         bad: np.ndarray, reasons: Mapping[int, str]) -> list[DeadLetter]:
     """Dead letters (stage ``validate``) for the ``bad`` events, each re-encoded on its own."""
     from schemas.codec import encode
     from schemas.columnar import columns_to_records
