@@ -25,7 +25,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from features.aggregations import Aggregation, build_aggregation
+from features.aggregations.base import RepColumn
 from features.expressions import CompiledExpr, parse_filter
+from features.interning import StringInterner
+from features.keyindex import KeyIndex
 from features.spec import FeatureSpec
 from features.store.blockbatch import BlockBatch, empty_batch
 
@@ -100,7 +103,8 @@ class BlockShardConfig:
     def version(self) -> str:
         """Hash of the feature keys: state built for other definitions is never reused."""
         keys = ",".join(sorted(f.key for f in self.features))
-        return hashlib.sha256(f"{self.topic}/{self.entity_field}/{keys}".encode()).hexdigest()[:12]
+        text = f"{self.topic}/{self.entity_field}/{keys}/state{STATE_FORMAT}"
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
     def entity_type(self) -> str:
@@ -112,15 +116,18 @@ class BlockShardConfig:
         return BlockShard(self, state)
 
 
+STATE_FORMAT = 2
+"""Layout of ``BlockShardState``; part of the shard version, so old snapshots are never reused."""
+
+
 @dataclass
 class FeatureBlocks:
-    """Open blocks of one feature: rows addressed by a composite key, reps in one column."""
+    """Open blocks of one feature, as snapshotted: block keys, flags and the reps' state."""
 
-    index: dict[int, int] = field(default_factory=dict)
     keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    reps: Any = None  # structured array (fixed-width) or list of rep bytes
     dirty: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
-    n: int = 0
+    done: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    reps: Any = None  # RepColumn.state(n)
 
 
 @dataclass
@@ -132,6 +139,117 @@ class BlockShardState:
     tables: list[FeatureBlocks] = field(default_factory=list)
     partition_watermarks: dict[str, int] = field(default_factory=dict)
     late_events: int = 0
+
+
+class _OpenBlocks:
+    """Runtime open blocks of one feature: rows addressed by a composite key (``KeyIndex``).
+
+    A row's key is ``entity code << 35 | size index << 32 | slot`` (slot: block start in units
+    of the finest size). ``done`` rows are sealed and written; they wait, never changing, until
+    enough of them pile up to be evicted together (one pass over the table, not one per flush).
+    """
+
+    def __init__(self, spec: FeatureSpec, agg: Aggregation, saved: FeatureBlocks | None) -> None:
+        self.spec = spec
+        self.sizes = np.asarray(spec.block_sizes, dtype=np.int64)
+        self.finest = int(spec.block_sizes[0])
+        saved = saved or FeatureBlocks()
+        n = len(saved.keys)
+        self.n = n
+        self.keys = np.asarray(saved.keys, np.int64).copy()
+        self.dirty = np.asarray(saved.dirty, bool).copy()
+        self.done = np.asarray(saved.done, bool).copy() if len(saved.done) == n \
+            else np.zeros(n, bool)
+        self.ends = self._ends(self.keys)
+        self.index = KeyIndex(self.keys)
+        self.column: RepColumn = agg.new_column(saved.reps if n else None)
+        self.column.resize(n)
+        self.min_open_end = _min_or_none(self.ends[~self.done])
+
+    def _ends(self, keys: np.ndarray) -> np.ndarray:
+        starts = (keys & _SLOT_MASK) * self.finest
+        return starts + self.sizes[(keys >> _SLOT_BITS) & 7]
+
+    def keys_for(self, gcodes: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """The block key of each event in every block size, size by size."""
+        parts = []
+        for si, size in enumerate(self.spec.block_sizes):
+            slot = (ts - ts % size) // self.finest
+            parts.append((gcodes << (_SLOT_BITS + _SIZE_BITS)) | (si << _SLOT_BITS) | slot)
+        return np.concatenate(parts)
+
+    def rows_for(self, keys: np.ndarray) -> np.ndarray:
+        """The row of each key, adding rows for keys not seen yet."""
+        uniq, inv = np.unique(keys, return_inverse=True)
+        rows = self.index.lookup(uniq)
+        new = np.flatnonzero(rows < 0)
+        if len(new):
+            start, k = self.n, len(new)
+            self._grow(start + k)
+            new_keys = uniq[new]
+            new_rows = np.arange(start, start + k, dtype=np.int64)
+            self.keys[start:start + k] = new_keys
+            ends = self._ends(new_keys)
+            self.ends[start:start + k] = ends
+            self.index.insert(new_keys, new_rows)
+            rows[new] = new_rows
+            self.n = start + k
+            self.column.resize(self.n)
+            low = int(ends.min())
+            self.min_open_end = low if self.min_open_end is None else min(self.min_open_end, low)
+        return rows[inv]
+
+    def _grow(self, need: int) -> None:
+        cap = len(self.keys)
+        if need <= cap:
+            return
+        size = max(need, 2 * cap, 1024)
+        for name, dtype in (("keys", np.int64), ("ends", np.int64), ("dirty", bool),
+                            ("done", bool)):
+            grown = np.zeros(size, dtype=dtype)
+            grown[:self.n] = getattr(self, name)[:self.n]
+            setattr(self, name, grown)
+
+    def to_write(self, watermark: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows to write now (changed, or sealing now) and which of them seal; marks them."""
+        n = self.n
+        sealing = None
+        if watermark is not None and self.min_open_end is not None \
+                and watermark >= self.min_open_end:
+            sealing = ~self.done[:n] & (self.ends[:n] <= watermark)
+        changed = self.dirty[:n]
+        rows = np.flatnonzero(changed if sealing is None else changed | sealing)
+        self.dirty[:n] = False
+        if sealing is None:
+            return rows, np.zeros(len(rows), dtype=bool)
+        self.done[:n] |= sealing
+        self.min_open_end = _min_or_none(self.ends[:n][~self.done[:n]])
+        return rows, sealing[rows]
+
+    def evict_done(self, force: bool = False) -> None:
+        """Drop sealed rows from memory once they are a quarter of the table (or ``force``)."""
+        n = self.n
+        done = int(self.done[:n].sum())
+        if not done or (not force and done * 4 < n):
+            return
+        keep = np.flatnonzero(~self.done[:n])
+        old_to_new = np.full(n, -1, dtype=np.int64)
+        old_to_new[keep] = np.arange(len(keep), dtype=np.int64)
+        self.column.keep(keep)
+        self.index.remap(old_to_new)
+        for name in ("keys", "ends", "dirty", "done"):
+            setattr(self, name, getattr(self, name)[keep].copy())
+        self.n = len(keep)
+        self.column.resize(self.n)
+
+    def snapshot(self) -> FeatureBlocks:
+        n = self.n
+        return FeatureBlocks(keys=self.keys[:n].copy(), dirty=self.dirty[:n].copy(),
+                             done=self.done[:n].copy(), reps=self.column.state(n))
+
+
+def _min_or_none(values: np.ndarray) -> int | None:
+    return int(values.min()) if len(values) else None
 
 
 class BlockShard:
@@ -147,23 +265,9 @@ class BlockShard:
             state = BlockShardState(version=config.version,
                                     tables=[FeatureBlocks() for _ in config.features])
         self.state = state
-        self._codes: dict[str, int] = {e: i for i, e in enumerate(state.entity_ids)}
-        # Variable-width reps live decoded in memory (``_live``); ``_ser`` caches their bytes
-        # until the rep changes, so flushes and snapshots serialize each change once.
-        self._live: list[list[Any] | None] = []
-        self._ser: list[list[bytes | None] | None] = []
-        for agg, table in zip(self.aggs, state.tables):
-            if len(table.index) != table.n:  # snapshots leave the index out: rebuild it
-                table.index = {k: i for i, k in enumerate(table.keys[:table.n].tolist())}
-            if agg.rep_dtype is None:
-                stored = list(table.reps or [])
-                self._live.append([agg.from_bytes(b) for b in stored])
-                self._ser.append(stored)
-            else:
-                if table.reps is None:
-                    table.reps = np.zeros(0, dtype=agg.rep_dtype)
-                self._live.append(None)
-                self._ser.append(None)
+        self.entities = StringInterner(list(state.entity_ids))
+        self.tables = [_OpenBlocks(spec, agg, saved)
+                       for spec, agg, saved in zip(config.features, self.aggs, state.tables)]
 
     # ------------------------------------------------------------------ ingest
     def add_batch(self, columns: Any) -> int:
@@ -175,8 +279,7 @@ class BlockShard:
         n = len(columns)
         if n == 0:
             return 0
-        ent_col = columns.columns[self.config.entity_field]
-        gcodes = self._global_codes(ent_col)
+        gcodes = self._global_codes(columns.columns[self.config.entity_field])
         ts_all = np.asarray(columns.columns["event_ts"], dtype=np.int64)
         used = 0
         for fi, spec in enumerate(self.config.features):
@@ -184,88 +287,29 @@ class BlockShard:
             flt = self.filters[fi]
             if flt is not None:
                 mask &= np.asarray(flt.evaluate_columns(columns.columns, n), dtype=bool)
-            values = None
-            agg = self.aggs[fi]
-            if agg.needs_value:
-                values, ok = _value_column(columns.columns[spec.value])
-                mask &= ok
-            if not mask.any():
-                continue
+            raw = None
+            if self.aggs[fi].needs_value:
+                raw = columns.columns[spec.value]
+                mask &= _not_null(raw)
             idx = np.flatnonzero(mask)
+            if not len(idx):
+                continue
             used += len(idx)
-            self._fold(fi, gcodes[idx], ts_all[idx], None if values is None else values[idx])
+            table = self.tables[fi]
+            reps = len(spec.block_sizes)
+            ts = ts_all[idx]
+            rows = table.rows_for(table.keys_for(gcodes[idx], ts))
+            table.column.fold(rows, _repeat_values(raw, idx, reps), np.tile(ts, reps))
+            table.dirty[rows] = True
         return used
 
     def _global_codes(self, col: Any) -> np.ndarray:
+        """The shard-wide code of each event's entity (-1 for a null key), interned in bulk."""
         codes = np.asarray(col.codes)
         lut = np.empty(len(col.dictionary) + 1, dtype=np.int64)
-        for i, ent in enumerate(col.dictionary.tolist()):
-            c = self._codes.get(ent)
-            if c is None:
-                c = len(self.state.entity_ids)
-                self._codes[ent] = c
-                self.state.entity_ids.append(ent)
-            lut[i] = c
+        lut[:-1] = self.entities.intern(col.dictionary)
         lut[-1] = -1  # null entity key: the event has no entity for this feature
         return lut[codes]
-
-    def _fold(self, fi: int, gcodes: np.ndarray, ts: np.ndarray, values: np.ndarray | None):
-        spec = self.config.features[fi]
-        agg = self.aggs[fi]
-        table = self.state.tables[fi]
-        finest = spec.block_sizes[0]
-        for si, size in enumerate(spec.block_sizes):
-            slot = (ts - ts % size) // finest
-            keys = (gcodes << (_SLOT_BITS + _SIZE_BITS)) | (si << _SLOT_BITS) | slot
-            uniq, inv = np.unique(keys, return_inverse=True)
-            batch = agg.group_reduce(inv.astype(np.int64), len(uniq), values, ts)
-            rows = self._rows_for(fi, table, uniq)
-            if agg.rep_dtype is not None:
-                table.reps[rows] = agg.combine_arrays(table.reps[rows], batch)
-            else:
-                live, ser = self._live[fi], self._ser[fi]
-                combine = agg.combine
-                for r, rep in zip(rows.tolist(), batch):
-                    prev = live[r]
-                    live[r] = rep if prev is None else combine(prev, rep)
-                    ser[r] = None
-            table.dirty[rows] = True
-
-    def _rows_for(self, fi: int, table: FeatureBlocks, keys: np.ndarray) -> np.ndarray:
-        index = table.index
-        klist = keys.tolist()
-        rows = [index.get(k, -1) for k in klist]
-        new = [k for k, r in zip(klist, rows) if r < 0]
-        if new:
-            start = table.n
-            self._grow(fi, table, start + len(new))
-            for j, k in enumerate(new):
-                index[k] = start + j
-            table.keys[start:start + len(new)] = new
-            table.n = start + len(new)
-            rows = [index[k] for k in klist]
-        return np.asarray(rows, dtype=np.int64)
-
-    def _grow(self, fi: int, table: FeatureBlocks, need: int) -> None:
-        cap = len(table.keys)
-        if need <= cap:
-            return
-        new_cap = max(need, 2 * cap, 1024)
-        agg = self.aggs[fi]
-        keys = np.zeros(new_cap, dtype=np.int64)
-        keys[:table.n] = table.keys[:table.n]
-        dirty = np.zeros(new_cap, dtype=bool)
-        dirty[:table.n] = table.dirty[:table.n]
-        table.keys, table.dirty = keys, dirty
-        if agg.rep_dtype is not None:
-            reps = agg.identity_array(new_cap)
-            reps[:table.n] = table.reps[:table.n]
-            table.reps = reps
-        else:
-            live = self._live[fi]
-            live.extend([None] * (new_cap - len(live)))  # a rep is made on first use
-            ser = self._ser[fi]
-            ser.extend([None] * (new_cap - len(ser)))
 
     # ------------------------------------------------------------------ watermarks
     def advance(self, partition: str, watermark: int) -> None:
@@ -281,46 +325,40 @@ class BlockShard:
 
     # ------------------------------------------------------------------ output
     def flush(self, watermark: int | None = None) -> ShardFlush:
-        """Return every changed block (full rep), and seal and evict blocks ending by ``watermark``.
+        """Return every changed block (full rep), and seal blocks ending by ``watermark``.
 
         A sealed block is returned once more with ``sealed`` set (even if unchanged) so that
-        the offline table receives each closed block. The result is columnar (``BlockBatch``):
-        no Python object per block.
+        the offline table receives each closed block; it is then never returned again and is
+        evicted from memory. The result is columnar (``BlockBatch``): no Python object per
+        block.
         """
         codes_parts, fidx_parts, st_parts, sz_parts, len_parts, blobs, sealed_parts = (
             [], [], [], [], [], [], [])
-        for fi, spec in enumerate(self.config.features):
-            table = self.state.tables[fi]
-            n = table.n
-            if n == 0:
+        for fi, table in enumerate(self.tables):
+            if table.n == 0:
                 continue
-            keys = table.keys[:n]
-            sizes = np.asarray(spec.block_sizes, dtype=np.int64)[(keys >> _SLOT_BITS) & 7]
-            starts = (keys & _SLOT_MASK) * spec.block_sizes[0]
-            sealed = (starts + sizes <= watermark) if watermark is not None else np.zeros(n, bool)
-            rows = np.flatnonzero(table.dirty[:n] | sealed)
+            rows, sealed = table.to_write(watermark)
             if len(rows):
-                blob, lengths = self._rep_blob(fi, table, rows)
-                codes_parts.append(keys[rows] >> (_SLOT_BITS + _SIZE_BITS))
+                blob, lengths = table.column.serialize(rows)
+                keys = table.keys[rows]
+                codes_parts.append(keys >> (_SLOT_BITS + _SIZE_BITS))
                 fidx_parts.append(np.full(len(rows), fi, dtype=np.int64))
-                st_parts.append(starts[rows])
-                sz_parts.append(sizes[rows])
+                sizes = table.sizes[(keys >> _SLOT_BITS) & 7]
+                st_parts.append(table.ends[rows] - sizes)
+                sz_parts.append(sizes)
                 len_parts.append(lengths)
                 blobs.append(blob)
-                sealed_parts.append(sealed[rows])
-                table.dirty[:n] = False
-            if sealed.any():
-                self._evict(fi, table, ~sealed)
+                sealed_parts.append(sealed)
+            table.evict_done()
         if not codes_parts:
             return ShardFlush(empty_batch(), np.zeros(0, dtype=bool))
         codes = np.concatenate(codes_parts)
         uniq, inv = np.unique(codes, return_inverse=True)
-        ents = self.state.entity_ids
         lengths = np.concatenate(len_parts)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         batch = BlockBatch(
-            entity_ids=[ents[c] for c in uniq.tolist()],
+            entity_ids=self.entities.values[uniq].tolist(),
             entity_idx=inv.astype(np.int64),
             feature_keys=[f.key for f in self.config.features],
             feature_idx=np.concatenate(fidx_parts),
@@ -331,61 +369,41 @@ class BlockShard:
         )
         return ShardFlush(batch, np.concatenate(sealed_parts))
 
-    def _rep_blob(self, fi: int, table: FeatureBlocks, rows: np.ndarray) -> tuple[bytes, np.ndarray]:
-        agg = self.aggs[fi]
-        if agg.rep_dtype is not None:
-            return table.reps[rows].tobytes(), np.full(len(rows), agg.rep_dtype.itemsize, np.int64)
-        parts = self._serialized(fi, rows.tolist())
-        return b"".join(parts), np.fromiter((len(p) for p in parts), np.int64, len(parts))
-
-    def _serialized(self, fi: int, rows: list[int]) -> list[bytes]:
-        live, ser, to_bytes = self._live[fi], self._ser[fi], self.aggs[fi].to_bytes
-        out = []
-        for r in rows:
-            b = ser[r]
-            if b is None:
-                b = ser[r] = to_bytes(live[r])
-            out.append(b)
-        return out
-
-    def _evict(self, fi: int, table: FeatureBlocks, keep: np.ndarray) -> None:
-        rows = np.flatnonzero(keep)
-        table.keys = table.keys[rows].copy()
-        table.dirty = table.dirty[rows].copy()
-        if self.aggs[fi].rep_dtype is not None:
-            table.reps = table.reps[rows].copy()
-        else:
-            live, ser = self._live[fi], self._ser[fi]
-            keep_rows = rows.tolist()
-            self._live[fi] = [live[r] for r in keep_rows]
-            self._ser[fi] = [ser[r] for r in keep_rows]
-        table.n = len(rows)
-        table.index = {k: i for i, k in enumerate(table.keys.tolist())}
-
     def open_blocks(self) -> int:
-        """Number of blocks held in memory."""
-        return sum(t.n for t in self.state.tables)
+        """Number of blocks held in memory (open, or sealed and not evicted yet)."""
+        return sum(t.n for t in self.tables)
 
     # ------------------------------------------------------------------ recovery
     def snapshot(self) -> BlockShardState:
         """Return a copy of the state that can be pickled and resumed from."""
-        tables = []
-        for fi, t in enumerate(self.state.tables):
-            n = t.n
-            if self.aggs[fi].rep_dtype is not None:
-                reps = t.reps[:n].copy()
-            else:
-                reps = self._serialized(fi, list(range(n)))
-            # the index is rebuilt from the keys on resume: copying the dict costs more
-            tables.append(FeatureBlocks(index={}, keys=t.keys[:n].copy(), reps=reps,
-                                        dirty=t.dirty[:n].copy(), n=n))
         return BlockShardState(
             version=self.state.version,
-            entity_ids=list(self.state.entity_ids),
-            tables=tables,
+            entity_ids=self.entities.values.tolist(),
+            tables=[t.snapshot() for t in self.tables],
             partition_watermarks=dict(self.state.partition_watermarks),
             late_events=self.state.late_events,
         )
+
+
+def _not_null(col: Any) -> np.ndarray:
+    """Events whose value is present (not a null string, not NaN)."""
+    if hasattr(col, "codes"):
+        return np.asarray(col.codes) >= 0
+    arr = np.asarray(col)
+    if arr.dtype.kind == "f":
+        return ~np.isnan(arr)
+    if arr.dtype.kind == "O":
+        return np.array([v is not None for v in arr.tolist()], dtype=bool)
+    return np.ones(len(arr), dtype=bool)
+
+
+def _repeat_values(col: Any, idx: np.ndarray, times: int) -> Any:
+    """The values of events ``idx``, repeated ``times`` over (once per block size)."""
+    if col is None:
+        return None
+    if hasattr(col, "codes"):
+        return type(col)(np.tile(np.asarray(col.codes)[idx], times), col.dictionary)
+    return np.tile(np.asarray(col)[idx], times)
 
 
 def _value_column(col: Any) -> tuple[np.ndarray, np.ndarray]:

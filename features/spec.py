@@ -76,18 +76,21 @@ class FeatureSpec:
         Windows, freshness and default only change how blocks are read, so they are left out:
         adding a window reuses the blocks, changing the filter does not.
         """
-        payload = json.dumps(
-            {
-                "source": self.source,
-                "entity": self.entity,
-                "aggregation": self.aggregation,
-                "value": self.value,
-                "filter": self.filter,
-                "block_sizes": list(self.block_sizes),
-                "params": dict(sorted(self.params.items())),
-            },
-            sort_keys=True,
-        )
+        from features.aggregations import make_aggregation
+
+        content = {
+            "source": self.source,
+            "entity": self.entity,
+            "aggregation": self.aggregation,
+            "value": self.value,
+            "filter": self.filter,
+            "block_sizes": list(self.block_sizes),
+            "params": dict(sorted(self.params.items())),
+        }
+        rep_format = make_aggregation(self.aggregation, dict(self.params)).rep_format
+        if rep_format != 1:  # a new rep layout never reads blocks written in an older one
+            content["rep_format"] = rep_format
+        payload = json.dumps(content, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:8]
 
     @property

@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from features.aggregations.base import Aggregation
+from features.aggregations.base import Aggregation, RepColumn
+from features.aggregations.ragged import RaggedPool, group_positions, ragged_ranges
 from features.errors import RepDecodeError
+from features.interning import StringInterner
 
 _HEAD = struct.Struct("<BI")  # value kind, count
 _KIND_NUM, _KIND_STR = 0, 1
@@ -92,8 +94,155 @@ class LastNAgg(Aggregation):
             pos += ln
         return tuple(zip(ts, vals))
 
+    def new_column(self, state: Any = None) -> LastNColumn:
+        return LastNColumn(self.n, state)
+
     def __repr__(self) -> str:
         return f"LastNAgg(n={self.n})"
+
+
+class LastNColumn(RepColumn):
+    """Columnar ``last_n`` reps: each row's newest ``n`` (ts, value) entries in a ``RaggedPool``.
+
+    Folded events wait in a pending list; before a flush, an eviction or a snapshot they are
+    merged into the rows they touch (gather those rows' entries, sort all by row, newest
+    first, ties by value, keep ``n`` per row, write back), and ``serialize`` writes the bytes
+    of ``LastNAgg.to_bytes`` for many rows with numpy. String values are interned to codes.
+    """
+
+    def __init__(self, n: int, state: dict | None = None) -> None:
+        self.n = n
+        self.kind: int | None = None
+        self.strings = StringInterner()
+        self.pool: RaggedPool | None = None
+        self.capacity = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        if state is not None and state.get("kind") is not None:
+            self._set_kind(state["kind"])
+            self.strings = StringInterner(list(state.get("strings", [])))
+            self.pool = RaggedPool.from_state(self._dtypes(), state["pool"])
+            self.capacity = len(state["pool"]["counts"])
+
+    def _dtypes(self) -> dict[str, type]:
+        return {"ts": np.int64, "val": np.int64 if self.kind == _KIND_STR else np.float64}
+
+    def _set_kind(self, kind: int) -> None:
+        if self.kind is None:
+            self.kind = kind
+            self.pool = RaggedPool(self._dtypes())
+            self.pool.resize(self.capacity)
+        elif self.kind != kind:
+            raise ValueError("last_n values must be all strings or all numbers")
+
+    def resize(self, capacity: int) -> None:
+        self.capacity = max(self.capacity, capacity)
+        if self.pool is not None:
+            self.pool.resize(capacity)
+
+    def fold(self, rows: np.ndarray, values: Any, ts: np.ndarray) -> None:
+        if hasattr(values, "codes"):
+            self._set_kind(_KIND_STR)
+            codes = np.asarray(values.codes)
+            vals = self.strings.intern(values.dictionary)[codes] if len(codes) else codes
+        else:
+            self._set_kind(_KIND_NUM)
+            vals = np.asarray(values, dtype=np.float64)
+        self._pending.append((np.asarray(rows, np.int64), np.asarray(ts, np.int64),
+                              np.asarray(vals)))
+
+    def _settle(self) -> None:
+        if not self._pending:
+            return
+        pool = self.pool
+        assert pool is not None
+        rows = np.concatenate([p[0] for p in self._pending])
+        ts = np.concatenate([p[1] for p in self._pending])
+        vals = np.concatenate([p[2] for p in self._pending])
+        self._pending = []
+        uniq, inv = np.unique(rows, return_inverse=True)
+        old, counts = pool.gather(uniq)
+        g = np.concatenate((np.repeat(np.arange(len(uniq), dtype=np.int64), counts), inv))
+        t = np.concatenate((old["ts"], ts))
+        v = np.concatenate((old["val"], vals.astype(old["val"].dtype, copy=False)))
+        if self.kind == _KIND_STR:
+            order = self._order_strings(g, t, v)
+        else:
+            order = np.lexsort((-v, -t, g))
+        total = np.bincount(g, minlength=len(uniq))
+        keep = group_positions(total) < self.n
+        sel = order[keep]
+        pool.write(uniq, np.minimum(total, self.n), {"ts": t[sel], "val": v[sel]},
+                   max_cap=self.n)
+
+    def _order_strings(self, g: np.ndarray, t: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Row, newest first; equal times ordered by the string value, largest first."""
+        order = np.lexsort((-t, g))
+        gs, ts_sorted = g[order], t[order]
+        tie = np.flatnonzero((gs[1:] == gs[:-1]) & (ts_sorted[1:] == ts_sorted[:-1]))
+        if len(tie):  # rare: order each run of equal (row, ts) by value, in Python
+            words = self.strings.values
+            starts = tie[np.concatenate(([True], np.diff(tie) > 1))]
+            for a in starts.tolist():
+                b = a + 1
+                while b < len(order) and gs[b] == gs[a] and ts_sorted[b] == ts_sorted[a]:
+                    b += 1
+                run = order[a:b].tolist()
+                order[a:b] = sorted(run, key=lambda i: words[codes[i]], reverse=True)
+        return order
+
+    def serialize(self, rows: np.ndarray) -> tuple[bytes, np.ndarray]:
+        rows = np.asarray(rows, np.int64)
+        if self.pool is None:
+            return _HEAD.pack(_KIND_NUM, 0) * len(rows), np.full(len(rows), _HEAD.size, np.int64)
+        self._settle()
+        entries, k = self.pool.gather(rows)
+        g = np.repeat(np.arange(len(rows), dtype=np.int64), k)
+        pos = group_positions(k)
+        if self.kind == _KIND_STR:
+            blob, offsets = self.strings.utf8()
+            codes = entries["val"]
+            lens = offsets[codes + 1] - offsets[codes]
+            text = np.bincount(g, weights=lens, minlength=len(rows)).astype(np.int64)
+            size = _HEAD.size + 10 * k + text
+        else:
+            size = _HEAD.size + 16 * k
+        off = np.cumsum(size) - size
+        out = np.zeros(int(size.sum()), np.uint8)
+        out[off] = np.where(k > 0, self.kind, _KIND_NUM)
+        _scatter(out, off + 1, k.astype("<u4"))
+        body = off[g] + _HEAD.size
+        _scatter(out, body + 8 * pos, entries["ts"].astype("<i8"))
+        if self.kind == _KIND_STR:
+            _scatter(out, body + 8 * k[g] + 2 * pos, lens.astype("<u2"))
+            ex = np.cumsum(lens) - lens
+            row_base = np.repeat(ex[np.cumsum(k) - k][k > 0], k[k > 0])
+            dest = body + 10 * k[g] + (ex - row_base)
+            out[ragged_ranges(dest, lens)] = blob[ragged_ranges(offsets[codes], lens)]
+        else:
+            _scatter(out, body + 8 * k[g] + 8 * pos, entries["val"].astype("<f8"))
+        return out.tobytes(), size
+
+    def keep(self, rows: np.ndarray) -> None:
+        self.capacity = len(rows)
+        if self.pool is not None:
+            self._settle()
+            self.pool.keep(np.asarray(rows, np.int64))
+
+    def state(self, n: int) -> dict:
+        if self.pool is None:
+            return {"kind": None}
+        self._settle()
+        strings = self.strings.values.tolist() if self.kind == _KIND_STR else []
+        return {"kind": self.kind, "strings": strings, "pool": self.pool.state(n)}
+
+
+def _scatter(out: np.ndarray, starts: np.ndarray, values: np.ndarray) -> None:
+    """Write each element's little-endian bytes at ``out[starts[i]:]``."""
+    if not len(values):
+        return
+    width = values.dtype.itemsize
+    raw = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), width)
+    out[np.asarray(starts, np.int64)[:, None] + np.arange(width)] = raw
 
 
 def _order_key(pair: tuple) -> tuple:

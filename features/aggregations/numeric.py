@@ -121,6 +121,12 @@ class CountAgg(_Fixed):
         """Elementwise combine of two structured arrays of equal length."""
         return _wrap(a["n"] + b["n"], self.rep_dtype)
 
+    def accumulate(self, reps: np.ndarray, rows: np.ndarray, values: Any) -> None:
+        """Fold event i into ``reps[rows[i]]`` in place, in event order (``ufunc.at``)."""
+        col = reps["n"]
+        np.add.at(col, rows, 1)
+        reps["n"] = col
+
 
 class SumAgg(_Fixed):
     """Sum of a numeric field. Rep: float64 sum."""
@@ -151,6 +157,11 @@ class SumAgg(_Fixed):
 
     def combine_arrays(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return _wrap(a["s"] + b["s"], self.rep_dtype)
+
+    def accumulate(self, reps: np.ndarray, rows: np.ndarray, values: Any) -> None:
+        col = reps["s"]
+        np.add.at(col, rows, np.asarray(values, dtype=np.float64))
+        reps["s"] = col
 
 
 class MeanAgg(_Fixed):
@@ -194,6 +205,12 @@ class MeanAgg(_Fixed):
         out["n"] = a["n"] + b["n"]
         return out
 
+    def accumulate(self, reps: np.ndarray, rows: np.ndarray, values: Any) -> None:
+        s, n = reps["s"], reps["n"]
+        np.add.at(s, rows, np.asarray(values, dtype=np.float64))
+        np.add.at(n, rows, 1)
+        reps["s"], reps["n"] = s, n
+
 
 class _Extremum(_Fixed):
     """Min or max of a numeric field. Rep: float64 with ±inf as identity."""
@@ -224,6 +241,11 @@ class _Extremum(_Fixed):
 
     def combine_arrays(self, a, b):
         return _wrap(self._ufunc(a["v"], b["v"]), self.rep_dtype)
+
+    def accumulate(self, reps: np.ndarray, rows: np.ndarray, values: Any) -> None:
+        col = reps["v"]
+        self._ufunc.at(col, rows, np.asarray(values, dtype=np.float64))
+        reps["v"] = col
 
 
 class MinAgg(_Extremum):
