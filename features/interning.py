@@ -35,7 +35,7 @@ def hash_strings(values: np.ndarray) -> np.ndarray:
     """Return a uint64 hash of each ``str`` in an object array, the same in every process.
 
     Strings of up to 64 characters are hashed together with numpy; longer ones one by one.
-    Trailing NUL characters do not change the hash (callers that need exactness compare).
+    Callers that need exactness still compare strings (64-bit hashes can collide).
     """
     values = np.asarray(values, dtype=object)
     n = len(values)
@@ -43,16 +43,26 @@ def hash_strings(values: np.ndarray) -> np.ndarray:
     if n == 0:
         return out
     chars = np.fromiter(map(len, values), np.int64, n)
+    if chars.max() <= _LONG:
+        joined = "".join(values.tolist())
+        if joined.isascii():  # one byte per character: hash straight from the joined bytes
+            return _hash_ascii(np.frombuffer(joined.encode("ascii"), np.uint8), chars)
     long = chars > _LONG
     short = np.flatnonzero(~long)
     if len(short):
         sv = values if len(short) == n else values[short]
         enc = np.char.encode(sv.astype(str), "utf-8")
         width = enc.dtype.itemsize
-        lengths = np.char.str_len(enc)
+        # true byte lengths (numpy's bytes dtype drops trailing NULs; those hash as zeros)
+        lengths = np.fromiter((len(v.encode("utf-8", "surrogatepass")) for v in sv.tolist()),
+                              np.int64, len(sv))
+        if width < int(lengths.max(initial=0)):
+            raw_w = np.zeros((len(sv), int(lengths.max())), np.uint8)
+            raw_w[:, :width] = enc.view(np.uint8).reshape(len(sv), width) if width else 0
+            enc, width = raw_w, raw_w.shape[1]
         h = np.full(len(sv), _FNV_OFFSET, np.uint64)
         if width:
-            raw = enc.view(np.uint8).reshape(len(sv), width)
+            raw = enc if enc.dtype == np.uint8 else enc.view(np.uint8).reshape(len(sv), width)
             for j in range(width):  # bytes past a string's end (padding) leave it unchanged
                 h = np.where(lengths > j, (h ^ raw[:, j]) * _FNV_PRIME, h)
         out[short] = _mix(h ^ lengths.astype(np.uint64))
@@ -60,6 +70,20 @@ def hash_strings(values: np.ndarray) -> np.ndarray:
         digest = hashlib.blake2b(values[i].encode("utf-8", "surrogatepass"), digest_size=8)
         out[i] = np.frombuffer(digest.digest(), np.uint64)[0]
     return out
+
+
+def _hash_ascii(buf: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """FNV-1a + mix of strings stored back to back in ``buf`` (same result as the general path)."""
+    starts = np.cumsum(lengths) - lengths
+    h = np.full(len(lengths), _FNV_OFFSET, np.uint64)
+    shortest = int(lengths.min())
+    for j in range(int(lengths.max())):
+        if j < shortest:
+            h = (h ^ buf[starts + j]) * _FNV_PRIME
+        else:
+            live = np.flatnonzero(lengths > j)
+            h[live] = (h[live] ^ buf[starts[live] + j]) * _FNV_PRIME
+    return _mix(h ^ lengths.astype(np.uint64))
 
 
 class StringInterner:
