@@ -23,7 +23,8 @@ import numpy as np
 from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulLogic
 
-from dataflows.kafka_source import KafkaBatchSource, SourceBatch, after
+from dataflows.kafka_source import NO_TIME, KafkaBatchSource, SourceBatch, after, utc_now
+from dataflows.progress import FlowProgress
 from dataflows.sinks import DeadLetterSink, LateEventSink, ShardOutput, StoreSink
 from features.blockstate import BlockShard, BlockShardConfig, BlockShardState
 from features.spec import FeatureSet
@@ -32,6 +33,7 @@ from schemas.columnar import EventColumns
 from tessera.logs import get_logger
 
 log = get_logger("dataflows.blocks")
+_PROGRESS = FlowProgress("blocks")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,10 +47,16 @@ class BlocksFlowConfig:
     shards: int = 4
     lateness_ms: int = 60_000
     flush_interval_ms: int = 1_000
+    #: flush interval while replaying a backlog (see ``BlockShardLogic``); None: 10x
+    #: ``flush_interval_ms``
+    catchup_flush_interval_ms: int | None = None
     bounded: bool = False
     warehouse: Path | None = None
     deadletter_topic: str = "deadletter"
-    batch_messages: int = 500
+    #: most messages per Kafka poll: one event each from real producers, so polls are large
+    batch_messages: int = 5_000
+    #: events aimed for per poll (fewer messages when they are batch envelopes)
+    batch_events: int = 20_000
     #: events further ahead of the wall clock are dead-lettered (None: no check)
     max_future_ms: int | None = 3_600_000
     start_offsets: dict[str, int] = field(default_factory=dict)
@@ -139,19 +147,42 @@ def route(config: BlocksFlowConfig, batch: SourceBatch) -> list[tuple[str, tuple
 
 
 class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
-    """Bytewax glue around ``BlockShard``: fold items, flush on a timer and at EOF."""
+    """Bytewax glue around ``BlockShard``: fold items, flush on a timer and at EOF.
 
-    def __init__(self, shard: BlockShard, key: str, parts: list[str], flush_ms: int):
+    The timer is ``flush_ms`` while the shard is live, and ``catchup_flush_ms`` while it is
+    catching up (replaying a backlog: its newest event is more than ``CATCHUP_LAG_MS`` older
+    than the wall clock). Freshness only means something near the present; in a backlog,
+    rewriting every touched entity's record each second is the dominant cost and buys
+    nothing, so writes are batched further apart. The blocks written are the same.
+    """
+
+    CATCHUP_LAG_MS = 30_000
+    #: flush early once this many blocks wait to be written: a flush's batch (and the
+    #: store merge it feeds) stays bounded in memory however long the interval
+    MAX_DIRTY_BLOCKS = 250_000
+
+    def __init__(self, shard: BlockShard, key: str, parts: list[str], flush_ms: int,
+                 catchup_flush_ms: int | None = None, lateness_ms: int = 0):
         self.shard = shard
         self.key = key
         self.parts = parts
         self.flush_ms = flush_ms
+        self.catchup_flush_ms = max(flush_ms, catchup_flush_ms or flush_ms)
+        self.lateness_ms = lateness_ms
         self.next_flush = after(flush_ms)
+
+    def _interval(self) -> int:
+        newest = max((self.shard.state.partition_watermarks.get(p, NO_TIME) for p in self.parts),
+                     default=NO_TIME)
+        if newest <= NO_TIME:
+            return self.flush_ms
+        behind = utc_now().timestamp() * 1000 - (newest + self.lateness_ms)
+        return self.catchup_flush_ms if behind > self.CATCHUP_LAG_MS else self.flush_ms
 
     def _flush(self) -> list[ShardOutput]:
         wm = self.shard.watermark(self.parts)
         flushed = self.shard.flush(wm)
-        self.next_flush = after(self.flush_ms)
+        self.next_flush = after(self._interval())
         cfg = self.shard.config
         return [ShardOutput(entity_type=cfg.entity_type, family=cfg.topic, flush=flushed,
                             watermark_key=f"blocks/{self.key}", watermark=wm)]
@@ -159,7 +190,8 @@ class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
     def on_item(self, value: ShardInput):
         self.shard.add_batch(value.columns)
         self.shard.advance(value.part, value.watermark)
-        if datetime.now(self.next_flush.tzinfo) >= self.next_flush:
+        if datetime.now(self.next_flush.tzinfo) >= self.next_flush or \
+                self.shard.dirty_blocks() >= self.MAX_DIRTY_BLOCKS:
             return self._flush(), StatefulLogic.RETAIN
         return [], StatefulLogic.RETAIN
 
@@ -176,11 +208,17 @@ class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
         return self.shard.snapshot()
 
 
-def build_blocks_flow(config: BlocksFlowConfig) -> Dataflow:
-    """Return the Bytewax dataflow for ``config`` (run it with ``bytewax.run.cli_main``)."""
+def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = None
+                      ) -> Dataflow:
+    """Return the Bytewax dataflow for ``config`` (run it with ``bytewax.run.cli_main``).
+
+    ``progress`` (default: a new one) counts every source batch and logs a
+    ``blocks.progress`` line every few seconds.
+    """
     source = KafkaBatchSource(
         bootstrap=config.bootstrap, topics=config.topics, lateness=config.lateness_ms,
         bounded=config.bounded, batch_messages=config.batch_messages,
+        batch_events=config.batch_events,
         start_offsets=config.start_offsets,
         stop_at_ts=config.event_range[1] if config.event_range else None,
         max_future_ms=config.max_future_ms, validate=True,
@@ -189,6 +227,7 @@ def build_blocks_flow(config: BlocksFlowConfig) -> Dataflow:
     for p in source.partition_keys():
         parts_by_topic.setdefault(p.split(":")[0], []).append(p)
     shard_cfgs = config.shard_configs()
+    catchup_ms = config.catchup_flush_interval_ms or 10 * config.flush_interval_ms
 
     def builder_for(key: str):
         topic, entity, _ = key.split("/")
@@ -196,11 +235,12 @@ def build_blocks_flow(config: BlocksFlowConfig) -> Dataflow:
 
         def build(state: BlockShardState | None) -> BlockShardLogic:
             return BlockShardLogic(cfg.build(state), key, parts_by_topic[topic],
-                                   config.flush_interval_ms)
+                                   config.flush_interval_ms, catchup_ms, config.lateness_ms)
         return build
 
     flow = Dataflow("tessera_blocks")
     batches = op.input("kafka", flow, source)
+    op.inspect("progress", batches, lambda _step, b: (progress or _PROGRESS).observe(b))
     dead = op.flat_map("deadletters", batches, lambda b: b.deadletters)
     op.output("deadletter_out", dead, DeadLetterSink(config.bootstrap, config.deadletter_topic))
     if config.warehouse is not None:

@@ -3,9 +3,10 @@
 Each Kafka partition is one Bytewax source partition: its resume state is the next offset
 plus the partition's running maximum event time, so after a crash both the position and the
 late/on-time decision of every event replay exactly. Each ``next_batch`` returns at most one
-``SourceBatch``: the decoded events of up to ``batch_size`` messages (batch envelopes
-decode with numpy; single-event messages through fastavro), the late mask, the partition
-watermark, and the dead letters of anything that failed to decode.
+``SourceBatch``: the decoded events of up to ``batch_size`` messages, decoded together
+(``schemas.bulk``: single-event messages field by field across the whole poll with numpy,
+batch envelopes with ``np.frombuffer``), the late mask, the partition watermark, and the dead
+letters of anything that failed to decode.
 
 In bounded mode a partition ends at librdkafka's partition EOF (on the embedded broker this
 fires only after every acknowledged record was delivered; its high watermark is not used).
@@ -52,15 +53,9 @@ import numpy as np
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from features.blockstate import classify_late
+from schemas.bulk import decode_messages
 from schemas.codec import DeadLetter
-from schemas.columnar import (
-    DictColumn,
-    EventColumns,
-    concat_columns,
-    decode_message,
-    empty_columns,
-)
-from schemas.errors import SchemaError
+from schemas.columnar import DictColumn, EventColumns, empty_columns
 from tessera.logs import get_logger
 from tessera.topics import consumer_config, list_topics
 
@@ -206,6 +201,7 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         self._quiet_since = time.monotonic()
         self._verified: tuple[int, int, int] | None = None  # (low, high, offset) found intact
         self._reset_pending = False  # the next emitted batch carries ``log_reset``
+        self._events_per_message = 1.0  # running mean: sizes the next poll (envelopes)
         self._consumer: Any = self._new_consumer()
 
     # -- consumers -------------------------------------------------------------------
@@ -370,41 +366,29 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             raise StopIteration()
         msgs: list[Any] = []  # stays empty while the broker is away (heartbeats still go out)
         if not self._suspect or self._recover():
-            msgs = self._consumer.consume(self._source.batch_messages,
-                                          timeout=self._source.poll_s)
+            msgs = self._consumer.consume(self._poll_size(), timeout=self._source.poll_s)
             if self._suspect:
                 # error_cb fired during this call: the broker went away; what came back may
                 # come from a restarted log, so check first (the cursor covers none of it)
                 msgs = []
                 self._drop_consumer()
-        parts: list[EventColumns] = []
-        part_offsets: list[np.ndarray] = []
-        dead: list[DeadLetter] = []
         first = None
         last = None
         next_offset = self._cursor.offset
+        records = [m for m in msgs if m.error() is None]
         for m in msgs:
             err = m.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    self._eof = self._source.bounded
-                    continue
-                raise RuntimeError(f"kafka error on {self._topic}:{self._partition}: {err}")
-            off = m.offset()
-            first = off if first is None else first
-            last = m
-            next_offset = off + 1
-            payload = m.value() or b""
-            try:
-                cols = decode_message(payload, self._topic)
-            except (SchemaError, ValueError) as exc:
-                dead.append(DeadLetter(
-                    topic=self._topic, partition=self._partition, offset=off,
-                    payload=payload, key=m.key(), reason=str(exc), stage="decode",
-                    failed_ts=int(time.time() * 1000)))
+            if err is None:
                 continue
-            parts.append(cols)
-            part_offsets.append(np.full(len(cols), off, dtype=np.int64))
+            if err.code() == KafkaError._PARTITION_EOF:
+                self._eof = self._source.bounded
+                continue
+            raise RuntimeError(f"kafka error on {self._topic}:{self._partition}: {err}")
+        dead: list[DeadLetter] = []
+        if records:
+            first, last = records[0].offset(), records[-1]
+            next_offset = last.offset() + 1
+            cols, offsets, dead = self._decode(records)
         if first is None:
             if self._eof:
                 raise StopIteration()
@@ -427,9 +411,6 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
                     offsets=np.zeros(0, np.int64), log_reset=reset)]
             return []
         self._idle_since = self._quiet_since = time.monotonic()
-        cols = (concat_columns(parts, topic=self._topic, dedupe=False) if parts
-                else empty_columns(self._topic))
-        offsets = np.concatenate(part_offsets) if part_offsets else np.zeros(0, np.int64)
         ts = np.asarray(cols.columns["event_ts"], dtype=np.int64)
         if self._source.validate:
             bad, reasons = invalid_events(cols, int(time.time() * 1000),
@@ -454,6 +435,31 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             offsets=offsets, log_reset=reset,
         )]
 
+    def _poll_size(self) -> int:
+        """Messages to ask for: about ``batch_events`` events, at most ``batch_messages``."""
+        src = self._source
+        if src.batch_events is None:
+            return src.batch_messages
+        return max(1, min(src.batch_messages, int(src.batch_events / self._events_per_message)))
+
+    def _decode(self, records: list[Any]) -> tuple[EventColumns, np.ndarray, list[DeadLetter]]:
+        """Decode the messages of one poll at once: columns, each event's offset, dead letters."""
+        payloads = [m.value() or b"" for m in records]
+        decoded = decode_messages(payloads, self._topic)
+        offsets = np.fromiter((m.offset() for m in records), np.int64, len(records))
+        dead = []
+        if decoded.errors:
+            now = int(time.time() * 1000)
+            for i, reason in sorted(decoded.errors.items()):
+                dead.append(DeadLetter(
+                    topic=self._topic, partition=self._partition, offset=int(offsets[i]),
+                    payload=payloads[i], key=records[i].key(), reason=reason, stage="decode",
+                    failed_ts=now))
+        events = len(decoded.columns) + len(dead)
+        self._events_per_message = max(1.0, 0.5 * self._events_per_message
+                                       + 0.5 * events / len(records))
+        return decoded.columns, offsets[decoded.source_index], dead
+
     def next_awake(self) -> datetime | None:
         return None
 
@@ -473,7 +479,10 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         lateness: allowed lateness in ms (events further behind their partition's running
             maximum are marked late).
         bounded: stop each partition at its end instead of tailing.
-        batch_messages: messages per consume call (each may be a batch envelope).
+        batch_messages: at most this many messages per consume call.
+        batch_events: aim for about this many events per consume call (a batch envelope
+            carries many: the message count adapts to the events per message seen); None
+            asks for ``batch_messages`` every time.
         start_offsets: optional ``{"topic:p": offset}`` for a first run (replay).
         stop_at_ts: end a partition once its watermark passes this event time (replay of a
             range): every on-time event after it is at or after ``stop_at_ts``.
@@ -501,12 +510,14 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         idle_heartbeat_ms: int | None = None,
         max_future_ms: int | None = None,
         validate: bool = False,
+        batch_events: int | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.topics = tuple(topics)
         self.lateness = int(lateness)
         self.bounded = bounded
         self.batch_messages = batch_messages
+        self.batch_events = batch_events
         self.poll_s = poll_s
         self.start_offsets = dict(start_offsets or {})
         self.consumer_overrides = dict(consumer_overrides or {})

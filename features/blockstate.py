@@ -369,6 +369,10 @@ class BlockShard:
         )
         return ShardFlush(batch, np.concatenate(sealed_parts))
 
+    def dirty_blocks(self) -> int:
+        """Number of blocks changed since the last flush (what the next flush writes)."""
+        return sum(int(np.count_nonzero(t.dirty[:t.n])) for t in self.tables)
+
     def open_blocks(self) -> int:
         """Number of blocks held in memory (open, or sealed and not evicted yet)."""
         return sum(t.n for t in self.tables)

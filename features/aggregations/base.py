@@ -31,6 +31,9 @@ import numpy as np
 Rep = Any
 Value = Any
 
+PENDING_LIMIT = 1_000_000
+"""Folded entries a columnar rep keeps pending before merging them into its rows."""
+
 
 class Aggregation(ABC):
     """Base class of every aggregation. Subclasses are immutable after construction."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from features.aggregations.base import Aggregation, RepColumn
+from features.aggregations.base import PENDING_LIMIT, Aggregation, RepColumn
 from features.aggregations.ragged import RaggedPool, group_positions, ragged_ranges
 from features.errors import RepDecodeError
 from features.interning import StringInterner
@@ -117,6 +117,7 @@ class LastNColumn(RepColumn):
         self.pool: RaggedPool | None = None
         self.capacity = 0
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_n = 0
         if state is not None and state.get("kind") is not None:
             self._set_kind(state["kind"])
             self.strings = StringInterner(list(state.get("strings", [])))
@@ -149,6 +150,9 @@ class LastNColumn(RepColumn):
             vals = np.asarray(values, dtype=np.float64)
         self._pending.append((np.asarray(rows, np.int64), np.asarray(ts, np.int64),
                               np.asarray(vals)))
+        self._pending_n += len(rows)
+        if self._pending_n >= PENDING_LIMIT:  # memory stays bounded between flushes
+            self._settle()
 
     def _settle(self) -> None:
         if not self._pending:
@@ -158,7 +162,7 @@ class LastNColumn(RepColumn):
         rows = np.concatenate([p[0] for p in self._pending])
         ts = np.concatenate([p[1] for p in self._pending])
         vals = np.concatenate([p[2] for p in self._pending])
-        self._pending = []
+        self._pending, self._pending_n = [], 0
         uniq, inv = np.unique(rows, return_inverse=True)
         old, counts = pool.gather(uniq)
         g = np.concatenate((np.repeat(np.arange(len(uniq), dtype=np.int64), counts), inv))

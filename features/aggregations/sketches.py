@@ -22,7 +22,7 @@ from typing import Any
 import datasketches as ds
 import numpy as np
 
-from features.aggregations.base import Aggregation, RepColumn, plain_values
+from features.aggregations.base import PENDING_LIMIT, Aggregation, RepColumn, plain_values
 from features.aggregations.ragged import RaggedPool
 from features.errors import RepDecodeError
 from features.interning import hash_strings
@@ -260,6 +260,7 @@ class DistinctColumn(RepColumn):
         self.sketches = np.empty(0, dtype=object)
         self.is_sketch = np.zeros(0, dtype=bool)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_n = 0
         if state is not None:
             self.sets = RaggedPool.from_state({"h": np.uint64}, state["sets"])
             n = len(state["sets"]["counts"])
@@ -283,13 +284,16 @@ class DistinctColumn(RepColumn):
 
     def fold(self, rows: np.ndarray, values: Any, ts: np.ndarray) -> None:
         self._pending.append((np.asarray(rows, np.int64), key_hashes(values)))
+        self._pending_n += len(rows)
+        if self._pending_n >= PENDING_LIMIT:  # memory stays bounded between flushes
+            self._settle()
 
     def _settle(self) -> None:
         if not self._pending:
             return
         rows = np.concatenate([p[0] for p in self._pending])
         hashes = np.concatenate([p[1] for p in self._pending])
-        self._pending = []
+        self._pending, self._pending_n = [], 0
         rows, hashes = unique_pairs(rows, hashes)
         is_sketch = self.is_sketch[rows]
         if is_sketch.any():
@@ -379,6 +383,7 @@ class QuantileColumn(RepColumn):
         self.ser = np.empty(len(stored), dtype=object)
         self.ser[:] = stored
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_n = 0
 
     def resize(self, capacity: int) -> None:
         n = len(self.sketches)
@@ -392,13 +397,16 @@ class QuantileColumn(RepColumn):
     def fold(self, rows: np.ndarray, values: Any, ts: np.ndarray) -> None:
         self._pending.append((np.asarray(rows, np.int64),
                               np.asarray(plain_values(values), dtype=np.float64)))
+        self._pending_n += len(rows)
+        if self._pending_n >= PENDING_LIMIT:  # memory stays bounded between flushes
+            self._settle()
 
     def _settle(self) -> None:
         if not self._pending:
             return
         rows = np.concatenate([p[0] for p in self._pending])
         vals = np.concatenate([p[1] for p in self._pending])
-        self._pending = []
+        self._pending, self._pending_n = [], 0
         order = np.argsort(rows, kind="stable")
         rows, vals = rows[order], vals[order]
         uniq, starts = np.unique(rows, return_index=True)

@@ -279,6 +279,22 @@ def worker() -> None:
     help="Directory of the Iceberg tables: sealed blocks and late events are appended "
     "there. Default: none.",
 )
+@click.option(
+    "--catchup-flush-interval",
+    default=None,
+    metavar="DURATION",
+    help="Flush interval while replaying a backlog (the newest event read is over 30 s "
+    "old): the store is rewritten less often, the blocks are the same. "
+    "Default: 10 x --flush-interval.",
+)
+@click.option(
+    "--batch-messages",
+    type=click.IntRange(min=1),
+    default=5_000,
+    show_default=True,
+    help="Most Kafka messages read per poll and aggregated together (one event each from "
+    "real producers; for batch envelopes, fewer are read: about 20,000 events a poll).",
+)
 def blocks(
     bootstrap: str | None,
     store_url: str,
@@ -294,6 +310,8 @@ def blocks(
     lateness: str,
     flush_interval: str,
     warehouse: Path | None,
+    catchup_flush_interval: str | None,
+    batch_messages: int,
 ) -> None:
     """Aggregate events into feature blocks in the online store.
 
@@ -301,12 +319,15 @@ def blocks(
     per entity and feature, and writes them (and the feature watermarks) to --store.
     """
     from dataflows.blocks import BlocksFlowConfig, build_blocks_flow
+    from dataflows.progress import FlowProgress
     from features.errors import FeatureSpecError
     from features.spec_loader import load_features
 
     cluster = _cluster(process_id, addresses)
     lateness_ms = _duration(lateness, "'--lateness'", allow_zero=True)
     flush_ms = _duration(flush_interval, "'--flush-interval'")
+    catchup_ms = (_duration(catchup_flush_interval, "'--catchup-flush-interval'")
+                  if catchup_flush_interval else None)
     try:
         fs = load_features(features_file)
     except FeatureSpecError as exc:
@@ -321,22 +342,34 @@ def blocks(
             shards=shards,
             lateness_ms=lateness_ms,
             flush_interval_ms=flush_ms,
+            catchup_flush_interval_ms=catchup_ms,
             bounded=bounded,
             warehouse=warehouse,
+            batch_messages=batch_messages,
         )
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     _check_topics(config.bootstrap, config.topics, config.deadletter_topic)
     _check_store(store_url)
+    progress = FlowProgress("blocks")
     _run(
-        build_blocks_flow(config),
+        build_blocks_flow(config, progress),
         workers=workers,
         process_id=process_id,
         addresses=cluster,
         recovery_dir=recovery_dir,
-        epoch_interval=epoch_interval,
+        # epochs only pace recovery snapshots (a copy of every shard's state); without
+        # recovery they are pure cost
+        epoch_interval=epoch_interval if recovery_dir else max(epoch_interval, 600.0),
         bounded=bounded,
         what="blocks",
+    )
+    totals = progress.log_summary()
+    click.echo(
+        f"tessera worker blocks: {totals['events']:,} events in {totals['seconds']} s "
+        f"({totals['events_per_s']:,}/s), {totals['late']:,} late, "
+        f"{totals['deadlettered']:,} dead-lettered; watermarks {totals['watermarks']}",
+        err=True,
     )
 
 

@@ -53,8 +53,11 @@ def test_kill_9_mid_stream_then_restart_matches_oracle(fresh_broker, tmp_path):
     produce_world(fresh_broker, world, batch_events=50)
     store_url = f"lmdb://{tmp_path}/store"
     recovery = tmp_path / "recovery"
+    # small polls and frequent flushes (also while catching up): many epochs, snapshots and
+    # writes mid-stream, so the kill lands between them
     cmd = _worker_cmd(fresh_broker, store_url, "--recovery-dir", str(recovery),
-                      "--epoch-interval", "0.2", "--flush-interval", "100ms")
+                      "--epoch-interval", "0.2", "--flush-interval", "100ms",
+                      "--catchup-flush-interval", "100ms", "--batch-messages", "20")
     log = tmp_path / "worker.log"
 
     with log.open("ab") as out:
