@@ -368,31 +368,44 @@ class DistinctColumn(RepColumn):
 
 
 class QuantileColumn(RepColumn):
-    """Columnar ``approx_quantile`` state: a KLL sketch per row, fed in batches.
+    """Columnar ``approx_quantile`` state: exact values while a row has at most ``k``, then KLL.
 
-    Folded values wait in a pending list; before a flush, an eviction or a snapshot each
-    touched row's sketch takes all its new values in one ``update(ndarray)`` call (the KLL
-    batch entry point). Bytes are cached until the sketch changes.
+    A KLL sketch holding at most ``k`` values has not compacted: it is those values, exactly.
+    Such rows keep their values in a ``RaggedPool`` (insertion order) and ``serialize`` writes
+    the KLL image DataSketches writes for them (a single-item image for one value; otherwise
+    the one-level image with the values newest first) with numpy, for many rows at once. A
+    row past ``k`` values becomes a real ``kll_doubles_sketch`` fed with its values in order,
+    then with each settle's new values in one ``update(ndarray)`` call (the KLL batch entry
+    point). Folded values wait in a pending list until a flush, an eviction or a snapshot.
     """
 
-    def __init__(self, agg: ApproxQuantileAgg, state: list[bytes] | None = None) -> None:
+    def __init__(self, agg: ApproxQuantileAgg, state: dict | None = None) -> None:
         self.agg = agg
-        stored = list(state or [])
-        self.sketches = np.empty(len(stored), dtype=object)
-        self.sketches[:] = [agg.from_bytes(b) for b in stored]
-        self.ser = np.empty(len(stored), dtype=object)
-        self.ser[:] = stored
+        self.values = RaggedPool({"v": np.float64})
+        self.sketches = np.empty(0, dtype=object)
+        self.is_sketch = np.zeros(0, dtype=bool)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._pending_n = 0
+        if state is not None:
+            self.values = RaggedPool.from_state({"v": np.float64}, state["values"])
+            n = len(state["values"]["counts"])
+            self.sketches = np.empty(n, dtype=object)
+            self.is_sketch = np.zeros(n, dtype=bool)
+            for r, blob in state["sketches"].items():
+                self.sketches[r] = agg.from_bytes(blob)
+                self.is_sketch[r] = True
 
     def resize(self, capacity: int) -> None:
+        self.values.resize(capacity)
         n = len(self.sketches)
         if capacity > n:
             size = max(capacity, 2 * n, 1024)
-            for name in ("sketches", "ser"):
-                grown = np.empty(size, dtype=object)
-                grown[:n] = getattr(self, name)
-                setattr(self, name, grown)
+            grown = np.empty(size, dtype=object)
+            grown[:n] = self.sketches
+            self.sketches = grown
+            flags = np.zeros(size, dtype=bool)
+            flags[:n] = self.is_sketch
+            self.is_sketch = flags
 
     def fold(self, rows: np.ndarray, values: Any, ts: np.ndarray) -> None:
         self._pending.append((np.asarray(rows, np.int64),
@@ -407,35 +420,127 @@ class QuantileColumn(RepColumn):
         rows = np.concatenate([p[0] for p in self._pending])
         vals = np.concatenate([p[1] for p in self._pending])
         self._pending, self._pending_n = [], 0
-        order = np.argsort(rows, kind="stable")
+        order = np.argsort(rows, kind="stable")  # per row, values stay in arrival order
         rows, vals = rows[order], vals[order]
+        big = self.is_sketch[rows]
+        if big.any():
+            self._feed(rows[big], vals[big])
+            rows, vals = rows[~big], vals[~big]
+        if not len(rows):
+            return
+        uniq, inv = np.unique(rows, return_inverse=True)
+        old, counts = self.values.gather(uniq)
+        g = np.concatenate((np.repeat(np.arange(len(uniq), dtype=np.int64), counts), inv))
+        v = np.concatenate((old["v"], vals))
+        order = np.argsort(g, kind="stable")  # old values first, then the new, per row
+        g, v = g[order], v[order]
+        total = np.bincount(g, minlength=len(uniq))
+        over = total > self.agg.k
+        if over.any():
+            bounds = np.searchsorted(g, np.arange(len(uniq) + 1))
+            for j in np.flatnonzero(over).tolist():
+                sk = ds.kll_doubles_sketch(self.agg.k)
+                sk.update(v[bounds[j]:bounds[j + 1]])
+                self.sketches[uniq[j]] = sk
+            self.is_sketch[uniq[over]] = True
+            keep = ~over[g]
+            g, v = g[keep], v[keep]
+            total = np.where(over, 0, total)
+        self.values.write(uniq, total, {"v": v}, max_cap=self.agg.k)
+
+    def _feed(self, rows: np.ndarray, vals: np.ndarray) -> None:
         uniq, starts = np.unique(rows, return_index=True)
         bounds = np.append(starts, len(rows)).tolist()
-        k = self.agg.k
         for j, r in enumerate(uniq.tolist()):
-            sk = self.sketches[r]
-            if sk is None:
-                sk = self.sketches[r] = ds.kll_doubles_sketch(k)
-            sk.update(vals[bounds[j]:bounds[j + 1]])
-        self.ser[uniq] = None
+            self.sketches[r].update(vals[bounds[j]:bounds[j + 1]])
 
     def serialize(self, rows: np.ndarray) -> tuple[bytes, np.ndarray]:
+        rows = np.asarray(rows, np.int64)
         self._settle()
-        parts = []
-        for r in np.asarray(rows, np.int64).tolist():
-            b = self.ser[r]
-            if b is None:
-                sk = self.sketches[r]
-                b = self.ser[r] = bytes((sk if sk is not None else self.agg.identity()).serialize())
-            parts.append(b)
-        return b"".join(parts), np.fromiter(map(len, parts), np.int64, len(parts))
+        entries, n = self.values.gather(rows)
+        blob, size = kll_images(entries["v"], n, self.agg.k)
+        sketch_rows = np.flatnonzero(self.is_sketch[rows])
+        if not len(sketch_rows):
+            return blob, size
+        images = {j: bytes(self.sketches[rows[j]].serialize()) for j in sketch_rows.tolist()}
+        off = np.concatenate(([0], np.cumsum(size)))
+        parts, last = [], 0
+        for j, img in images.items():  # splice sketch images in at their rows
+            parts.append(blob[off[last]:off[j]])
+            parts.append(img)
+            last = j + 1
+        parts.append(blob[off[last]:])
+        size = size.copy()
+        size[sketch_rows] = [len(images[j]) for j in sketch_rows.tolist()]
+        return b"".join(parts), size
 
     def keep(self, rows: np.ndarray) -> None:
         self._settle()
+        rows = np.asarray(rows, np.int64)
+        self.values.keep(rows)
         self.sketches = self.sketches[rows]
-        self.ser = self.ser[rows]
+        self.is_sketch = self.is_sketch[rows]
 
-    def state(self, n: int) -> list[bytes]:
-        blob, lengths = self.serialize(np.arange(n, dtype=np.int64))
-        bounds = np.concatenate(([0], np.cumsum(lengths))).tolist()
-        return [blob[a:b] for a, b in pairwise(bounds)]
+    def state(self, n: int) -> dict:
+        self._settle()
+        sketches = {r: bytes(self.sketches[r].serialize())
+                    for r in np.flatnonzero(self.is_sketch[:n]).tolist()}
+        return {"values": self.values.state(n), "sketches": sketches}
+
+
+_KLL_FAMILY = 15
+_KLL_M = 8
+
+
+def kll_images(values: np.ndarray, counts: np.ndarray, k: int) -> tuple[bytes, np.ndarray]:
+    """DataSketches KLL (doubles) images of rows holding ``counts[i]`` <= k exact values each.
+
+    ``values`` holds each row's values in insertion order, row after row. The image of a row
+    is what ``kll_doubles_sketch(k)`` serializes after updating with those values: empty (8
+    bytes), single item (16 bytes), or one level (20-byte preamble, the level offset, min,
+    max, then the values newest first).
+    """
+    counts = np.asarray(counts, np.int64)
+    rows = len(counts)
+    size = np.where(counts == 0, 8, np.where(counts == 1, 16, 40 + 8 * counts))
+    off = np.cumsum(size) - size
+    out = np.zeros(int(size.sum()), np.uint8)
+    kind = np.where(counts == 0, 0, np.where(counts == 1, 1, 2))
+    pre = np.array([[2, 1, _KLL_FAMILY, 1], [2, 2, _KLL_FAMILY, 4], [5, 1, _KLL_FAMILY, 0]],
+                   np.uint8)  # preamble ints, serial version, family, flags (empty, single)
+    out[off[:, None] + np.arange(4)] = pre[kind]
+    out[off[:, None] + np.array([4, 5])] = np.frombuffer(np.uint16(k).tobytes(), np.uint8)
+    out[off + 6] = _KLL_M
+    g = np.repeat(np.arange(rows, dtype=np.int64), counts)
+    pos = np.arange(len(g)) - np.repeat(np.cumsum(counts) - counts, counts)
+    single = np.flatnonzero(counts == 1)
+    if len(single):
+        first = (np.cumsum(counts) - counts)[single]
+        _put(out, off[single] + 8, values[first].astype("<f8"))
+    multi = np.flatnonzero(counts >= 2)
+    if len(multi):
+        m_off, m_n = off[multi], counts[multi]
+        _put(out, m_off + 8, m_n.astype("<u8"))
+        _put(out, m_off + 16, np.full(len(multi), k, "<u2"))
+        out[m_off + 18] = 1  # levels
+        _put(out, m_off + 20, (k - m_n).astype("<u4"))
+        is_multi = counts[g] >= 2
+        mg, mv, mp = g[is_multi], values[is_multi], pos[is_multi]
+        lo = np.full(rows, np.inf)
+        hi = np.full(rows, -np.inf)
+        np.minimum.at(lo, mg, mv)
+        np.maximum.at(hi, mg, mv)
+        _put(out, m_off + 24, lo[multi].astype("<f8"))
+        _put(out, m_off + 32, hi[multi].astype("<f8"))
+        newest_first = counts[mg] - 1 - mp
+        _put(out, off[mg] + 40 + 8 * newest_first, mv.astype("<f8"))
+    return out.tobytes(), size
+
+
+def _put(out: np.ndarray, starts: np.ndarray, values: np.ndarray) -> None:
+    """Write each value's little-endian bytes at ``out[starts[i]:]``."""
+    if not len(values):
+        return
+    width = values.dtype.itemsize
+    raw = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), width)
+    out[np.asarray(starts, np.int64)[:, None] + np.arange(width)] = raw

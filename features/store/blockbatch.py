@@ -179,10 +179,8 @@ def merge_records(
     np.cumsum(lengths, out=out_off[1:])
     if total and np.array_equal(src, out_off[:-1]):
         new_blob = big[:total].tobytes()  # already in record order (a first write): no gather
-    elif total:  # row slices joined (a per-byte index array would cost 8x the blob)
-        mv = memoryview(big)
-        new_blob = b"".join(map(mv.__getitem__, map(slice, src.tolist(),
-                                                   (src + lengths).tolist())))
+    elif total:
+        new_blob = _gather_bytes(big, src, lengths, out_off)
     else:
         new_blob = b""
 
@@ -232,6 +230,24 @@ def merge_records(
 
 
 _PAD = [bytes(i) for i in range(8)]
+_GATHER_CHUNK = 1 << 24  # bytes gathered per step: the index array stays at 8 x 16 MiB
+
+
+def _gather_bytes(big: np.ndarray, src: np.ndarray, lengths: np.ndarray,
+                  out_off: np.ndarray) -> bytes:
+    """Concatenate ``big[src[i]:src[i] + lengths[i]]`` over rows, in bounded-memory chunks."""
+    parts = []
+    n = len(lengths)
+    lo = 0
+    while lo < n:
+        hi = int(np.searchsorted(out_off, out_off[lo] + _GATHER_CHUNK, side="right")) - 1
+        hi = min(max(hi, lo + 1), n)
+        seg = lengths[lo:hi]
+        base = out_off[lo:hi] - out_off[lo]
+        index = np.repeat(src[lo:hi] - base, seg) + np.arange(int(seg.sum()), dtype=np.int64)
+        parts.append(big[index].tobytes())
+        lo = hi
+    return b"".join(parts)
 
 
 def _header(features: list[str]) -> bytes:

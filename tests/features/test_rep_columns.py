@@ -112,3 +112,22 @@ def test_distinct_reads_the_earlier_bare_hll_format():
         sk.update(f"u{i}")
     agg = make_aggregation("approx_distinct", {"lg_k": 12})
     assert agg.finalize(agg.from_bytes(bytes(sk.serialize_compact()))) == 50.0
+
+
+@pytest.mark.parametrize("k", [8, 200])
+def test_kll_images_are_what_datasketches_writes(k):
+    import datasketches as ds
+
+    from features.aggregations.sketches import kll_images
+
+    rng = np.random.default_rng(k)
+    counts = np.concatenate(([0, 1, 2, k], rng.integers(0, k + 1, 40)))
+    values = rng.normal(size=int(counts.sum())).round(3)
+    blob, sizes = kll_images(values, counts, k)
+    bounds = np.concatenate(([0], np.cumsum(sizes))).tolist()
+    starts = np.concatenate(([0], np.cumsum(counts))).tolist()
+    for i, c in enumerate(counts.tolist()):
+        sk = ds.kll_doubles_sketch(k)
+        if c:
+            sk.update(values[starts[i]:starts[i] + c])
+        assert blob[bounds[i]:bounds[i + 1]] == bytes(sk.serialize())
