@@ -1,34 +1,60 @@
 """Benchmark: the streaming step, Kafka -> event-time blocks in the store, against Quix Streams.
 
-In one run, on a fresh embedded broker (Tansu) and one core's worth of worker each:
+Both engines read the same bytes and compute the same features, one core's worth of worker
+each, on a fresh embedded broker (Tansu):
 
-* Tessera throughput: N views are produced to ``views`` as columnar batch envelopes (1000
-  events a message, the Tessera fast path); the blocks flow runs bounded in a subprocess
-  with one Bytewax worker into a fresh LMDB store, twice: once with only ``item_views``
-  (count per item, blocks 5m/1h/1d: the apples-to-apples peer of a tumbling count per
-  item) and once with every ``views`` feature of ``features.yaml``. Wall time includes
-  process start-up; the steady rate counts from the first decoded batch to the end.
-* Peer: the same N views as one JSON message each (keyed by item_id, Quix's default JSON
-  deserializer) on topic ``views_json``; a Quix Streams app counts per item in 5-minute
-  tumbling windows on event time (``event_ts``; grace = Tessera's lateness), no changelog
-  topics (Tessera runs without recovery here too). It stops when its
-  ``on_message_processed`` callback has seen all N messages.
-* Freshness: on a fresh broker and store each, the blocks flow tails ``views``
-  (flush every 500 ms; item_views only, then every ``views`` feature) while a producer sends a steady rate with
-  event time = now; each produced message carries one marker item id, and the store is
-  polled (read-only LMDB) until the marker's block appears: freshness = seen - produced.
+* Input: N views (``--events``, 2,000,000; Zipf items, uniform users, event time over 3 h
+  with up to 5 s disorder) produced once to ``views`` (4 partitions, keyed by item_id) as one
+  Confluent-framed Avro message per event, what producers send: the bytes of
+  ``schemas.codec.encode("views", record)`` (built for all events at once with numpy; a
+  sample is checked against ``encode``).
+* Tessera: the blocks flow (``dataflows.blocks``) runs bounded in a subprocess with one
+  Bytewax worker into a fresh LMDB store, once with every ``views`` feature of
+  ``features.yaml`` (13: counts, sum, mean, min, max, KLL quantile, HLL distinct counts,
+  last-n lists; filters included; blocks 5m/1h/1d) and once with only ``item_views``.
+* Peer: a Quix Streams application (``bench/quix_peer.py``) on the same topic, with the same
+  features: a Confluent-Avro deserializer (fastavro), tumbling event-time windows per block
+  size, ``group_by`` user_id / author_id (repartition topics), Quix's count/sum/mean/min/max,
+  DataSketches HLL/KLL aggregators, last_n from ``Collect``; no changelog topics (Tessera
+  runs without recovery here too), commits every 5 s; stopped once every message of
+  ``views`` and of its repartition topics was processed. Again with only ``item_views``.
+  Item windows close by partition time after Tessera's lateness (60 s); windows after a
+  ``group_by`` get a grace of the whole replay (``REGROUP_GRACE_MS``), since replaying a
+  backlog the consumer reads one partition far ahead of the others, and a shorter grace
+  drops events that Tessera (lateness per source partition) counts.
+* Rates are steady state: events / (end - first data), so process start, imports and the
+  consumer group join are left out; wall time counts from launch. Peak RSS is the worker
+  process's ``ru_maxrss``.
+* Output check (before RESULT): Tessera's stored blocks of a sample of items, users and
+  authors against the peer's windows of the same (entity, start, size): closed ones as
+  emitted, still-open ones read from its state store at the end (``bench/streaming_check.py``:
+  exact for count/sum/mean/min/max/last_n, within sketch error for HLL and KLL, every
+  feature at every block size); the stored 1d ``item_views`` counts of all items must add up
+  to N. If anything differs, the differences are printed and the bench exits 1 without a
+  RESULT line.
+* Batched (secondary): the same N views as batch envelopes (1,000 events a message, the
+  Tessera fast path) on a second broker, every ``views`` feature.
+* Freshness: on a third broker, the flow tails ``views`` (every ``views`` feature, flush
+  every 500 ms) while single-event Avro messages arrive at ``--rate`` events/s (20,000) with
+  event time = now; every 10 ms burst carries one marker view of a new item, and the store
+  is polled (read-only LMDB) until the marker's block appears: freshness = seen - produced.
 
-Usage: python bench/streaming.py [--quick] [--events N] [--rate R] [--seconds S]
-Last line: RESULT streaming events_per_s=<n> quix_events_per_s=<m> ratio=<r>
-           freshness_p99_ms=<f> all_features_events_per_s=<k> freshness_item_p99_ms=<g>
-(events_per_s is the item_views run; freshness_p99_ms the all-features tail flow.)
+Usage: python bench/streaming.py [--quick] [--events N] [--rate R] [--seconds S] [--skip-quix]
+(--quick: 100,000 events, 5 s of freshness, about 2 minutes. The default run is dominated by
+the peer, about 2,500 events/s with every feature: budget half an hour on 2 cores.)
+Last line:
+  RESULT streaming events_per_s=<Tessera, every views feature, per-event Avro, steady>
+         ratio=<Tessera / Quix, same features and bytes, steady> freshness_p99_ms=<p99>
+         rss_mb=<Tessera peak RSS, every feature> count_events_per_s=<Tessera, item_views>
+         batched_events_per_s=<Tessera, every feature, envelopes>
+         quix_events_per_s=<Quix, every feature> quix_count_events_per_s=<Quix, item_views>
+         quix_rss_mb=<Quix peak RSS, every feature>
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -36,16 +62,35 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-T0 = 1_761_955_200_000  # 2025-11-01T00:00:00Z
-MINUTE = 60_000
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.streaming_data import (  # noqa: E402
+    HOUR,
+    SPAN_MS,
+    Views,
+    check_encoding,
+    encode_views,
+    make_views,
+    view_columns,
+)
+
 LATENESS_MS = 60_000
+#: grace of the peer's windows after a group_by. Replaying a backlog, Quix's consumer reads
+#: one partition far ahead of the others (runs of ~20k messages on the embedded broker), so
+#: a repartitioned key sees event time out of order by up to the whole replay; a shorter
+#: grace drops events Tessera counts (Tessera decides lateness per source partition).
+REGROUP_GRACE_MS = SPAN_MS + HOUR
 BATCH_EVENTS = 1000
 PARTITIONS = 4
-SURFACES = ("explore", "follow", "nearby")
+FRESH_BURST_MS = 10
+MARKER_ITEM = 10_000_000  # marker views use items from here on (never in generated data)
+ALL_FEATURES = REPO / "features.yaml"
 ITEM_COUNT_YAML = """\
 defaults:
   block_sizes: [5m, 1h, 1d]
@@ -59,74 +104,7 @@ features:
 """
 
 
-# -- events ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Views:
-    """N views as plain arrays; ids are ``i<k>``, ``u<k>``, ``a<k>``, topics ``t<k>``."""
-
-    ts: np.ndarray
-    item: np.ndarray
-    user: np.ndarray
-    dwell: np.ndarray
-    position: np.ndarray
-    surface: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.ts)
-
-    def head(self, n: int) -> Views:
-        """Return the first ``n`` views."""
-        return Views(*(getattr(self, f)[:n] for f in
-                       ("ts", "item", "user", "dwell", "position", "surface")))
-
-
-def make_views(n: int, *, items: int = 50_000, users: int = 500_000, span_ms: int = 6 * 3_600_000,
-               seed: int = 11) -> Views:
-    """Zipf item ids, uniform users, event time rising over ``span_ms`` with up to 5 s disorder."""
-    rng = np.random.default_rng(seed)
-    item = ((rng.zipf(1.2, size=n) - 1) % items).astype(np.int64)
-    user = rng.integers(0, users, size=n, dtype=np.int64)
-    ts = T0 + np.arange(n, dtype=np.int64) * span_ms // max(n, 1) - rng.integers(0, 5000, size=n)
-    dwell = np.where(rng.random(n) < 0.2, 0, rng.integers(100, 60_000, size=n)).astype(np.int64)
-    position = rng.integers(0, 50, size=n, dtype=np.int64)
-    surface = rng.integers(0, len(SURFACES), size=n, dtype=np.int64)
-    return Views(ts, item, user, dwell, position, surface)
-
-
-def _dict_column(prefix: str, ids: np.ndarray):
-    from schemas.columnar import DictColumn
-
-    uniq, codes = np.unique(ids, return_inverse=True)
-    dictionary = np.array([f"{prefix}{k}" for k in uniq.tolist()], dtype=object)
-    return DictColumn(codes.astype(np.int32), dictionary)
-
-
-def view_columns(v: Views, lo: int, hi: int, *, ts: np.ndarray | None = None,
-                 item_ids: list[str] | None = None):
-    """Columns of views ``lo:hi`` (optionally with other event times or explicit item ids)."""
-    from schemas.columnar import DictColumn, EventColumns
-
-    n = hi - lo
-    item = v.item[lo:hi]
-    if item_ids is None:
-        item_col = _dict_column("i", item)
-    else:
-        item_col = DictColumn(np.arange(n, dtype=np.int32), np.array(item_ids, dtype=object))
-    cols = {
-        "event_id": DictColumn(np.arange(n, dtype=np.int32),
-                               np.array([f"v{k}" for k in range(lo, hi)], dtype=object)),
-        "event_ts": v.ts[lo:hi] if ts is None else ts,
-        "user_id": _dict_column("u", v.user[lo:hi]),
-        "item_id": item_col,
-        "author_id": _dict_column("a", item % 5000),
-        "topic": _dict_column("t", item % 40),
-        "surface": DictColumn(v.surface[lo:hi].astype(np.int32), np.array(SURFACES, dtype=object)),
-        "dwell_ms": v.dwell[lo:hi],
-        "position": v.position[lo:hi],
-    }
-    return EventColumns("views", n, cols)
+# -- producing ---------------------------------------------------------------------------
 
 
 class _Producer:
@@ -153,8 +131,21 @@ class _Producer:
             raise RuntimeError(f"{left} messages were not delivered")
 
 
+def produce_messages(bootstrap: str, values: list[bytes], keys: list[bytes],
+                     topic: str = "views") -> float:
+    """Produce one message per event; return the seconds it took."""
+    t = time.perf_counter()
+    prod = _Producer(bootstrap)
+    for k, (value, key) in enumerate(zip(values, keys)):
+        prod.send(topic, value, key)
+        if k % 10_000 == 0:
+            prod.p.poll(0)
+    prod.flush()
+    return time.perf_counter() - t
+
+
 def produce_envelopes(bootstrap: str, v: Views, topic: str = "views") -> float:
-    """Produce all views as batch envelopes; return the seconds it took."""
+    """Produce all views as batch envelopes of ``BATCH_EVENTS``; return the seconds it took."""
     from schemas.columnar import encode_batch
 
     t = time.perf_counter()
@@ -166,31 +157,13 @@ def produce_envelopes(bootstrap: str, v: Views, topic: str = "views") -> float:
     return time.perf_counter() - t
 
 
-def produce_json(bootstrap: str, v: Views, topic: str = "views_json") -> float:
-    """Produce every view as one JSON message keyed by item id; return the seconds it took."""
-    t = time.perf_counter()
-    prod = _Producer(bootstrap)
-    cols = (v.ts.tolist(), v.item.tolist(), v.user.tolist(), v.dwell.tolist(),
-            v.position.tolist(), v.surface.tolist())
-    for k, (ts, item, user, dwell, pos, surf) in enumerate(zip(*cols)):
-        value = (f'{{"event_id":"v{k}","event_ts":{ts},"user_id":"u{user}","item_id":"i{item}",'
-                 f'"author_id":"a{item % 5000}","topic":"t{item % 40}",'
-                 f'"surface":"{SURFACES[surf]}","dwell_ms":{dwell},"position":{pos},'
-                 f'"request_id":null}}')
-        prod.send(topic, value.encode(), f"i{item}".encode())
-        if k % 10_000 == 0:
-            prod.p.poll(0)
-    prod.flush()
-    return time.perf_counter() - t
-
-
 # -- workers (each runs in its own process) ----------------------------------------------
 
 
 def _emit(result: dict) -> None:
     import resource
 
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
@@ -238,43 +211,10 @@ def worker_tessera(args: dict) -> None:
 
 
 def worker_quix(args: dict) -> None:
-    """Count views per item in 5-minute tumbling windows with Quix Streams until N are done."""
-    t_proc = args["t_launch"]
-    from datetime import timedelta
+    """Run the Quix Streams peer until every message is processed."""
+    from bench.quix_peer import run_worker
 
-    from quixstreams import Application
-
-    from tessera.topics import consumer_config
-
-    n = args["n"]
-    fast = {k: v for k, v in consumer_config(args["bootstrap"]).items()
-            if k in ("fetch.min.bytes", "fetch.wait.max.ms", "queued.min.messages")}
-    state = {"count": 0, "first": None}
-    app: Application
-
-    def on_processed(topic: str, partition: int, offset: int) -> None:
-        if state["count"] == 0:
-            state["first"] = time.time()
-        state["count"] += 1
-        if state["count"] >= n:
-            app.stop()
-
-    app = Application(
-        broker_address=args["bootstrap"], consumer_group=f"bench-quix-{os.getpid()}",
-        auto_offset_reset="earliest", state_dir=args["state_dir"], use_changelog_topics=False,
-        consumer_extra_config={"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, **fast},
-        on_message_processed=on_processed, loglevel="WARNING",
-    )
-    topic = app.topic("views_json", value_deserializer="json",
-                      timestamp_extractor=lambda value, headers, ts, ts_type: value["event_ts"])
-    sdf = app.dataframe(topic)
-    sdf = sdf.tumbling_window(timedelta(minutes=5), grace_ms=LATENESS_MS).count().final()
-    t_ready = time.time()
-    app.run()
-    t_end = time.time()
-    _emit({"startup_s": t_ready - t_proc,
-           "first_data_s": (state["first"] - t_proc) if state["first"] else None,
-           "wall_s": t_end - t_proc, "events": state["count"]})
+    _emit(run_worker(args))
 
 
 def _launch(kind: str, args: dict, log_path: Path) -> subprocess.Popen:
@@ -299,166 +239,370 @@ def _result(proc: subprocess.Popen, log_path: Path, timeout: float) -> dict:
     raise RuntimeError(f"worker exited {proc.returncode} without a result:\n{tail}")
 
 
-# -- phases ----------------------------------------------------------------------------
+# -- runs ------------------------------------------------------------------------------
 
 
-def count_total(store_url: str, v: Views, sample: int = 200) -> tuple[int, int]:
-    """Sum the stored 1d item_views counts of the ``sample`` most viewed items vs the truth.
-
-    1d blocks, because the store drops finer blocks no window reads any more (retention).
-    """
-    from features.aggregations import make_aggregation
-    from features.store import open_store
-
-    ids, counts = np.unique(v.item, return_counts=True)
-    top = ids[np.argsort(-counts)[:sample]]
-    expected = int(counts[np.argsort(-counts)[:sample]].sum())
-    agg = make_aggregation("count")
-    got = 0
-    with open_store(store_url, readonly=True) as store:
-        for table in store.get_block_tables("item", "views", [f"i{k}" for k in top.tolist()]):
-            if table is None:
-                continue
-            key = next(f for f in table.features if f.startswith("item_views@"))
-            fb = table.feature_blocks(key)
-            reps = agg.unpack(fb.blob, fb.offsets)
-            got += int(reps["n"][fb.sizes == 1440 * MINUTE].sum())
-    return got, expected
+def steady_rate(r: dict) -> float:
+    """Events per second from the first data to the end (start-up and group join left out)."""
+    first = r.get("first_data_s")
+    return r["events"] / (r["wall_s"] - first) if first is not None else float("nan")
 
 
 def run_tessera(bootstrap: str, features: Path, tmp: Path, name: str, n: int) -> dict:
+    """Run the bounded blocks flow on ``views`` into a fresh store; check it read all ``n``."""
     store = tmp / f"store-{name}"
+    log_path = tmp / f"tessera-{name}.log"
     proc = _launch("tessera", {"bootstrap": bootstrap, "store_url": f"lmdb://{store}",
                                "features": str(features), "bounded": True, "flush_ms": 1000},
-                   tmp / f"tessera-{name}.log")
-    res = _result(proc, tmp / f"tessera-{name}.log", timeout=1800)
+                   log_path)
+    res = _result(proc, log_path, timeout=1800)
     if res["events"] != n:
-        raise RuntimeError(f"tessera ({name}) decoded {res['events']} events, produced {n}")
+        raise RuntimeError(f"tessera ({name}) decoded {res['events']} events, produced {n}; "
+                           f"see {log_path}")
     res["store_url"] = f"lmdb://{store}"
+    print(f"tessera {name}: {steady_rate(res):,.0f} events/s steady, "
+          f"wall {res['wall_s']:.1f}s", flush=True)
     return res
 
 
-def run_quix(bootstrap: str, tmp: Path, n: int) -> dict:
-    proc = _launch("quix", {"bootstrap": bootstrap, "n": n, "state_dir": str(tmp / "quix-state")},
-                   tmp / "quix.log")
-    res = _result(proc, tmp / "quix.log", timeout=3600)
+def run_quix(bootstrap: str, features: Path, tmp: Path, name: str, n: int,
+             sample: dict[str, list[str]]) -> dict:
+    """Run the Quix peer on ``views``; its sampled windows go to ``res["windows_path"]``."""
+    log_path = tmp / f"quix-{name}.log"
+    out = tmp / f"quix-{name}-windows.json"
+    proc = _launch("quix", {"bootstrap": bootstrap, "features": str(features), "n": n,
+                            "state_dir": str(tmp / f"quix-state-{name}"), "out": str(out),
+                            "sample": sample, "grace_ms": LATENESS_MS,
+                            "regroup_grace_ms": REGROUP_GRACE_MS}, log_path)
+    res = _result(proc, log_path, timeout=3600)
     if res["events"] != n:
-        raise RuntimeError(f"quix processed {res['events']} messages, produced {n}")
+        raise RuntimeError(f"quix ({name}) processed {res['events']} events, produced {n}; "
+                           f"see {log_path}")
+    res["windows_path"] = str(out)
+    print(f"quix {name}: {steady_rate(res):,.0f} events/s steady, wall {res['wall_s']:.1f}s, "
+          f"{res['late']} late drops", flush=True)
     return res
 
 
-def measure_freshness(tmp: Path, features: Path, name: str, rate: int, seconds: float,
-                      per_msg: int = 500) -> dict:
-    """Tail with the flow, produce ``rate`` events/s with one marker per message, poll the store.
+def check_outputs(v: Views, features: Path, tessera: dict, quix: dict,
+                  sample: dict[str, list[str]], count_store: str) -> tuple[Any, int]:
+    """Compare Tessera's stored blocks with the peer's windows; return (report, stored total).
 
-    Each message carries the next ``per_msg`` views of a generated stream (fresh users and
-    Zipf items, so flushes rewrite a realistic number of entities) with event time = now;
-    the last view of each message has a unique item id, the marker.
+    The stored 1d ``item_views`` counts must add up to every view in both Tessera stores:
+    every feature's (``tessera``) and ``item_views`` only's (``count_store``).
     """
-    from features.store import open_store
+    from bench.quix_peer import PeerFeature
+    from bench.streaming_check import Truth, compare, count_total, read_blocks
+    from features.spec_loader import load_features
+
+    specs = load_features(features).for_source("views")
+    windows = json.loads(Path(quix["windows_path"]).read_text())["windows"]
+    blocks = read_blocks(tessera["store_url"], specs, sample)
+    report = compare(blocks, windows, [PeerFeature.from_spec(s) for s in specs], specs,
+                     Truth(v))
+    if quix["late"]:
+        report.problems.append(f"quix dropped {quix['late']} events as late (Tessera: none "
+                               "is late); raise REGROUP_GRACE_MS")
+    total = count_total(tessera["store_url"])
+    for name, stored in (("every feature", total), ("item_views only", count_total(count_store))):
+        if stored != len(v):
+            report.problems.append(f"stored 1d item_views counts ({name}) add up to "
+                                   f"{stored:,}, produced {len(v):,}")
+    return report, total
+
+
+# -- freshness ---------------------------------------------------------------------------
+
+
+class _FreshnessProbe:
+    """Sends marked bursts of single-event messages and polls the store for the markers."""
+
+    def __init__(self, bootstrap: str, store_dir: Path, rate: int):
+        self.prod = _Producer(bootstrap)
+        self.store_dir = store_dir
+        self.store: Any = None
+        self.per_burst = max(1, rate * FRESH_BURST_MS // 1000)
+        self.stream = make_views(self.per_burst * 4096, seed=5)
+        self.sent: dict[str, float] = {}
+        self.seen: dict[str, float] = {}
+        self.bursts = 0
+
+    def send_burst(self) -> None:
+        """Send the next burst with event time = now; its last view is a new marker item."""
+        k, b = self.bursts, self.per_burst
+        lo = k * b % (len(self.stream) - b + 1)
+        part = self.stream.take(slice(lo, lo + b))
+        item = part.item.copy()
+        item[-1] = MARKER_ITEM + k
+        now = int(time.time() * 1000)
+        burst = Views(np.full(b, now, np.int64), item, part.user, part.dwell, part.position,
+                      part.surface)
+        values, keys = encode_views(burst, first_id=k * b)
+        self.sent[f"i{MARKER_ITEM + k}"] = time.time()
+        for value, key in zip(values, keys):
+            self.prod.send("views", value, key)
+        self.prod.p.poll(0)
+        self.bursts += 1
+
+    def poll(self) -> None:
+        """Record the markers whose block has become visible in the store."""
+        from features.store import open_store
+
+        if self.store is None:
+            if not (self.store_dir / "data.mdb").exists():
+                return
+            try:
+                self.store = open_store(f"lmdb://{self.store_dir}", readonly=True)
+            except Exception:
+                return
+        pending = [m for m in self.sent if m not in self.seen]
+        if not pending:
+            return
+        now = time.time()
+        for m, t in zip(pending, self.store.get_block_tables("item", "views", pending)):
+            if t is not None:
+                self.seen[m] = now
+
+    def reset(self) -> None:
+        self.sent.clear()
+        self.seen.clear()
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _warm_up(probe: _FreshnessProbe, proc: subprocess.Popen, log_path: Path) -> None:
+    """Send bursts until the tailing flow has written a first marker (consumer and store up)."""
+    deadline = time.time() + 120
+    while not probe.seen:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tail flow exited:\n{log_path.read_text()[-3000:]}")
+        if time.time() > deadline:
+            raise RuntimeError(f"tail flow wrote nothing in 120s; see {log_path}")
+        if not probe.sent or time.time() - max(probe.sent.values()) > 1.0:
+            probe.send_burst()
+        time.sleep(0.05)
+        probe.poll()
+    probe.reset()
+
+
+def _drive(probe: _FreshnessProbe, seconds: float) -> float:
+    """Send bursts every ``FRESH_BURST_MS`` and poll every 50 ms; return the seconds sent."""
+    interval = FRESH_BURST_MS / 1000
+    start = time.time()
+    next_send = next_poll = start
+    while time.time() - start < seconds:
+        now = time.time()
+        if now >= next_send:
+            probe.send_burst()
+            next_send += interval
+        if now >= next_poll:
+            probe.poll()
+            next_poll += 0.05
+        time.sleep(max(0.0, min(next_send, next_poll) - time.time()))
+    produced_s = time.time() - start
+    drain = time.time() + 30
+    while len(probe.seen) < len(probe.sent) and time.time() < drain:
+        time.sleep(0.05)
+        probe.poll()
+    return produced_s
+
+
+def measure_freshness(tmp: Path, features: Path, rate: int, seconds: float) -> dict:
+    """Tail with the flow, produce ``rate`` single-event messages/s, time marker visibility."""
     from tessera.broker import EmbeddedBroker
     from tessera.topics import create_topics
 
-    v = make_views(per_msg * (int(rate * seconds / per_msg) + 2), seed=5)
-    store_dir = tmp / f"store-fresh-{name}"
-    store_url = f"lmdb://{store_dir}"
-    with EmbeddedBroker(state_dir=tmp / f"broker-fresh-{name}") as info:
+    store_dir = tmp / "store-fresh"
+    with EmbeddedBroker(state_dir=tmp / "broker-fresh") as info:
         create_topics(info.bootstrap, ["views", "deadletter"], partitions=PARTITIONS)
-        prod = _Producer(info.bootstrap)
-        log_path = tmp / f"tessera-fresh-{name}.log"
-        proc = _launch("tessera", {"bootstrap": info.bootstrap, "store_url": store_url,
+        log_path = tmp / "tessera-fresh.log"
+        proc = _launch("tessera", {"bootstrap": info.bootstrap, "store_url": f"lmdb://{store_dir}",
                                    "features": str(features), "bounded": False, "flush_ms": 500},
                        log_path)
-        sent: dict[str, float] = {}
-        seen: dict[str, float] = {}
-        store = None
-        seq = [0]
-
-        def send_marked(marker: str) -> None:
-            from schemas.columnar import encode_batch
-
-            lo = seq[0] * per_msg % (len(v) - per_msg + 1)
-            ids = [f"i{k}" for k in v.item[lo:lo + per_msg - 1].tolist()] + [marker]
-            now = int(time.time() * 1000)
-            cols = view_columns(v, lo, lo + per_msg, ts=np.full(per_msg, now, np.int64),
-                                item_ids=ids)
-            payload = encode_batch(cols)
-            sent[marker] = time.time()
-            prod.send("views", payload)
-            prod.p.poll(0)
-            seq[0] += 1
-
-        def poll() -> None:
-            nonlocal store
-            if store is None:
-                if not (store_dir / "data.mdb").exists() and not any(store_dir.glob("*")):
-                    return
-                try:
-                    store = open_store(store_url, readonly=True)
-                except Exception:
-                    return
-            pending = [m for m in sent if m not in seen]
-            if not pending:
-                return
-            now = time.time()
-            for m, t in zip(pending, store.get_block_tables("item", "views", pending)):
-                if t is not None:
-                    seen[m] = now
-
+        probe = _FreshnessProbe(info.bootstrap, store_dir, rate)
         try:
-            # warm-up: wait until the flow writes a first marker (consumer started, store open)
-            deadline = time.time() + 120
-            while "warm0" not in seen:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"tail flow exited:\n{log_path.read_text()[-3000:]}")
-                if time.time() > deadline:
-                    raise RuntimeError(f"tail flow wrote nothing in 120s; see {log_path}")
-                if "warm0" not in sent:
-                    send_marked("warm0")
-                time.sleep(0.05)
-                poll()
-            sent.clear()
-            seen.clear()
-            interval = per_msg / rate
-            start = time.time()
-            next_send = start
-            next_poll = start
-            k = 0
-            while time.time() - start < seconds:
-                now = time.time()
-                if now >= next_send:
-                    send_marked(f"m{k}")
-                    k += 1
-                    next_send += interval
-                if now >= next_poll:
-                    poll()
-                    next_poll += 0.05
-                time.sleep(max(0.0, min(next_send, next_poll) - time.time()))
-            produced_s = time.time() - start
-            drain = time.time() + 30
-            while len(seen) < len(sent) and time.time() < drain:
-                time.sleep(0.05)
-                poll()
+            _warm_up(probe, proc, log_path)
+            produced_s = _drive(probe, seconds)
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            if store is not None:
-                store.close()
+            _stop(proc)
+            probe.close()
     # a marker never seen counts with the time waited so far (a lower bound): no silent drops
     end = time.time()
-    lat = np.array([(seen.get(m, end) - sent[m]) * 1000 for m in sent])
+    lat = np.array([(probe.seen.get(m, end) - t) * 1000 for m, t in probe.sent.items()])
     return {
-        "messages": len(sent), "seen": len(seen), "events": len(sent) * per_msg,
-        "rate": len(sent) * per_msg / produced_s,
+        "markers": len(probe.sent), "seen": len(probe.seen),
+        "rate": len(probe.sent) * probe.per_burst / produced_s,
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
         "max_ms": float(lat.max()) if len(lat) else float("nan"),
     }
+
+
+# -- the whole run ---------------------------------------------------------------------
+
+
+@dataclass
+class Runs:
+    """Every measurement of one bench run."""
+
+    n: int
+    full: dict
+    count: dict
+    batched: dict
+    fresh: dict
+    quix: dict | None = None
+    quix_count: dict | None = None
+    check: Any = None  # streaming_check.CheckReport; None without a peer run
+    stored_total: int = 0
+
+
+def run_per_event(tmp: Path, v: Views, sample: dict[str, list[str]], skip_quix: bool
+                  ) -> tuple[dict, dict, dict | None, dict | None]:
+    """Produce the views once as single-event Avro messages; run both engines on them."""
+    from tessera.broker import EmbeddedBroker
+    from tessera.topics import create_topics
+
+    n = len(v)
+    count_features = tmp / "item_views.yaml"
+    count_features.write_text(ITEM_COUNT_YAML)
+    t = time.perf_counter()
+    values, keys = encode_views(v)
+    check_encoding(v, values)
+    print(f"encoded {n:,} views in {time.perf_counter() - t:.1f}s", flush=True)
+    quix = quix_count = None
+    with EmbeddedBroker(state_dir=tmp / "broker") as info:
+        create_topics(info.bootstrap, ["views", "deadletter"], partitions=PARTITIONS)
+        produce_s = produce_messages(info.bootstrap, values, keys)
+        del values, keys
+        print(f"produced {n:,} single-event Avro messages in {produce_s:.1f}s", flush=True)
+        full = run_tessera(info.bootstrap, ALL_FEATURES, tmp, "full", n)
+        count = run_tessera(info.bootstrap, count_features, tmp, "count", n)
+        if not skip_quix:
+            quix = run_quix(info.bootstrap, ALL_FEATURES, tmp, "full", n, sample)
+            quix_count = run_quix(info.bootstrap, count_features, tmp, "count", n, {})
+    return full, count, quix, quix_count
+
+
+def run_batched(tmp: Path, v: Views) -> dict:
+    """Produce the views as batch envelopes on a fresh broker; run Tessera on them."""
+    from tessera.broker import EmbeddedBroker
+    from tessera.topics import create_topics
+
+    with EmbeddedBroker(state_dir=tmp / "broker-batched") as info:
+        create_topics(info.bootstrap, ["views", "deadletter"], partitions=PARTITIONS)
+        produce_envelopes(info.bootstrap, v)
+        return run_tessera(info.bootstrap, ALL_FEATURES, tmp, "batched", len(v))
+
+
+def run_all(n: int, rate: int, seconds: float, skip_quix: bool) -> Runs:
+    """Generate the views and run every measurement and the output check."""
+    from bench.streaming_check import pick_sample
+
+    with tempfile.TemporaryDirectory(prefix="tessera-bench-") as tmpname:
+        tmp = Path(tmpname)
+        v = make_views(n)
+        print(f"generated {n:,} views ({len(np.unique(v.item)):,} items, event time "
+              "2025-11-01 22:30 to 01:30 UTC)", flush=True)
+        sample = pick_sample(v)
+        full, count, quix, quix_count = run_per_event(tmp, v, sample, skip_quix)
+        check, total = (check_outputs(v, ALL_FEATURES, full, quix, sample, count["store_url"])
+                        if quix else (None, 0))
+        if check is not None:
+            verdict = "passed" if check.ok else f"FAILED ({len(check.problems)} differences)"
+            print(f"output check: {verdict}", flush=True)
+        batched = run_batched(tmp, v)
+        fresh = measure_freshness(tmp, ALL_FEATURES, rate, seconds)
+    return Runs(n, full, count, batched, fresh, quix, quix_count, check, total)
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def print_table(n: int, runs: list[tuple[str, dict | None]]) -> None:
+    """One row per run: events, wall time, start-up, steady rate, peak RSS."""
+    print()
+    print(f"events: {n:,} views, {PARTITIONS} partitions, one worker per engine, same broker")
+    print(f"{'run':<52}{'events':>10}{'wall s':>8}{'startup s':>11}{'steady ev/s':>13}"
+          f"{'peak RSS MB':>13}")
+    for label, r in runs:
+        if r is None:
+            continue
+        print(f"{label:<52}{r['events']:>10,}{r['wall_s']:>8.1f}{r['first_data_s']:>11.1f}"
+              f"{steady_rate(r):>13,.0f}{r['peak_rss_mb']:>13,.0f}")
+
+
+def print_check(report: Any, total: int, n: int) -> None:
+    """Summarize the output check."""
+    compared = sum(report.compared.values())
+    per_size: dict[str, int] = {}
+    for label, c in report.compared.items():
+        size = label.rsplit("/", 1)[1]
+        per_size[size] = per_size.get(size, 0) + c
+    sizes = ", ".join(f"{s}: {c:,}" for s, c in per_size.items())
+    print(f"check: {compared:,} (feature, block) values of the sample compared ({sizes}); "
+          f"{len(report.compared)} feature x size pairs; max HLL difference "
+          f"{report.max_hll_diff:.1%}; sketch pairs settled by the exact value: "
+          f"{dict(report.sketch_fallbacks) or 0}")
+    print(f"check: stored 1d item_views counts of all items = {total:,} (produced {n:,})")
+
+
+def print_summary(r: Runs, rate: int, seconds: float) -> None:
+    """The table, the ratios, freshness and notes."""
+    n_views = len(load_views_features())
+    print_table(r.n, [
+        (f"tessera, all {n_views} views features", r.full),
+        ("tessera, item_views count", r.count),
+        (f"quix streams, all {n_views} views features", r.quix),
+        ("quix streams, item_views count", r.quix_count),
+        (f"tessera, all {n_views} features, 1000-event envelopes", r.batched),
+    ])
+    if r.quix and r.quix_count:
+        print(f"ratio tessera / quix, steady: every views feature "
+              f"{steady_rate(r.full) / steady_rate(r.quix):.2f}x, item_views count "
+              f"{steady_rate(r.count) / steady_rate(r.quix_count):.2f}x")
+    f = r.fresh
+    print(f"freshness (event produced -> block visible in LMDB), tail flow, every views "
+          f"feature, flush 500 ms: {f['rate']:,.0f} events/s offered as single-event messages "
+          f"for {seconds:g}s, {f['seen']}/{f['markers']} markers seen: p50 {f['p50_ms']:.0f} ms, "
+          f"p99 {f['p99_ms']:.0f} ms, max {f['max_ms']:.0f} ms")
+    print("notes: 'startup s' is launch -> first data (imports, topic metadata, group join); "
+          "both engines read one Avro message per event; Quix runs without changelog topics, "
+          f"its item windows close after {LATENESS_MS // 1000}s of grace, those after group_by "
+          f"get {REGROUP_GRACE_MS // 60_000} min (the replay's reordering) and do not close "
+          "during the run; Tessera writes blocks to LMDB.")
+
+
+def load_views_features() -> tuple:
+    """The ``views`` features of ``features.yaml``."""
+    from features.spec_loader import load_features
+
+    return load_features(ALL_FEATURES).for_source("views")
+
+
+def result_line(r: Runs) -> str:
+    """The RESULT line (call only after the output check passed)."""
+    if r.quix is None or r.quix_count is None:
+        raise ValueError("no RESULT line without the peer runs")
+    return (f"RESULT streaming events_per_s={steady_rate(r.full):.0f} "
+            f"ratio={steady_rate(r.full) / steady_rate(r.quix):.2f} "
+            f"freshness_p99_ms={r.fresh['p99_ms']:.0f} rss_mb={r.full['peak_rss_mb']:.0f} "
+            f"count_events_per_s={steady_rate(r.count):.0f} "
+            f"batched_events_per_s={steady_rate(r.batched):.0f} "
+            f"quix_events_per_s={steady_rate(r.quix):.0f} "
+            f"quix_count_events_per_s={steady_rate(r.quix_count):.0f} "
+            f"quix_rss_mb={r.quix['peak_rss_mb']:.0f}")
 
 
 # -- main ------------------------------------------------------------------------------
@@ -466,13 +610,11 @@ def measure_freshness(tmp: Path, features: Path, name: str, rate: int, seconds: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small smoke run (200k events, 5 s)")
+    ap.add_argument("--quick", action="store_true", help="small smoke run (100k events, 5 s)")
     ap.add_argument("--events", type=int, default=None, help="events to produce (2,000,000)")
     ap.add_argument("--rate", type=int, default=20_000, help="freshness produce rate, events/s")
     ap.add_argument("--seconds", type=float, default=None, help="freshness produce time (20)")
-    ap.add_argument("--all-events", type=int, default=None,
-                    help="events for the all-features run (300,000; its memory grows fast)")
-    ap.add_argument("--skip-quix", action="store_true", help="do not run the peer")
+    ap.add_argument("--skip-quix", action="store_true", help="do not run the peer (no RESULT)")
     ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._worker:
@@ -480,94 +622,23 @@ def main() -> None:
         (worker_tessera if kind == "tessera" else worker_quix)(json.loads(payload))
         return
 
-    from tessera.broker import EmbeddedBroker
     from tessera.logs import configure_logging
-    from tessera.topics import create_topics
 
     configure_logging(level="WARNING")
-    n = a.events or (200_000 if a.quick else 2_000_000)
+    n = a.events or (100_000 if a.quick else 2_000_000)
     seconds = a.seconds or (5.0 if a.quick else 20.0)
-    all_features = REPO / "features.yaml"
-    with tempfile.TemporaryDirectory(prefix="tessera-bench-") as tmpname:
-        tmp = Path(tmpname)
-        item_features = tmp / "item_views.yaml"
-        item_features.write_text(ITEM_COUNT_YAML)
-        t = time.perf_counter()
-        v = make_views(n)
-        gen_s = time.perf_counter() - t
-        print(f"generated {n:,} views in {gen_s:.1f}s "
-              f"({len(np.unique(v.item)):,} items, event time span 6h)", flush=True)
-        with EmbeddedBroker(state_dir=tmp / "broker") as info:
-            create_topics(info.bootstrap, ["views", "views_json", "deadletter"],
-                          partitions=PARTITIONS)
-            env_s = produce_envelopes(info.bootstrap, v)
-            print(f"produced {n:,} views as {n // BATCH_EVENTS:,} batch envelopes in {env_s:.1f}s",
-                  flush=True)
-            if not a.skip_quix:
-                json_s = produce_json(info.bootstrap, v)
-                print(f"produced {n:,} views as JSON messages in {json_s:.1f}s", flush=True)
-            item = run_tessera(info.bootstrap, item_features, tmp, "item", n)
-            print(f"tessera item_views: {item['wall_s']:.1f}s", flush=True)
-            got, expected = count_total(item["store_url"], v)
-            if got != expected:
-                raise RuntimeError(f"stored counts of the top items are {got}, expected {expected}")
-            quix = run_quix(info.bootstrap, tmp, n) if not a.skip_quix else None
-            if quix:
-                print(f"quix tumbling count: {quix['wall_s']:.1f}s", flush=True)
-        # Every views feature holds sketches and last-n lists per open block of ~all users:
-        # memory grows by GBs per million events, so this run reads its own, shorter topic.
-        n_all = min(n, a.all_events or (100_000 if a.quick else 300_000))
-        with EmbeddedBroker(state_dir=tmp / "broker-all") as info:
-            create_topics(info.bootstrap, ["views", "deadletter"], partitions=PARTITIONS)
-            produce_envelopes(info.bootstrap, v.head(n_all))
-            full = run_tessera(info.bootstrap, all_features, tmp, "all", n_all)
-            print(f"tessera all views features ({n_all:,} events): {full['wall_s']:.1f}s",
-                  flush=True)
-        fresh_item = measure_freshness(tmp, item_features, "item", a.rate, seconds)
-        print(f"freshness item_views: p99 {fresh_item['p99_ms']:.0f} ms", flush=True)
-        fresh = measure_freshness(tmp, all_features, "all", a.rate, seconds)
-
-    from features.spec_loader import load_features
-
-    n_views_features = len(load_features(all_features).for_source("views"))
-
-    def rates(r: dict) -> tuple[float, float]:
-        m = r["events"]
-        steady = m / (r["wall_s"] - r["first_data_s"]) if r.get("first_data_s") else float("nan")
-        return m / r["wall_s"], steady
-
-    item_rate, item_steady = rates(item)
-    full_rate, full_steady = rates(full)
-    quix_rate, quix_steady = rates(quix) if quix else (float("nan"), float("nan"))
-    ratio = item_rate / quix_rate if quix else float("nan")
-    print()
-    print(f"events: {n:,} views, {PARTITIONS} partitions, one worker per engine, same broker")
-    print(f"{'run':<44}{'events':>10}{'wall s':>8}{'startup s':>11}{'events/s':>11}"
-          f"{'steady ev/s':>13}{'peak RSS MB':>13}")
-    rows = [("tessera item_views (count, 5m/1h/1d blocks)", item, item_rate, item_steady),
-            (f"tessera all {n_views_features} views features", full, full_rate, full_steady)]
-    if quix:
-        rows.append(("quix 5m tumbling count/item (JSON msgs)", quix, quix_rate, quix_steady))
-    for label, r, rate, steady in rows:
-        print(f"{label:<44}{r['events']:>10,}{r['wall_s']:>8.1f}{r['first_data_s']:>11.1f}"
-              f"{rate:>11,.0f}{steady:>13,.0f}{r['peak_rss_mb']:>13,.0f}")
-    print(f"ratio tessera item_views / quix (wall, startup included): {ratio:.1f}x; "
-          f"steady: {item_steady / quix_steady:.1f}x")
-    print(f"check: stored 1d counts of the top 200 items = {got:,} (expected {expected:,})")
-    print(f"freshness (event produced -> block visible in LMDB), tail flow, flush 500 ms, "
-          f"{a.rate:,} events/s target for {seconds:g}s, 500 events a message, 1 marker each:")
-    for label, f in (("item_views", fresh_item), (f"all {n_views_features} views features", fresh)):
-        print(f"  {label:<28} produced {f['rate']:>8,.0f} ev/s, {f['seen']}/{f['messages']} markers "
-              f"seen: p50 {f['p50_ms']:.0f} ms, p99 {f['p99_ms']:.0f} ms, max {f['max_ms']:.0f} ms")
-    print("notes: wall time counts from process launch (imports, topic metadata, group join "
-          "for quix); 'startup s' is launch -> first data; Tessera reads 1000-event batch "
-          "envelopes, Quix one JSON message per event (its default deserializer); Quix runs "
-          "without changelog topics and discards window results; Tessera writes blocks to "
-          "LMDB (sync on).")
-    print(f"RESULT streaming events_per_s={item_rate:.0f} quix_events_per_s={quix_rate:.0f} "
-          f"ratio={ratio:.2f} freshness_p99_ms={fresh['p99_ms']:.0f} "
-          f"all_features_events_per_s={full_rate:.0f} "
-          f"freshness_item_p99_ms={fresh_item['p99_ms']:.0f}")
+    runs = run_all(n, a.rate, seconds, a.skip_quix)
+    print_summary(runs, a.rate, seconds)
+    if runs.check is None:
+        print("no peer run (--skip-quix): no output check, no RESULT line")
+        return
+    print_check(runs.check, runs.stored_total, n)
+    if not runs.check.ok:
+        print(f"OUTPUT CHECK FAILED ({len(runs.check.problems)} differences):")
+        for p in runs.check.problems[:40]:
+            print(f"  {p}")
+        sys.exit(1)
+    print(result_line(runs))
 
 
 if __name__ == "__main__":

@@ -97,6 +97,26 @@ class BlocksFlowConfig:
             out[topic] = tuple(dict.fromkeys(f.entity for f in self.features.for_source(topic)))
         return out
 
+    @cached_property
+    def fields(self) -> dict[str, tuple[str, ...]]:
+        """Per topic, the event fields the flow reads: time, entities, values, filters.
+
+        The source decodes only these (late and rejected events are decoded again in full).
+        """
+        from features.expressions import parse_filter
+
+        out: dict[str, tuple[str, ...]] = {}
+        for topic in self.topics:
+            names = {"event_ts"}
+            for f in self.features.for_source(topic):
+                names.add(f.entity)
+                if f.value:
+                    names.add(f.value)
+                if f.filter:
+                    names |= set(parse_filter(f.filter).fields)
+            out[topic] = tuple(sorted(names))
+        return out
+
     def shard_configs(self) -> dict[tuple[str, str], BlockShardConfig]:
         """One shard config per (topic, entity field) that features aggregate on."""
         out: dict[tuple[str, str], BlockShardConfig] = {}
@@ -159,11 +179,13 @@ class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
     CATCHUP_LAG_MS = 30_000
     #: flush early once this many blocks wait to be written: a flush's batch (and the
     #: store merge it feeds) stays bounded in memory however long the interval
-    MAX_DIRTY_BLOCKS = 250_000
+    MAX_DIRTY_BLOCKS = 1_000_000
 
     def __init__(self, shard: BlockShard, key: str, parts: list[str], flush_ms: int,
-                 catchup_flush_ms: int | None = None, lateness_ms: int = 0):
+                 catchup_flush_ms: int | None = None, lateness_ms: int = 0,
+                 resend_sealed: bool = True):
         self.shard = shard
+        self.resend_sealed = resend_sealed  # sealed blocks feed the offline table
         self.key = key
         self.parts = parts
         self.flush_ms = flush_ms
@@ -181,7 +203,7 @@ class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
 
     def _flush(self) -> list[ShardOutput]:
         wm = self.shard.watermark(self.parts)
-        flushed = self.shard.flush(wm)
+        flushed = self.shard.flush(wm, resend_sealed=self.resend_sealed)
         self.next_flush = after(self._interval())
         cfg = self.shard.config
         return [ShardOutput(entity_type=cfg.entity_type, family=cfg.topic, flush=flushed,
@@ -218,7 +240,7 @@ def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = 
     source = KafkaBatchSource(
         bootstrap=config.bootstrap, topics=config.topics, lateness=config.lateness_ms,
         bounded=config.bounded, batch_messages=config.batch_messages,
-        batch_events=config.batch_events,
+        batch_events=config.batch_events, fields=config.fields,
         start_offsets=config.start_offsets,
         stop_at_ts=config.event_range[1] if config.event_range else None,
         max_future_ms=config.max_future_ms, validate=True,
@@ -235,7 +257,8 @@ def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = 
 
         def build(state: BlockShardState | None) -> BlockShardLogic:
             return BlockShardLogic(cfg.build(state), key, parts_by_topic[topic],
-                                   config.flush_interval_ms, catchup_ms, config.lateness_ms)
+                                   config.flush_interval_ms, catchup_ms, config.lateness_ms,
+                                   resend_sealed=config.warehouse is not None)
         return build
 
     flow = Dataflow("tessera_blocks")

@@ -98,11 +98,55 @@ class SourceBatch:
     #: the partition's log was reset under the source (a broker restarted empty) and this is
     #: the first batch read from the new log: offsets went back to ``first_offset``
     log_reset: bool = False
+    #: when ``columns`` hold only some fields (a projected read): the poll's raw messages,
+    #: and for each event its message and its position in that message
+    messages: MessageRows | None = None
 
     @property
     def part(self) -> str:
         """``topic:partition``: the key partition watermarks are tracked by."""
         return f"{self.topic}:{self.partition}"
+
+    def full_columns(self, rows: np.ndarray) -> tuple[EventColumns, np.ndarray]:
+        """Every field of the events at ``rows``, and which of ``rows`` they are (a mask).
+
+        A projected read decodes those messages again (see ``MessageRows.full_columns``).
+        """
+        rows = np.asarray(rows, np.int64)
+        if self.messages is None:
+            return self.columns.take(rows), np.ones(len(rows), dtype=bool)
+        return self.messages.full_columns(self.topic, rows)
+
+
+@dataclass
+class MessageRows:
+    """The raw messages of a projected poll and where each decoded event came from."""
+
+    payloads: list[bytes]
+    message: np.ndarray  # int64 per event: index into ``payloads``
+    position: np.ndarray  # int64 per event: its place among its message's events
+
+    def take(self, rows: np.ndarray) -> MessageRows:
+        """The same messages, for the events at ``rows``."""
+        return MessageRows(self.payloads, self.message[rows], self.position[rows])
+
+    def full_columns(self, topic: str, rows: np.ndarray) -> tuple[EventColumns, np.ndarray]:
+        """Decode the messages of ``rows`` with every field: those events, and a mask of rows.
+
+        A message that no longer decodes in full (a field the projection skipped is malformed,
+        e.g. invalid UTF-8) loses its events here: they are logged and left out of the mask.
+        """
+        rows = np.asarray(rows, np.int64)
+        msgs, inv = np.unique(self.message[rows], return_inverse=True)
+        full = decode_messages([self.payloads[m] for m in msgs.tolist()], topic)
+        first = np.searchsorted(full.source_index, np.arange(len(msgs)))
+        pick = first[inv] + self.position[rows]
+        ok = pick < len(full.columns)
+        ok[ok] &= full.source_index[pick[ok]] == inv[ok]
+        if not ok.all():
+            log.warning("source.full_decode_failed", topic=topic,
+                        events=int((~ok).sum()), reasons=sorted(set(full.errors.values()))[:3])
+        return full.columns.take(pick[ok]), ok
 
 
 _INTACT, _RESET = "intact", "reset"
@@ -153,23 +197,26 @@ def invalid_events(cols: EventColumns, now_ms: int,
     return bad, why
 
 
-def rejected_deadletters(topic: str, partition: int, cols: EventColumns, offsets: np.ndarray,
-                         bad: np.ndarray, reasons: Mapping[int, str]) -> list[DeadLetter]:
-    """Dead letters (stage ``validate``) for the ``bad`` events, each re-encoded on its own."""
+def rejected_deadletters(topic: str, partition: int, bad_cols: EventColumns,
+                         offsets: np.ndarray, reasons: list[str]) -> list[DeadLetter]:
+    """Dead letters (stage ``validate``) for rejected events, each re-encoded on its own.
+
+    ``bad_cols`` holds every field of the rejected events; ``offsets`` and ``reasons`` are theirs.
+    """
     from schemas.codec import encode
     from schemas.columnar import columns_to_records
 
-    idx = np.flatnonzero(bad)
     now = int(time.time() * 1000)
     out = []
-    for rec, i in zip(columns_to_records(cols.take(idx)), idx.tolist(), strict=True):
+    for rec, off, reason in zip(columns_to_records(bad_cols), offsets.tolist(), reasons,
+                                strict=True):
         try:
             payload = encode(topic, rec)
         except Exception:  # the payload is evidence only; the reason says what was wrong
             payload = repr(rec).encode()
         out.append(DeadLetter(
-            topic=topic, partition=partition, offset=int(offsets[i]), payload=payload,
-            key=None, reason=reasons[i], stage="validate", failed_ts=now))
+            topic=topic, partition=partition, offset=int(off), payload=payload,
+            key=None, reason=reason, stage="validate", failed_ts=now))
     return out
 
 
@@ -328,12 +375,17 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         return True
 
     def _idle_check(self) -> None:
-        """Fallback for a restart no error reported: is the log still the one read?"""
+        """Fallback for what no error reported: a restarted log, or a stalled consumer.
+
+        The partition has been idle for ``VERIFY_IDLE_S``. If the log holds a batch at or
+        past our position (``high > offset``: on Tansu ``high`` is the start of the last batch
+        plus one) the consumer should have delivered it: it is stalled (seen after a broker
+        restart, fetching a recreated topic), so it is replaced. Otherwise, a log shorter than
+        our position is checked for a reset.
+        """
         from confluent_kafka import KafkaException, TopicPartition
 
         offset = self._cursor.offset
-        if offset <= 0:
-            return  # nothing read: the consumer's position is valid in any log
         try:
             marks = self._consumer.get_watermark_offsets(
                 TopicPartition(self._topic, self._partition),
@@ -344,6 +396,18 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             self._set_suspect()  # the broker does not answer: check once it does
             return
         low, high = marks
+        if low < 0 or high < 0:  # the consumer's view of the partition is gone (stale topic)
+            log.warning("source.consumer_stalled", topic=self._topic, partition=self._partition,
+                        offset=offset, low=low, high=high)
+            self._set_suspect()
+            return
+        if high > max(offset, low):
+            log.warning("source.consumer_stalled", topic=self._topic, partition=self._partition,
+                        offset=offset, high=high, idle_s=self.VERIFY_IDLE_S)
+            self._set_suspect()  # checked, then a new consumer takes over
+            return
+        if offset <= 0:
+            return  # nothing read: the consumer's position is valid in any log
         if high >= offset or (low, high, offset) == self._verified:
             return
         verdict, _ = self._probe_log()
@@ -375,9 +439,9 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         first = None
         last = None
         next_offset = self._cursor.offset
-        records = [m for m in msgs if m.error() is None]
-        for m in msgs:
-            err = m.error()
+        errs = [m.error() for m in msgs]
+        records = [m for m, e in zip(msgs, errs) if e is None] if any(errs) else msgs
+        for err in errs:
             if err is None:
                 continue
             if err.code() == KafkaError._PARTITION_EOF:
@@ -388,7 +452,7 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         if records:
             first, last = records[0].offset(), records[-1]
             next_offset = last.offset() + 1
-            cols, offsets, dead = self._decode(records)
+            cols, offsets, dead, messages = self._decode(records)
         if first is None:
             if self._eof:
                 raise StopIteration()
@@ -416,10 +480,15 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             bad, reasons = invalid_events(cols, int(time.time() * 1000),
                                           self._source.max_future_ms)
             if bad.any():
-                dead += rejected_deadletters(self._topic, self._partition, cols, offsets, bad,
-                                             reasons)
+                idx = np.flatnonzero(bad)
+                full, ok = (messages.full_columns(self._topic, idx) if messages is not None
+                            else (cols.take(idx), np.ones(len(idx), dtype=bool)))
+                dead += rejected_deadletters(self._topic, self._partition, full,
+                                             offsets[idx[ok]],
+                                             [reasons[i] for i in idx[ok].tolist()])
                 keep = np.flatnonzero(~bad)
                 cols, offsets, ts = cols.take(keep), offsets[keep], ts[keep]
+                messages = messages.take(keep) if messages is not None else None
         late, new_max = classify_late(self._cursor.max_ts, ts, self._source.lateness)
         self._cursor = PartitionCursor(
             offset=next_offset, max_ts=new_max,
@@ -432,7 +501,7 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             topic=self._topic, partition=self._partition, columns=cols, late=late,
             watermark=new_max - self._source.lateness if new_max > NO_TIME else NO_TIME,
             first_offset=first, next_offset=next_offset, deadletters=dead,
-            offsets=offsets, log_reset=reset,
+            offsets=offsets, log_reset=reset, messages=messages,
         )]
 
     def _poll_size(self) -> int:
@@ -442,10 +511,17 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             return src.batch_messages
         return max(1, min(src.batch_messages, int(src.batch_events / self._events_per_message)))
 
-    def _decode(self, records: list[Any]) -> tuple[EventColumns, np.ndarray, list[DeadLetter]]:
-        """Decode the messages of one poll at once: columns, each event's offset, dead letters."""
+    def _decode(self, records: list[Any]
+                ) -> tuple[EventColumns, np.ndarray, list[DeadLetter], MessageRows | None]:
+        """Decode the messages of one poll at once.
+
+        Returns the columns (only the source's ``fields`` of this topic, when it projects),
+        each event's offset, the dead letters, and the raw messages of a projected read.
+        """
         payloads = [m.value() or b"" for m in records]
-        decoded = decode_messages(payloads, self._topic)
+        fields = self._source.fields.get(self._topic) if self._source.fields else None
+        decoded = (decode_messages(payloads, self._topic) if fields is None
+                   else decode_messages(payloads, self._topic, fields=fields))
         offsets = np.fromiter((m.offset() for m in records), np.int64, len(records))
         dead = []
         if decoded.errors:
@@ -458,7 +534,12 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         events = len(decoded.columns) + len(dead)
         self._events_per_message = max(1.0, 0.5 * self._events_per_message
                                        + 0.5 * events / len(records))
-        return decoded.columns, offsets[decoded.source_index], dead
+        src = decoded.source_index
+        messages = None
+        if fields is not None:
+            first = np.searchsorted(src, src)  # rows of one message are consecutive
+            messages = MessageRows(payloads, src, np.arange(len(src), dtype=np.int64) - first)
+        return decoded.columns, offsets[src], dead, messages
 
     def next_awake(self) -> datetime | None:
         return None
@@ -493,6 +574,9 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
             move its partition's watermark into the future and make later events late.
         validate: dead-letter invalid events (see :func:`invalid_events`: future-dated,
             over-long ids) instead of passing them on; off, every decoded event is read.
+        fields: per topic, the only fields to decode (a projection: the others are skipped
+            in the bulk decode); batches then keep their raw messages so that
+            ``SourceBatch.full_columns`` gives every field of late or rejected events.
     """
 
     def __init__(
@@ -511,6 +595,7 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         max_future_ms: int | None = None,
         validate: bool = False,
         batch_events: int | None = None,
+        fields: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.topics = tuple(topics)
@@ -518,6 +603,7 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         self.bounded = bounded
         self.batch_messages = batch_messages
         self.batch_events = batch_events
+        self.fields = {t: tuple(f) for t, f in (fields or {}).items()}
         self.poll_s = poll_s
         self.start_offsets = dict(start_offsets or {})
         self.consumer_overrides = dict(consumer_overrides or {})

@@ -13,6 +13,9 @@ from tessera.logs import get_logger
 
 log = get_logger("dataflows.runner")
 
+NO_RECOVERY_EPOCH_S = 600.0
+"""Epoch length when a flow runs without a recovery directory (epochs then pace nothing)."""
+
 
 def prepare_recovery_dir(recovery_dir: Path, partitions: int = 1) -> RecoveryConfig:
     """Create the Bytewax recovery directory on first use and return its config.
@@ -47,6 +50,11 @@ def run_flow(
         epoch_interval_s: how often snapshots are taken.
     """
     recovery = prepare_recovery_dir(recovery_dir) if recovery_dir else None
+    if recovery is None:
+        # Bytewax asks every stateful step for a snapshot at each epoch even without
+        # recovery; a blocks shard's snapshot copies its whole state, so epochs that pace
+        # nothing would cost time and memory in proportion to the state
+        epoch_interval_s = max(epoch_interval_s, NO_RECOVERY_EPOCH_S)
     log.info("flow_start", flow=flow.flow_id, workers=workers, process_id=process_id,
              addresses=addresses, recovery=str(recovery_dir) if recovery_dir else None)
     cli_main(

@@ -16,6 +16,10 @@ from tessera.logs import get_logger
 log = get_logger("dataflows.sinks")
 
 
+WRITE_CHUNK_ENTITIES = 20_000
+"""Entities written per store transaction (a large flush is written in several)."""
+
+
 @dataclass
 class ShardOutput:
     """What one shard flush produced: blocks to write and the shard's watermark."""
@@ -64,7 +68,8 @@ class _StorePartition(StatelessSinkPartition[Any]):
             keep_after = ({size: wm - ms for size, ms in keep.items()}
                           if keep and wm > -(2**61) else None)
             batch = BlockBatch.concat(batches)
-            self.store.put_block_batch(entity_type, family, batch, keep_after=keep_after)
+            for chunk in batch.chunks(WRITE_CHUNK_ENTITIES):
+                self.store.put_block_batch(entity_type, family, chunk, keep_after=keep_after)
             self.blocks_written += len(batch)
         if watermarks:  # after the blocks they vouch for
             self.store.set_watermarks(watermarks)
@@ -162,7 +167,8 @@ class _LatePartition(StatelessSinkPartition[Any]):
         now = int(time.time() * 1000)
         for batch in items:
             idx = batch.late.nonzero()[0]
-            late_cols = batch.columns.take(idx)
+            late_cols, ok = batch.full_columns(idx)
+            idx = idx[ok]
             offsets = batch.offsets[idx] if batch.offsets is not None else [-1] * len(idx)
             for rec, off in zip(columns_to_records(late_cols), list(offsets)):
                 rows.append((batch.topic, batch.partition, int(off), int(rec["event_ts"]),

@@ -210,15 +210,21 @@ class _OpenBlocks:
             grown[:self.n] = getattr(self, name)[:self.n]
             setattr(self, name, grown)
 
-    def to_write(self, watermark: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """Rows to write now (changed, or sealing now) and which of them seal; marks them."""
+    def to_write(self, watermark: int | None, resend_sealed: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows to write now and which of them seal; marks them.
+
+        Rows to write: the changed ones, and (``resend_sealed``) those sealing now even if
+        unchanged since their last write.
+        """
         n = self.n
         sealing = None
         if watermark is not None and self.min_open_end is not None \
                 and watermark >= self.min_open_end:
             sealing = ~self.done[:n] & (self.ends[:n] <= watermark)
         changed = self.dirty[:n]
-        rows = np.flatnonzero(changed if sealing is None else changed | sealing)
+        send = changed if sealing is None or not resend_sealed else changed | sealing
+        rows = np.flatnonzero(send)
         self.dirty[:n] = False
         if sealing is None:
             return rows, np.zeros(len(rows), dtype=bool)
@@ -324,20 +330,21 @@ class BlockShard:
         return min((wms.get(p, _NO_WATERMARK) for p in partitions), default=_NO_WATERMARK)
 
     # ------------------------------------------------------------------ output
-    def flush(self, watermark: int | None = None) -> ShardFlush:
+    def flush(self, watermark: int | None = None, *, resend_sealed: bool = True) -> ShardFlush:
         """Return every changed block (full rep), and seal blocks ending by ``watermark``.
 
-        A sealed block is returned once more with ``sealed`` set (even if unchanged) so that
-        the offline table receives each closed block; it is then never returned again and is
-        evicted from memory. The result is columnar (``BlockBatch``): no Python object per
-        block.
+        With ``resend_sealed`` a sealed block is returned once more with ``sealed`` set (even
+        if unchanged) so that the offline table receives each closed block; without it (no
+        offline table to feed) only changed blocks are returned. A sealed block is then never
+        returned again and is evicted from memory. The result is columnar (``BlockBatch``):
+        no Python object per block.
         """
         codes_parts, fidx_parts, st_parts, sz_parts, len_parts, blobs, sealed_parts = (
             [], [], [], [], [], [], [])
         for fi, table in enumerate(self.tables):
             if table.n == 0:
                 continue
-            rows, sealed = table.to_write(watermark)
+            rows, sealed = table.to_write(watermark, resend_sealed)
             if len(rows):
                 blob, lengths = table.column.serialize(rows)
                 keys = table.keys[rows]

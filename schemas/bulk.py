@@ -9,35 +9,48 @@ messages (Confluent framing: magic byte 0, 4-byte schema id, Avro body) together
    messages. Reads go through a view of the buffer whose item ``p`` is the 8 bytes from
    ``p``, so a varint (zigzag long or int, string length, union branch, enum index), a
    double or a float is one gather plus a few bit operations for all messages.
-3. String fields are dictionary-encoded: the bytes of each value (with its length) go
-   into a hash table built a whole round of strings at a time, where every string compares
-   its bytes with the one that won its slot. Only the distinct values become ``str``
-   objects: ASCII ones in one numpy cast, the others through ``bytes.decode`` (which also
-   rejects invalid UTF-8).
+3. A map field is a series of blocks of entries. It is walked one entry per step: each step
+   reads a key and a value in every message still inside the map, and the next block header
+   (count, and byte size after a negative count) where a block ended; a message leaves the
+   walk when its map ends. So the steps are as many as the longest map has entries.
+4. String fields, map keys and string map values are dictionary-encoded: the bytes of each
+   value (with its length) go into a hash table built a whole round of strings at a time,
+   where every string compares its bytes with the one that won its slot. Only the distinct
+   values become ``str`` objects: ASCII ones in one numpy cast, the others through
+   ``bytes.decode`` (which also rejects invalid UTF-8). Building each map's dict is the one
+   piece of Python work per message.
 
-No Python code runs per message on that path. What it does not take goes, one message at a
-time, through ``decode_message`` (the scalar reference), whose verdict then stands:
+``fields=`` (a projection) keeps the columns of those fields only; the others are still read
+and checked, but skipped: no dictionaries, no dicts, any string length. Decoding a few plain
+fields of ``impressions`` then costs little more than walking its maps.
+
+Beyond those dicts, no Python code runs per message on that path. What it does not take
+goes, one message at a time, through ``decode_message`` (the scalar reference), whose
+verdict then stands:
 
 - messages it finds malformed or merely unusual: a bad or short header, a schema id other
   than the topic's, a read past the message end, a negative string length, a string longer
-  than ``MAX_FAST_STRING`` bytes, a union branch or enum index out of range, an ``int``
-  outside 32 bits, a varint over 10 bytes (or beyond 64 bits), trailing bytes, invalid UTF-8.
-  When ``decode_message`` raises, ``str(exc)`` is the reason in ``errors``; when it accepts
-  the message after all (fastavro reads union branch -1 as the last branch), its columns are
-  used. So ``errors`` holds exactly the messages the scalar path rejects, with its wording.
+  than ``MAX_FAST_STRING`` bytes in a field (or map) that is decoded, a union branch or enum
+  index out of range, an ``int`` outside 32 bits, a varint over 10 bytes (or beyond 64
+  bits), a map of more than ``MAX_FAST_MAP_ENTRIES`` entries, trailing bytes, invalid UTF-8;
+  also the last few messages inside a map, when a poll's longest maps outlast the rest by
+  far. When ``decode_message`` raises, ``str(exc)`` is the reason in ``errors``; when it
+  accepts the message after all (fastavro reads union branch -1 as the last branch), its
+  columns are used. So ``errors`` holds exactly the messages the scalar path rejects, with
+  its wording (with a projection, see ``decode_messages`` for the one exception).
 - batch envelopes (schema id 100): already columnar, each is one ``decode_message`` call.
 
-Topics whose schema the vectorized pass cannot describe (map fields, as in ``impressions``)
-read each single event with fastavro (``schemas.codec.read_body``) and turn all the records
-into columns with one ``records_to_columns`` call.
+Topics whose schema the vectorized pass cannot describe (a nullable number, a boolean, an
+array: no topic today) read each single event with fastavro (``schemas.codec.read_body``)
+and turn all the records into columns with one ``records_to_columns`` call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import cache
-from itertools import chain
+from itertools import chain, islice
 from typing import Literal, get_args
 
 import numpy as np
@@ -60,7 +73,12 @@ MAX_FAST_STRING = 64
 """Longest string, in bytes, the vectorized pass reads; a longer one sends its message to
 the scalar path."""
 
-FastKind = Literal["long", "int", "double", "float", "string", "enum"]
+FastKind = Literal["long", "int", "double", "float", "string", "enum", "map"]
+MapValues = Literal["double", "float", "string"]
+
+MAX_FAST_MAP_ENTRIES = 128
+"""Most entries a map may hold on the vectorized pass; a longer one sends its message to
+the scalar path (the pass takes one step per entry, for all messages at once)."""
 
 # Zero bytes after the last payload. A cursor stops at most MAX_FAST_STRING bytes past its
 # message's end (it is then rejected) and reads at most 16 bytes from there.
@@ -108,11 +126,16 @@ class _Field:
     kind: FastKind
     null_branch: int | None  # union branch of null in ["null", T] or [T, "null"]
     symbols: tuple[str, ...]
+    map_values: MapValues | None = None
 
 
 def _field_plan(info: FieldInfo) -> _Field | None:
     if info.kind not in get_args(FastKind):
         return None
+    if info.kind == "map":
+        if info.nullable or info.map_values not in get_args(MapValues):
+            return None
+        return _Field(info.name, "map", None, (), info.map_values)  # type: ignore[arg-type]
     null_branch = None
     if info.nullable:
         if info.kind not in ("string", "enum"):
@@ -173,15 +196,22 @@ def _varint_head(word: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return value, size, stops == 0
 
 
-def _varint_tail(cur: _Cursor, longer: np.ndarray, value: np.ndarray, size: np.ndarray) -> None:
-    """Finish the 9- and 10-byte varints at ``longer`` rows in place; reject longer ones."""
-    tail = cur.words[cur.pos + 8]
+def _varint_tail(
+    words: np.ndarray, pos: np.ndarray, longer: np.ndarray, value: np.ndarray, size: np.ndarray
+) -> np.ndarray:
+    """Finish the 9- and 10-byte varints at ``longer`` rows in place; return the rows among
+    them that go on (an 11th byte, or bits past 64)."""
+    tail = words[pos + 8]
     b8, b9 = tail & _U64(0xFF), (tail >> _U64(8)) & _U64(0xFF)
     ten = b8 >= 0x80
-    cur.reject(longer, ten & (b9 > 1))  # an 11th byte, or bits past 64
     high = np.where(ten, (b8 & _U64(0x7F)) | (b9 << _U64(7)), b8)
     value[longer] |= high[longer] << _U64(56)
     size[longer] = np.where(ten, 10, 9)[longer]
+    return longer & ten & (b9 > 1)
+
+
+def _unzigzag(value: np.ndarray) -> np.ndarray:
+    return ((value >> _ONE) ^ (_ZERO - (value & _ONE))).view(np.int64)
 
 
 def _read_varint(cur: _Cursor, live: np.ndarray) -> np.ndarray:
@@ -193,9 +223,22 @@ def _read_varint(cur: _Cursor, live: np.ndarray) -> np.ndarray:
     value, size, longer = _varint_head(cur.words[cur.pos])
     longer &= live
     if longer.any():
-        _varint_tail(cur, longer, value, size)
+        cur.reject(longer, _varint_tail(cur.words, cur.pos, longer, value, size))
     cur.advance(live, size)
-    return ((value >> _ONE) ^ (_ZERO - (value & _ONE))).view(np.int64)
+    return _unzigzag(value)
+
+
+def _varints_at(
+    cur: _Cursor, pos: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | int, np.ndarray]:
+    """Read one zigzag varint at each of ``pos`` (not the cursors' own positions): return
+    ``(value, size, bad)``, bad marking varints over 10 bytes or beyond 64 bits."""
+    first = cur.buf[pos]
+    if not (first >= 0x80).any():
+        return _ZIGZAG_BYTE[first], 1, np.zeros(len(pos), bool)
+    value, size, longer = _varint_head(cur.words[pos])
+    bad = _varint_tail(cur.words, pos, longer, value, size) if longer.any() else longer
+    return _unzigzag(value), size, bad
 
 
 def _read_float(cur: _Cursor, live: np.ndarray, kind: FastKind) -> np.ndarray:
@@ -208,20 +251,36 @@ def _read_float(cur: _Cursor, live: np.ndarray, kind: FastKind) -> np.ndarray:
 
 
 @dataclass
+class _MapEntries:
+    """The entries of one map field for every message, grouped by message (in cursor order),
+    each message's entries in wire order."""
+
+    counts: np.ndarray  # int64 per cursor: entries read (complete where the cursor is ok)
+    key_start: np.ndarray
+    key_len: np.ndarray
+    value: np.ndarray  # where each double/float value is, or where each string value starts
+    value_len: np.ndarray | None  # string values only
+
+
+@dataclass
 class _Raw:
-    """One field read for every message: numbers, enum indexes or string spans."""
+    """One field read for every message: numbers, enum indexes, string spans or map entries."""
 
     values: np.ndarray  # int64 / float64 values, enum indexes, or string starts
     lengths: np.ndarray | None = None  # string lengths
     null: np.ndarray | None = None  # rows holding null (nullable fields only)
+    entries: _MapEntries | None = None  # map fields only
 
 
-def _read_value(cur: _Cursor, live: np.ndarray, field: _Field) -> _Raw:
+def _read_value(cur: _Cursor, live: np.ndarray, field: _Field, keep: bool) -> _Raw:
     if field.kind in ("double", "float"):
         return _Raw(_read_float(cur, live, field.kind))
     value = _read_varint(cur, live)
     if field.kind == "string":
-        cur.reject(live, value.view(np.uint64) > MAX_FAST_STRING)  # negative or long
+        if keep:
+            cur.reject(live, value.view(np.uint64) > MAX_FAST_STRING)  # negative or long
+        else:  # any length that fits in the message
+            cur.reject(live, (value < 0) | (value > cur.end - cur.pos))
         live = live & cur.ok
         start = cur.pos.copy()
         cur.advance(live, value)
@@ -233,24 +292,176 @@ def _read_value(cur: _Cursor, live: np.ndarray, field: _Field) -> _Raw:
     return _Raw(value)
 
 
-def _read_field(cur: _Cursor, field: _Field) -> _Raw:
-    """Read ``field`` at every cursor still on the fast path, moving the cursors past it."""
+def _read_field(cur: _Cursor, field: _Field, keep: bool = True) -> _Raw:
+    """Read ``field`` at every cursor still on the fast path, moving the cursors past it.
+
+    With ``keep`` false the field is only checked and skipped: strings may then be of any
+    length, and map entries are not kept (the raw read is not for building a column).
+    """
+    if field.kind == "map":
+        return _Raw(np.empty(0, np.int64), entries=_read_map(cur, field, keep))
     live = cur.ok.copy()
     if field.null_branch is None:
-        return _read_value(cur, live, field)
+        return _read_value(cur, live, field, keep)
     branch = _read_varint(cur, live)
     cur.reject(live, branch.view(np.uint64) > 1)
     null = branch == field.null_branch
-    raw = _read_value(cur, cur.ok & ~null, field)
+    raw = _read_value(cur, cur.ok & ~null, field, keep)
     raw.null = null
     return raw
 
 
-def _scan(cur: _Cursor, plan: tuple[_Field, ...]) -> list[_Raw]:
-    """Read every field of every body; afterwards ``cur.ok`` marks the well-formed ones."""
-    raws = [_read_field(cur, field) for field in plan]
+def _scan(
+    cur: _Cursor, plan: tuple[_Field, ...], keep: frozenset[str] | None = None
+) -> list[_Raw | None]:
+    """Read every field of every body; afterwards ``cur.ok`` marks the well-formed ones.
+
+    Fields outside ``keep`` (when given) are checked and skipped; their entry is None.
+    """
+    raws: list[_Raw | None] = []
+    for field in plan:
+        kept = keep is None or field.name in keep
+        raw = _read_field(cur, field, kept)
+        raws.append(raw if kept else None)
     cur.ok &= cur.pos == cur.end  # no trailing bytes
     return raws
+
+
+# ---------------------------------------------------------------- maps, one entry per step
+
+# When no more than this many messages (and at most 1/64 of those that entered) are still
+# inside a map, with many entries left, they go to the scalar path: one step costs about
+# what decoding a message alone does, so stepping on for a few long maps would cost more.
+_MAP_TAIL = 8
+
+
+@dataclass
+class _Walk:
+    """The messages still inside one map: their cursor rows, read positions, message ends,
+    the entries left in the current block, and the entries read so far."""
+
+    rows: np.ndarray
+    pos: np.ndarray
+    end: np.ndarray
+    left: np.ndarray
+    seen: np.ndarray
+
+    def subset(self, stay: np.ndarray) -> _Walk:
+        """The messages where ``stay`` holds."""
+        return _Walk(self.rows[stay], self.pos[stay], self.end[stay], self.left[stay],
+                     self.seen[stay])
+
+
+def _string_at(
+    cur: _Cursor, pos: np.ndarray, end: np.ndarray, longest: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Read a string at each of ``pos``: return ``(start, length, position after, bad)``.
+
+    Bad: a bad length varint, a negative length, a string running past ``end`` or longer
+    than ``longest``. A bad string is not stepped over, so no position runs far past ``end``.
+    """
+    length, size, bad = _varints_at(cur, pos)
+    start = pos + size
+    bad |= (length < 0) | (length > end - start)
+    if longest is not None:
+        bad |= length > longest
+    return start, length, start + np.where(bad, 0, length), bad
+
+
+def _block_header(
+    cur: _Cursor, pos: np.ndarray, end: np.ndarray, seen: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a map block header at each of ``pos``: return ``(entries, position after, bad)``.
+
+    A negative count ``-n`` means ``n`` entries after a varint holding the block's size in
+    bytes, which fastavro reads and ignores; so does this. Bad: a bad varint, a header
+    running past ``end``, or more than MAX_FAST_MAP_ENTRIES entries counting ``seen``.
+    """
+    count, size, bad = _varints_at(cur, pos)
+    pos = pos + size
+    negative = count < 0
+    if negative.any():
+        _, block_size, size_bad = _varints_at(cur, pos)
+        pos = pos + np.where(negative, block_size, 0)
+        bad |= negative & size_bad
+        count = np.where(negative, -count, count)  # -(-2**63) stays negative: bad below
+    bad |= (count < 0) | (count > MAX_FAST_MAP_ENTRIES - seen) | (pos > end)
+    return count, pos, bad
+
+
+def _read_map(cur: _Cursor, field: _Field, keep: bool) -> _MapEntries | None:
+    """Walk the map ``field`` at every cursor still on the fast path and move the cursors
+    past it; return its entries when ``keep``.
+
+    Each step reads one entry (key, then value) of every message still inside the map, and
+    the next block header of those whose block ended; a message leaves the walk when its map
+    ends (count 0) or when it is rejected. Every read is bounds-checked first, so the
+    positions of the walk never run more than a varint or a value past their message's end.
+    """
+    rows = np.flatnonzero(cur.ok)
+    end, seen = cur.end[rows], np.zeros(len(rows), np.int64)
+    left, pos, bad = _block_header(cur, cur.pos[rows], end, seen)
+    walk = _Walk(rows, pos, end, left, seen)
+    total = len(rows)
+    longest = MAX_FAST_STRING if keep else None
+    steps: list[tuple[np.ndarray | None, ...]] = []
+    while True:
+        leave = bad | (walk.left == 0)
+        if leave.any():
+            cur.ok[walk.rows[bad]] = False
+            done = leave & ~bad
+            cur.pos[walk.rows[done]] = walk.pos[done]
+            walk = walk.subset(~leave)
+        if len(walk.rows) == 0:
+            break
+        few = len(walk.rows) <= _MAP_TAIL and 64 * len(walk.rows) <= total
+        if few and int(walk.left.max()) > 2 * len(walk.rows):
+            cur.ok[walk.rows] = False
+            break
+        key_start, key_len, pos, bad = _string_at(cur, walk.pos, walk.end, longest)
+        if field.map_values == "string":
+            value, value_len, pos, value_bad = _string_at(cur, pos, walk.end, longest)
+            bad |= value_bad
+        else:
+            value, value_len = pos, None
+            pos = pos + (8 if field.map_values == "double" else 4)
+            bad |= pos > walk.end
+        if keep:
+            steps.append((walk.rows, walk.seen, key_start, key_len, value, value_len))
+        walk.pos, walk.seen, walk.left = pos, walk.seen + 1, walk.left - 1
+        ended = (walk.left == 0) & ~bad
+        if ended.any():
+            count, after, header_bad = _block_header(
+                cur, walk.pos[ended], walk.end[ended], walk.seen[ended]
+            )
+            walk.left[ended], walk.pos[ended] = count, after
+            bad[ended] |= header_bad
+    return _group_entries(steps, len(cur.ok)) if keep else None
+
+
+def _group_entries(steps: list[tuple[np.ndarray | None, ...]], n: int) -> _MapEntries:
+    """Put the entries read step by step (``(rows, index in message, key start, key length,
+    value, value length)`` per step) in message order, each message's in wire order."""
+    if not steps:
+        empty = np.empty(0, np.int64)
+        return _MapEntries(np.zeros(n, np.int64), empty, empty, empty, None)
+    rows, index, key_start, key_len, value = (
+        np.concatenate([step[k] for step in steps]) for k in range(5)
+    )
+    counts = np.bincount(rows, minlength=n).astype(np.int64)
+    first = np.zeros(n, np.int64)
+    np.cumsum(counts[:-1], out=first[1:])
+    slot = first[rows] + index  # the entries of a message were read as 0, 1, 2...
+
+    def grouped(values: np.ndarray) -> np.ndarray:
+        out = np.empty_like(values)
+        out[slot] = values
+        return out
+
+    value_len = None
+    if steps[0][5] is not None:
+        value_len = grouped(np.concatenate([step[5] for step in steps]))
+    return _MapEntries(counts, grouped(key_start), grouped(key_len), grouped(value), value_len)
 
 
 # ---------------------------------------------------------------- strings to dictionaries
@@ -379,20 +590,67 @@ def _enum_column(field: _Field, raw: _Raw, rows: np.ndarray) -> DictColumn:
     return DictColumn(codes, symbols)
 
 
+def _float_values(words: np.ndarray, where: np.ndarray, kind: MapValues) -> np.ndarray:
+    """The doubles (or floats) stored at ``where``, as float64."""
+    word = words[where]
+    if kind == "double":
+        return word.view("<f8").astype(np.float64)
+    return (word & _U64(0xFFFFFFFF)).astype("<u4").view("<f4").astype(np.float64)
+
+
+def _map_column(
+    words: np.ndarray, field: _Field, entries: _MapEntries, ok: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The column of a map field over the rows where ``ok`` (an object array of dicts), and
+    which of those rows hold invalid UTF-8 in a key or value.
+
+    Keys and string values are dictionary-encoded first, so each distinct one becomes a
+    ``str`` once; only building the dicts is Python work per message.
+    """
+    counts = entries.counts[ok]
+    entry = np.repeat(ok, entries.counts)  # the entries of the rows where ok
+    keys, bad_entry = _encode_strings(words, entries.key_start[entry], entries.key_len[entry])
+    if entries.value_len is not None:
+        strings, bad_value = _encode_strings(
+            words, entries.value[entry], entries.value_len[entry]
+        )
+        values = strings.values().tolist()
+        bad_entry |= bad_value
+    else:
+        values = _float_values(words, entries.value[entry], field.map_values or "double").tolist()
+    pairs = zip(keys.values().tolist(), values, strict=True)
+    column = np.empty(len(counts), object)
+    column[:] = [dict(islice(pairs, c)) for c in counts.tolist()]
+    bad = np.zeros(len(counts), bool)
+    if bad_entry.any():
+        bad[np.repeat(np.arange(len(counts)), counts)[bad_entry]] = True
+    return column, bad
+
+
 def _fast_columns(
-    topic: str, plan: tuple[_Field, ...], words: np.ndarray, raws: list[_Raw], ok: np.ndarray
+    topic: str,
+    plan: tuple[_Field, ...],
+    words: np.ndarray,
+    raws: list[_Raw | None],
+    ok: np.ndarray,
 ) -> tuple[EventColumns, np.ndarray]:
     """Build the columns of the rows where ``ok``, and return them with those rows.
 
-    Rows holding invalid UTF-8 are cleared from ``ok`` (in place) and left out.
+    A field whose raw read is None (not kept) gets no column. Rows holding invalid UTF-8 are
+    cleared from ``ok`` (in place) and left out.
     """
     while True:
         rows = np.flatnonzero(ok)
         cols: dict[str, Column] = {}
         bad = np.zeros(len(rows), bool)
         for field, raw in zip(plan, raws, strict=True):
+            if raw is None:
+                continue
             if field.kind == "string":
                 cols[field.name], field_bad = _string_column(words, raw, rows)
+                bad |= field_bad
+            elif field.kind == "map" and raw.entries is not None:
+                cols[field.name], field_bad = _map_column(words, field, raw.entries, ok)
                 bad |= field_bad
             elif field.kind == "enum":
                 cols[field.name] = _enum_column(field, raw, rows)
@@ -441,16 +699,18 @@ def _schema_ids(words: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> n
 def _vectorized(
     topic: str,
     plan: tuple[_Field, ...],
+    keep: tuple[str, ...] | None,
     buf: np.ndarray,
     starts: np.ndarray,
     ends: np.ndarray,
     single: np.ndarray,
 ) -> tuple[list[_Part], np.ndarray]:
-    """Decode the single events at positions ``single``; also return the ones left over."""
+    """Decode the single events at positions ``single`` (only the fields in ``keep``, when
+    given); also return the ones left over."""
     cur = _Cursor(
         buf, _words_at(buf), starts[single] + HEADER_SIZE, ends[single], np.ones(len(single), bool)
     )
-    raws = _scan(cur, plan)
+    raws = _scan(cur, plan, None if keep is None else frozenset(keep))
     cols, rows = _fast_columns(topic, plan, cur.words, raws, cur.ok)
     return [(cols, single[rows])], single[~cur.ok]
 
@@ -504,11 +764,36 @@ def _one_by_one(
     return [(concat_columns(decoded, topic=topic), source)], errors
 
 
-def _assemble(topic: str, parts: list[_Part]) -> _Part:
+def _project(cols: EventColumns, keep: tuple[str, ...] | None) -> EventColumns:
+    """Keep only the columns named in ``keep`` (all of them when None)."""
+    if keep is None or list(cols.columns) == list(keep):
+        return cols
+    return EventColumns(cols.topic, cols.n, {name: cols.columns[name] for name in keep})
+
+
+def _projection(topic: str, fields: Collection[str] | None) -> tuple[str, ...] | None:
+    """The fields to decode, in schema order; None for all of them."""
+    if fields is None:
+        return None
+    if isinstance(fields, str):
+        raise TypeError(
+            f"fields must be a collection of field names, got the str {fields!r}; "
+            f"write fields=({fields!r},)"
+        )
+    names = topic_schema(topic).field_names
+    for name in fields:
+        if name not in names:
+            raise ValueError(
+                f"topic {topic!r} has no field {name!r}: its fields are {', '.join(names)}"
+            )
+    return tuple(name for name in names if name in set(fields))
+
+
+def _assemble(topic: str, keep: tuple[str, ...] | None, parts: list[_Part]) -> _Part:
     """Concatenate parts and put their rows in input order (stable within a message)."""
-    parts = [p for p in parts if p[0].n]
+    parts = [(_project(c, keep), s) for c, s in parts if c.n]
     if not parts:
-        return empty_columns(topic), np.empty(0, np.int64)
+        return _project(empty_columns(topic), keep), np.empty(0, np.int64)
     if len(parts) == 1:
         return parts[0]
     cols = concat_columns([c for c, _ in parts], topic=topic)
@@ -519,7 +804,9 @@ def _assemble(topic: str, parts: list[_Part]) -> _Part:
     return cols.take(order), source[order]
 
 
-def decode_messages(payloads: Sequence[bytes], topic: str) -> BulkDecoded:
+def decode_messages(
+    payloads: Sequence[bytes], topic: str, *, fields: Collection[str] | None = None
+) -> BulkDecoded:
     """Decode many messages of ``topic`` (single events and/or batch envelopes), in order.
 
     The columns equal those of ``decode_message`` on each message that decodes, concatenated
@@ -527,11 +814,23 @@ def decode_messages(payloads: Sequence[bytes], topic: str) -> BulkDecoded:
     out, with ``str()`` of the error ``decode_message`` raises for it in ``errors``: a bad
     message never makes this raise, nor loses the others.
 
+    Args:
+        payloads: the message values of one poll (None, a tombstone, fails as empty).
+        topic: the event topic they were read from.
+        fields: decode only these fields: the columns are then those of the full decode
+            restricted to them, in schema order. The other fields are still read and checked
+            on the way, so the same messages fail, for the same reasons, with one exception:
+            invalid UTF-8 in a string (or map key or value) of a field left out is not
+            noticed, and such a message decodes. None (the default) decodes every field.
+
     Raises:
         UnknownTopicError: ``topic`` is not an event topic.
+        ValueError: ``fields`` names a field ``topic`` does not have.
+        TypeError: ``fields`` is a single str rather than a collection of names.
     """
     if topic not in TOPICS:
         raise UnknownTopicError(topic, TOPICS)
+    keep = _projection(topic, fields)
     buf, starts, lengths = _join(payloads)
     is_single = _schema_ids(_words_at(buf), starts, lengths) == topic_schema(topic).schema_id
     single = np.flatnonzero(is_single)
@@ -539,13 +838,13 @@ def decode_messages(payloads: Sequence[bytes], topic: str) -> BulkDecoded:
     parts: list[_Part] = []
     rest = single[:0]
     if len(single) and plan is not None:
-        parts, rest = _vectorized(topic, plan, buf, starts, starts + lengths, single)
+        parts, rest = _vectorized(topic, plan, keep, buf, starts, starts + lengths, single)
     elif len(single):
         parts, rest = _from_records(topic, payloads, single)
     one_by_one = np.union1d(np.flatnonzero(~is_single), rest).tolist()
     slow, errors = _one_by_one(topic, payloads, one_by_one)
-    cols, source = _assemble(topic, parts + slow)
+    cols, source = _assemble(topic, keep, parts + slow)
     return BulkDecoded(cols, source, errors)
 
 
-__all__ = ["MAX_FAST_STRING", "BulkDecoded", "decode_messages"]
+__all__ = ["MAX_FAST_MAP_ENTRIES", "MAX_FAST_STRING", "BulkDecoded", "decode_messages"]

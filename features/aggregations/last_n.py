@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from features.aggregations.base import PENDING_LIMIT, Aggregation, RepColumn
-from features.aggregations.ragged import RaggedPool, group_positions, ragged_ranges
+from features.aggregations.ragged import RaggedPool, group_positions, put_bytes, ragged_ranges
 from features.errors import RepDecodeError
 from features.interning import StringInterner
 
@@ -213,17 +213,17 @@ class LastNColumn(RepColumn):
         off = np.cumsum(size) - size
         out = np.zeros(int(size.sum()), np.uint8)
         out[off] = np.where(k > 0, self.kind, _KIND_NUM)
-        _scatter(out, off + 1, k.astype("<u4"))
+        put_bytes(out, off + 1, k.astype("<u4"))
         body = off[g] + _HEAD.size
-        _scatter(out, body + 8 * pos, entries["ts"].astype("<i8"))
+        put_bytes(out, body + 8 * pos, entries["ts"].astype("<i8"))
         if self.kind == _KIND_STR:
-            _scatter(out, body + 8 * k[g] + 2 * pos, lens.astype("<u2"))
+            put_bytes(out, body + 8 * k[g] + 2 * pos, lens.astype("<u2"))
             ex = np.cumsum(lens) - lens
             row_base = np.repeat(ex[np.cumsum(k) - k][k > 0], k[k > 0])
             dest = body + 10 * k[g] + (ex - row_base)
             out[ragged_ranges(dest, lens)] = blob[ragged_ranges(offsets[codes], lens)]
         else:
-            _scatter(out, body + 8 * k[g] + 8 * pos, entries["val"].astype("<f8"))
+            put_bytes(out, body + 8 * k[g] + 8 * pos, entries["val"].astype("<f8"))
         return out.tobytes(), size
 
     def keep(self, rows: np.ndarray) -> None:
@@ -239,14 +239,6 @@ class LastNColumn(RepColumn):
         strings = self.strings.values.tolist() if self.kind == _KIND_STR else []
         return {"kind": self.kind, "strings": strings, "pool": self.pool.state(n)}
 
-
-def _scatter(out: np.ndarray, starts: np.ndarray, values: np.ndarray) -> None:
-    """Write each element's little-endian bytes at ``out[starts[i]:]``."""
-    if not len(values):
-        return
-    width = values.dtype.itemsize
-    raw = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), width)
-    out[np.asarray(starts, np.int64)[:, None] + np.arange(width)] = raw
 
 
 def _order_key(pair: tuple) -> tuple:

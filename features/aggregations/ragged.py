@@ -32,6 +32,15 @@ def group_positions(counts: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - np.repeat(starts, counts)
 
 
+def put_bytes(out: np.ndarray, starts: np.ndarray, values: np.ndarray) -> None:
+    """Write each value's little-endian bytes into the uint8 array ``out`` at ``starts[i]``."""
+    if not len(values):
+        return
+    width = values.dtype.itemsize
+    raw = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), width)
+    out[np.asarray(starts, np.int64)[:, None] + np.arange(width)] = raw
+
+
 class RaggedPool:
     """Per-row segments of entries with fields ``dtypes`` (name -> numpy dtype)."""
 

@@ -23,7 +23,7 @@ import datasketches as ds
 import numpy as np
 
 from features.aggregations.base import PENDING_LIMIT, Aggregation, RepColumn, plain_values
-from features.aggregations.ragged import RaggedPool
+from features.aggregations.ragged import RaggedPool, put_bytes
 from features.errors import RepDecodeError
 from features.interning import hash_strings
 
@@ -516,31 +516,23 @@ def kll_images(values: np.ndarray, counts: np.ndarray, k: int) -> tuple[bytes, n
     single = np.flatnonzero(counts == 1)
     if len(single):
         first = (np.cumsum(counts) - counts)[single]
-        _put(out, off[single] + 8, values[first].astype("<f8"))
+        put_bytes(out, off[single] + 8, values[first].astype("<f8"))
     multi = np.flatnonzero(counts >= 2)
     if len(multi):
         m_off, m_n = off[multi], counts[multi]
-        _put(out, m_off + 8, m_n.astype("<u8"))
-        _put(out, m_off + 16, np.full(len(multi), k, "<u2"))
+        put_bytes(out, m_off + 8, m_n.astype("<u8"))
+        put_bytes(out, m_off + 16, np.full(len(multi), k, "<u2"))
         out[m_off + 18] = 1  # levels
-        _put(out, m_off + 20, (k - m_n).astype("<u4"))
+        put_bytes(out, m_off + 20, (k - m_n).astype("<u4"))
         is_multi = counts[g] >= 2
         mg, mv, mp = g[is_multi], values[is_multi], pos[is_multi]
         lo = np.full(rows, np.inf)
         hi = np.full(rows, -np.inf)
         np.minimum.at(lo, mg, mv)
         np.maximum.at(hi, mg, mv)
-        _put(out, m_off + 24, lo[multi].astype("<f8"))
-        _put(out, m_off + 32, hi[multi].astype("<f8"))
+        put_bytes(out, m_off + 24, lo[multi].astype("<f8"))
+        put_bytes(out, m_off + 32, hi[multi].astype("<f8"))
         newest_first = counts[mg] - 1 - mp
-        _put(out, off[mg] + 40 + 8 * newest_first, mv.astype("<f8"))
+        put_bytes(out, off[mg] + 40 + 8 * newest_first, mv.astype("<f8"))
     return out.tobytes(), size
 
-
-def _put(out: np.ndarray, starts: np.ndarray, values: np.ndarray) -> None:
-    """Write each value's little-endian bytes at ``out[starts[i]:]``."""
-    if not len(values):
-        return
-    width = values.dtype.itemsize
-    raw = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), width)
-    out[np.asarray(starts, np.int64)[:, None] + np.arange(width)] = raw

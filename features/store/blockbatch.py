@@ -10,7 +10,7 @@ The records it writes are byte-compatible with ``BlockTable.encode``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +69,32 @@ class BlockBatch:
                                                  self.feature_idx.tolist(),
                                                  self.starts.tolist(), self.sizes.tolist()))
         ]
+
+    def chunks(self, max_entities: int) -> Iterator[BlockBatch]:
+        """Split into batches of at most ``max_entities`` entities each (rows regrouped).
+
+        A store writes each chunk in its own transaction, so a huge flush never holds all its
+        records (and their dirty pages) in memory at once.
+        """
+        n_ent = len(self.entity_ids)
+        if n_ent <= max_entities:
+            yield self
+            return
+        order = np.argsort(self.entity_idx, kind="stable")
+        lengths = np.diff(self.offsets)[order]
+        offsets = np.zeros(len(order) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        big = np.frombuffer(self.blob, dtype=np.uint8)
+        blob = _gather_bytes(big, self.offsets[:-1][order], lengths, offsets)
+        ent = self.entity_idx[order]
+        fid, st, sz = self.feature_idx[order], self.starts[order], self.sizes[order]
+        for lo in range(0, n_ent, max_entities):
+            hi = min(lo + max_entities, n_ent)
+            a, b = np.searchsorted(ent, [lo, hi]).tolist()
+            off = offsets[a:b + 1]
+            yield BlockBatch(self.entity_ids[lo:hi], ent[a:b] - lo, self.feature_keys,
+                             fid[a:b], st[a:b], sz[a:b], off - off[0],
+                             blob[int(off[0]):int(off[-1])])
 
     @classmethod
     def concat(cls, batches: Sequence[BlockBatch]) -> BlockBatch:

@@ -358,9 +358,7 @@ def blocks(
         process_id=process_id,
         addresses=cluster,
         recovery_dir=recovery_dir,
-        # epochs only pace recovery snapshots (a copy of every shard's state); without
-        # recovery they are pure cost
-        epoch_interval=epoch_interval if recovery_dir else max(epoch_interval, 600.0),
+        epoch_interval=epoch_interval,
         bounded=bounded,
         what="blocks",
     )

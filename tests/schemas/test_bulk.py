@@ -81,7 +81,7 @@ _INT32 = st.sampled_from([-(2**31), 2**31 - 1, 0, -1, 63, 64]) | st.integers(
 _DOUBLE = st.floats(allow_nan=False)  # NaN != NaN inside a map, in either path
 
 
-def _value_strategy(info: FieldInfo) -> st.SearchStrategy[Any]:
+def _value_strategy(info: FieldInfo, max_entries: int = 3) -> st.SearchStrategy[Any]:
     kinds: dict[str, st.SearchStrategy[Any]] = {
         "string": _TEXT,
         "long": _INT64,
@@ -91,18 +91,19 @@ def _value_strategy(info: FieldInfo) -> st.SearchStrategy[Any]:
     }
     if info.kind == "map":
         values = _TEXT if info.map_values == "string" else _DOUBLE
-        strategy = st.dictionaries(_TEXT, values, max_size=3)
+        strategy = st.dictionaries(_TEXT, values, max_size=max_entries)
     else:
         strategy = kinds[info.kind]
     return st.none() | strategy if info.nullable else strategy
 
 
-def _records(topic: str) -> st.SearchStrategy[dict[str, Any]]:
-    """Records of ``topic`` drawn from its schema; fields with a default may be left out."""
+def _records(topic: str, max_entries: int = 3) -> st.SearchStrategy[dict[str, Any]]:
+    """Records of ``topic`` drawn from its schema, maps of up to ``max_entries`` entries;
+    fields with a default may be left out."""
     fields = topic_schema(topic).fields
     return st.fixed_dictionaries(
-        {f.name: _value_strategy(f) for f in fields if not f.has_default},
-        optional={f.name: _value_strategy(f) for f in fields if f.has_default},
+        {f.name: _value_strategy(f, max_entries) for f in fields if not f.has_default},
+        optional={f.name: _value_strategy(f, max_entries) for f in fields if f.has_default},
     )
 
 
