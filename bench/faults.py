@@ -882,7 +882,7 @@ def broker_restart(tmp: Path, sz: Sizes) -> Row:
                     [table] = store.get_block_tables("item", "views", [item])
                 return table is not None and len(table.to_rows()) > 0
 
-            worker_ok = wait_for(worker_counted, 40, 0.5)
+            worker_ok = wait_for(worker_counted, 120, 0.5)
             after_ok = wait_for(lambda: all(logged()[i] >= 1 for i in after), 30, 0.5)
     finally:
         if worker is not None:
