@@ -234,8 +234,8 @@ def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = 
                       ) -> Dataflow:
     """Return the Bytewax dataflow for ``config`` (run it with ``bytewax.run.cli_main``).
 
-    ``progress`` (default: a new one) counts every source batch and logs a
-    ``blocks.progress`` line every few seconds.
+    ``progress`` (default: one shared by the flows of this process) counts every source batch
+    and logs a ``blocks.progress`` line every few seconds.
     """
     source = KafkaBatchSource(
         bootstrap=config.bootstrap, topics=config.topics, lateness=config.lateness_ms,
