@@ -246,6 +246,20 @@ def update_sketch(sk: ds.hll_sketch, hashes: np.ndarray) -> None:
     deque(map(sk.update, hashes.view(np.int64).tolist()), maxlen=0)
 
 
+def _grow_sketch_rows(sketches: np.ndarray, flags: np.ndarray, capacity: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The per-row sketch objects and is-a-sketch flags, grown to at least ``capacity`` rows."""
+    n = len(sketches)
+    if capacity <= n:
+        return sketches, flags
+    size = max(capacity, 2 * n, 1024)
+    grown = np.empty(size, dtype=object)
+    grown[:n] = sketches
+    grown_flags = np.zeros(size, dtype=bool)
+    grown_flags[:n] = flags
+    return grown, grown_flags
+
+
 class DistinctColumn(RepColumn):
     """Columnar ``approx_distinct`` reps: per row a sorted set of hashes, or an HLL sketch.
 
@@ -272,15 +286,7 @@ class DistinctColumn(RepColumn):
 
     def resize(self, capacity: int) -> None:
         self.sets.resize(capacity)
-        n = len(self.sketches)
-        if capacity > n:
-            size = max(capacity, 2 * n, 1024)
-            grown = np.empty(size, dtype=object)
-            grown[:n] = self.sketches
-            self.sketches = grown
-            flags = np.zeros(size, dtype=bool)
-            flags[:n] = self.is_sketch
-            self.is_sketch = flags
+        self.sketches, self.is_sketch = _grow_sketch_rows(self.sketches, self.is_sketch, capacity)
 
     def fold(self, rows: np.ndarray, values: Any, ts: np.ndarray) -> None:
         self._pending.append((np.asarray(rows, np.int64), key_hashes(values)))
@@ -397,15 +403,7 @@ class QuantileColumn(RepColumn):
 
     def resize(self, capacity: int) -> None:
         self.values.resize(capacity)
-        n = len(self.sketches)
-        if capacity > n:
-            size = max(capacity, 2 * n, 1024)
-            grown = np.empty(size, dtype=object)
-            grown[:n] = self.sketches
-            self.sketches = grown
-            flags = np.zeros(size, dtype=bool)
-            flags[:n] = self.is_sketch
-            self.is_sketch = flags
+        self.sketches, self.is_sketch = _grow_sketch_rows(self.sketches, self.is_sketch, capacity)
 
     def fold(self, rows: np.ndarray, values: Any, ts: np.ndarray) -> None:
         self._pending.append((np.asarray(rows, np.int64),
