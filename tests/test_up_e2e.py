@@ -34,6 +34,16 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout_s: float) -
     raise AssertionError(f"timed out waiting for {text!r}:\n{out[-3000:]}")
 
 
+def _diagnosis(out: Path, home: Path) -> str:
+    """The tail of ``tessera up``'s output and of every child's log, for a failure message."""
+    parts = [f"--- up.out\n{out.read_text(errors='replace')[-3000:] if out.exists() else ''}"]
+    for log in sorted((home / "up" / "logs").glob("*.log")):
+        lines = [ln for ln in log.read_text(errors="replace").splitlines()
+                 if "Commit failed due to a concurrent update" not in ln]
+        parts.append(f"--- {log.name}\n" + "\n".join(lines[-15:]))
+    return "\n".join(parts)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -64,7 +74,12 @@ def test_up_retrains_serves_and_down_stops_everything(tmp_path):
         deadline = time.monotonic() + 60
         served = None
         while time.monotonic() < deadline:  # the retrained version is hot-reloaded
-            r = httpx.post(f"{url}/v1/feed", json={"user_id": "u1", "limit": 10}, timeout=30)
+            try:
+                r = httpx.post(f"{url}/v1/feed", json={"user_id": "u1", "limit": 10}, timeout=30)
+            except httpx.HTTPError as exc:
+                raise AssertionError(f"feed request failed: {exc!r} (tessera up "
+                                     f"{'exited ' + str(proc.poll()) if proc.poll() is not None else 'running'})"
+                                     f"\n{_diagnosis(out, home)}") from exc
             assert r.status_code == 200, r.text
             served = r.json()["model_versions"]["l2"]
             if served == current:
