@@ -13,6 +13,7 @@ The flow is thin: aggregation, lateness and sealing live in ``features.blockstat
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -183,9 +184,12 @@ class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
 
     def __init__(self, shard: BlockShard, key: str, parts: list[str], flush_ms: int,
                  catchup_flush_ms: int | None = None, lateness_ms: int = 0,
-                 resend_sealed: bool = True):
+                 resend_sealed: bool = True, retention: Mapping[int, int] | None = None):
         self.shard = shard
         self.resend_sealed = resend_sealed  # sealed blocks feed the offline table
+        #: {block size: ms} the store keeps behind the watermark (the sink's retention);
+        #: without an offline table, older blocks are never serialized or written
+        self.retention = dict(retention or {})
         self.key = key
         self.parts = parts
         self.flush_ms = flush_ms
@@ -203,7 +207,9 @@ class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
 
     def _flush(self) -> list[ShardOutput]:
         wm = self.shard.watermark(self.parts)
-        flushed = self.shard.flush(wm, resend_sealed=self.resend_sealed)
+        expire = ({size: wm - ms for size, ms in self.retention.items()}
+                  if self.retention and wm > NO_TIME // 2 else None)
+        flushed = self.shard.flush(wm, resend_sealed=self.resend_sealed, expire=expire)
         self.next_flush = after(self._interval())
         cfg = self.shard.config
         return [ShardOutput(entity_type=cfg.entity_type, family=cfg.topic, flush=flushed,
@@ -250,6 +256,7 @@ def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = 
         parts_by_topic.setdefault(p.split(":")[0], []).append(p)
     shard_cfgs = config.shard_configs()
     catchup_ms = config.catchup_flush_interval_ms or 10 * config.flush_interval_ms
+    retention_ms = config.retention()
 
     def builder_for(key: str):
         topic, entity, _ = key.split("/")
@@ -258,7 +265,8 @@ def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = 
         def build(state: BlockShardState | None) -> BlockShardLogic:
             return BlockShardLogic(cfg.build(state), key, parts_by_topic[topic],
                                    config.flush_interval_ms, catchup_ms, config.lateness_ms,
-                                   resend_sealed=config.warehouse is not None)
+                                   resend_sealed=config.warehouse is not None,
+                                   retention=retention_ms.get((cfg.entity_type, topic)))
         return build
 
     flow = Dataflow("tessera_blocks")

@@ -18,7 +18,7 @@ snapshotted for recovery.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -181,6 +181,10 @@ class _OpenBlocks:
     def rows_for(self, keys: np.ndarray) -> np.ndarray:
         """The row of each key, adding rows for keys not seen yet."""
         uniq, inv = np.unique(keys, return_inverse=True)
+        return self.rows_for_unique(uniq)[inv]
+
+    def rows_for_unique(self, uniq: np.ndarray) -> np.ndarray:
+        """The row of each of the sorted, distinct keys ``uniq``, adding rows for new keys."""
         rows = self.index.lookup(uniq)
         new = np.flatnonzero(rows < 0)
         if len(new):
@@ -197,7 +201,7 @@ class _OpenBlocks:
             self.column.resize(self.n)
             low = int(ends.min())
             self.min_open_end = low if self.min_open_end is None else min(self.min_open_end, low)
-        return rows[inv]
+        return rows
 
     def _grow(self, need: int) -> None:
         cap = len(self.keys)
@@ -210,12 +214,14 @@ class _OpenBlocks:
             grown[:self.n] = getattr(self, name)[:self.n]
             setattr(self, name, grown)
 
-    def to_write(self, watermark: int | None, resend_sealed: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def to_write(self, watermark: int | None, resend_sealed: bool = True,
+                 expire: Mapping[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Rows to write now and which of them seal; marks them.
 
         Rows to write: the changed ones, and (``resend_sealed``) those sealing now even if
-        unchanged since their last write.
+        unchanged since their last write. Without ``resend_sealed``, a row of size ``s``
+        ending at or before ``expire[s]`` is not written at all: the store would drop it in
+        the same write (it is past the retention of every window).
         """
         n = self.n
         sealing = None
@@ -223,6 +229,12 @@ class _OpenBlocks:
                 and watermark >= self.min_open_end:
             sealing = ~self.done[:n] & (self.ends[:n] <= watermark)
         changed = self.dirty[:n]
+        if expire and not resend_sealed and sealing is not None:
+            limit = np.full(len(self.sizes), np.iinfo(np.int64).min, dtype=np.int64)
+            for i, size in enumerate(self.sizes.tolist()):
+                limit[i] = expire.get(size, limit[i])
+            size_idx = (self.keys[:n] >> _SLOT_BITS) & 7
+            changed = changed & (self.ends[:n] > limit[size_idx])
         send = changed if sealing is None or not resend_sealed else changed | sealing
         rows = np.flatnonzero(send)
         self.dirty[:n] = False
@@ -287,9 +299,13 @@ class BlockShard:
             return 0
         gcodes = self._global_codes(columns.columns[self.config.entity_field])
         ts_all = np.asarray(columns.columns["event_ts"], dtype=np.int64)
+        keyed = gcodes >= 0
+        # Features with the same block sizes address the same blocks: the events' block
+        # keys are made and sorted once per size list, not once per feature.
+        shared: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
         used = 0
         for fi, spec in enumerate(self.config.features):
-            mask = gcodes >= 0
+            mask = keyed.copy()
             flt = self.filters[fi]
             if flt is not None:
                 mask &= np.asarray(flt.evaluate_columns(columns.columns, n), dtype=bool)
@@ -304,7 +320,12 @@ class BlockShard:
             table = self.tables[fi]
             reps = len(spec.block_sizes)
             ts = ts_all[idx]
-            rows = table.rows_for(table.keys_for(gcodes[idx], ts))
+            sizes = tuple(spec.block_sizes)
+            if sizes not in shared:
+                keys = table.keys_for(np.where(keyed, gcodes, 0), ts_all)
+                shared[sizes] = np.unique(keys, return_inverse=True)
+            uniq, inv = shared[sizes]
+            rows = _rows_of_events(table, uniq, inv.reshape(reps, n)[:, idx].ravel())
             table.column.fold(rows, _repeat_values(raw, idx, reps), np.tile(ts, reps))
             table.dirty[rows] = True
         return used
@@ -330,21 +351,24 @@ class BlockShard:
         return min((wms.get(p, _NO_WATERMARK) for p in partitions), default=_NO_WATERMARK)
 
     # ------------------------------------------------------------------ output
-    def flush(self, watermark: int | None = None, *, resend_sealed: bool = True) -> ShardFlush:
+    def flush(self, watermark: int | None = None, *, resend_sealed: bool = True,
+              expire: Mapping[int, int] | None = None) -> ShardFlush:
         """Return every changed block (full rep), and seal blocks ending by ``watermark``.
 
         With ``resend_sealed`` a sealed block is returned once more with ``sealed`` set (even
         if unchanged) so that the offline table receives each closed block; without it (no
         offline table to feed) only changed blocks are returned. A sealed block is then never
         returned again and is evicted from memory. The result is columnar (``BlockBatch``):
-        no Python object per block.
+        no Python object per block. ``expire`` ({size: ts}, used only without
+        ``resend_sealed``) leaves out blocks the store would drop on arrival (see
+        ``_OpenBlocks.to_write``).
         """
         codes_parts, fidx_parts, st_parts, sz_parts, len_parts, blobs, sealed_parts = (
             [], [], [], [], [], [], [])
         for fi, table in enumerate(self.tables):
             if table.n == 0:
                 continue
-            rows, sealed = table.to_write(watermark, resend_sealed)
+            rows, sealed = table.to_write(watermark, resend_sealed, expire)
             if len(rows):
                 blob, lengths = table.column.serialize(rows)
                 keys = table.keys[rows]
@@ -406,6 +430,20 @@ def _not_null(col: Any) -> np.ndarray:
     if arr.dtype.kind == "O":
         return np.array([v is not None for v in arr.tolist()], dtype=bool)
     return np.ones(len(arr), dtype=bool)
+
+
+def _rows_of_events(table: _OpenBlocks, uniq: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """The table row of each selected event-block (``uniq[sel]``), adding rows for new keys.
+
+    ``uniq`` holds the sorted distinct keys of every event of the batch; only the keys
+    ``sel`` uses reach the table (a filtered feature gets no row for a block it never saw).
+    """
+    used = np.zeros(len(uniq), dtype=bool)
+    used[sel] = True
+    which = np.flatnonzero(used)
+    row_of = np.empty(len(uniq), dtype=np.int64)
+    row_of[which] = table.rows_for_unique(uniq[which])
+    return row_of[sel]
 
 
 def _repeat_values(col: Any, idx: np.ndarray, times: int) -> Any:

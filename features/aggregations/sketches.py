@@ -76,8 +76,10 @@ class ApproxDistinctAgg(Aggregation):
         union = ds.hll_union(self.lg_k)
         for sk in sketches:
             union.update(sk)
-        if len(merged):
-            union.update(merged if not isinstance(merged, np.ndarray) else self._sketch(merged))
+        if not isinstance(merged, np.ndarray):  # the sets' union outgrew the exact limit
+            union.update(merged)
+        elif len(merged):
+            union.update(self._sketch(merged))
         return union.get_result(_HLL_TYPE)
 
     def finalize(self, rep) -> float:

@@ -151,15 +151,17 @@ def merge_records(
     ordered = sorted(names)
     gid = {k: i for i, k in enumerate(ordered)}
 
-    ent_parts = [batch.entity_idx.astype(np.int64)]
-    fid_parts = [np.array([gid[k] for k in batch.feature_keys], np.int64)[batch.feature_idx]
+    # New rows already past retention are left out before any sorting or copying.
+    live = _unexpired(batch.starts, batch.sizes, keep_after)
+    ent_parts = [batch.entity_idx.astype(np.int64)[live]]
+    fid_parts = [np.array([gid[k] for k in batch.feature_keys], np.int64)[batch.feature_idx][live]
                  if len(batch) else np.zeros(0, np.int64)]
-    st_parts = [batch.starts.astype(np.int64)]
-    sz_parts = [batch.sizes.astype(np.int64)]
-    src_parts = [batch.offsets[:-1].astype(np.int64)]
-    len_parts = [np.diff(batch.offsets).astype(np.int64)]
+    st_parts = [batch.starts.astype(np.int64)[live]]
+    sz_parts = [batch.sizes.astype(np.int64)[live]]
+    src_parts = [batch.offsets[:-1].astype(np.int64)[live]]
+    len_parts = [np.diff(batch.offsets).astype(np.int64)[live]]
     # the winner of a (entity, feature, size, start) group sorts first: the last new row
-    prio_parts = [np.arange(len(batch) - 1, -1, -1, dtype=np.int64)]
+    prio_parts = [np.arange(len(batch) - 1, -1, -1, dtype=np.int64)[live]]
     blobs = [bytes(batch.blob[: int(batch.offsets[-1])]) if len(batch) else b""]
     base = len(blobs[0])
     for e, t in enumerate(tables):
@@ -253,6 +255,17 @@ def merge_records(
             new_blob[starts_off[lo]:starts_off[hi]],
         )))
     return records
+
+
+def _unexpired(starts: np.ndarray, sizes: np.ndarray,
+               keep_after: Mapping[int, int] | None) -> slice | np.ndarray:
+    """Rows whose block ends after ``keep_after[size]`` (all rows: a full slice)."""
+    if not keep_after or not len(starts):
+        return slice(None)
+    limit = np.full(len(starts), np.iinfo(np.int64).min, dtype=np.int64)
+    for size, ts in keep_after.items():
+        limit[sizes == size] = ts
+    return np.flatnonzero((starts + sizes) > limit)
 
 
 _PAD = [bytes(i) for i in range(8)]

@@ -104,6 +104,22 @@ def test_distinct_rows_turn_into_sketches_past_the_limit():
     assert agg.finalize(agg.combine(big, small)) == agg.finalize(big)  # a subset adds nothing
 
 
+def test_distinct_merges_sets_that_outgrow_the_limit_with_sketches():
+    """A window read merges small exact sets whose union is past the limit with a sketch."""
+    agg = make_aggregation("approx_distinct", {"lg_k": 8})  # exact up to 16 values
+    sets = [agg.group_reduce(np.zeros(10, np.int64), 1,
+                             np.array([f"u{b}-{i}" for i in range(10)], dtype=object),
+                             np.zeros(10, np.int64))[0] for b in range(3)]
+    assert all(isinstance(s, np.ndarray) for s in sets)  # 10 each, 30 together
+    sketch = agg.group_reduce(np.zeros(40, np.int64), 1,
+                              np.array([f"w{i}" for i in range(40)], dtype=object),
+                              np.zeros(40, np.int64))[0]
+    assert not isinstance(sketch, np.ndarray)
+    merged = agg.combine_many([*sets, sketch])
+    assert abs(agg.finalize(merged) - 70) <= 7
+    assert agg.finalize(merged) == agg.finalize(agg.combine(agg.combine_many(sets), sketch))
+
+
 def test_distinct_reads_the_earlier_bare_hll_format():
     import datasketches as ds
 
