@@ -84,8 +84,7 @@ class BlockBatch:
         lengths = np.diff(self.offsets)[order]
         offsets = np.zeros(len(order) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        big = np.frombuffer(self.blob, dtype=np.uint8)
-        blob = _gather_bytes(big, self.offsets[:-1][order], lengths, offsets)
+        blob = _gather_bytes(bytes(self.blob), self.offsets[:-1][order], lengths)
         ent = self.entity_idx[order]
         fid, st, sz = self.feature_idx[order], self.starts[order], self.sizes[order]
         for lo in range(0, n_ent, max_entities):
@@ -163,23 +162,30 @@ def merge_records(
     # the winner of a (entity, feature, size, start) group sorts first: the last new row
     prio_parts = [np.arange(len(batch) - 1, -1, -1, dtype=np.int64)[live]]
     blobs = [bytes(batch.blob[: int(batch.offsets[-1])]) if len(batch) else b""]
-    base = len(blobs[0])
-    for e, t in enumerate(tables):
-        if t is None or not len(t):
-            continue
-        m = len(t)
-        fmap = np.array([gid[k] for k in t.features], np.int64)
-        ent_parts.append(np.full(m, e, np.int64))
-        fid_parts.append(fmap[t.feature_idx])
-        st_parts.append(t.starts)
-        sz_parts.append(t.sizes)
-        off = t.offsets.astype(np.int64)
-        src_parts.append(off[:-1] + base)
-        len_parts.append(np.diff(off))
-        prio_parts.append(np.full(m, len(batch), np.int64))
-        blob = bytes(t.blob[: int(off[-1])])
-        blobs.append(blob)
-        base += len(blob)
+    # The old records' rows, gathered with one numpy call per column (not per record).
+    olds = [(e, t) for e, t in enumerate(tables) if t is not None and len(t)]
+    if olds:
+        counts = np.array([len(t) for _, t in olds], np.int64)
+        fmaps = [[gid[k] for k in t.features] for _, t in olds]
+        fmap_base = np.cumsum([0] + [len(f) for f in fmaps[:-1]])
+        fmap_all = np.array([g for f in fmaps for g in f], np.int64)
+        fidx = np.concatenate([t.feature_idx for _, t in olds]).astype(np.int64)
+        ent_parts.append(np.repeat(np.array([e for e, _ in olds], np.int64), counts))
+        fid_parts.append(fmap_all[fidx + np.repeat(fmap_base, counts)])
+        st_parts.append(np.concatenate([t.starts for _, t in olds]))
+        sz_parts.append(np.concatenate([t.sizes for _, t in olds]))
+        # offsets: n + 1 per record; a row's length is the next offset minus its own
+        offs = np.concatenate([t.offsets for _, t in olds]).astype(np.int64)
+        row_pos = np.arange(len(offs) - 1)
+        not_last = np.ones(len(offs) - 1, dtype=bool)
+        not_last[np.cumsum(counts + 1)[:-1] - 1] = False  # each record's closing offset
+        row_pos = row_pos[not_last]
+        ends = offs[np.cumsum(counts + 1) - 1]  # bytes used by each record's reps
+        rec_base = len(blobs[0]) + np.concatenate([[0], np.cumsum(ends)[:-1]])
+        src_parts.append(offs[row_pos] + np.repeat(rec_base, counts))
+        len_parts.append(offs[row_pos + 1] - offs[row_pos])
+        prio_parts.append(np.full(int(counts.sum()), len(batch), np.int64))
+        blobs.extend(t.blob[:end] for (_, t), end in zip(olds, ends.tolist()))
 
     ent = np.concatenate(ent_parts)
     fid = np.concatenate(fid_parts)
@@ -188,27 +194,21 @@ def merge_records(
     src = np.concatenate(src_parts)
     lengths = np.concatenate(len_parts)
     prio = np.concatenate(prio_parts)
-    big = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+    big = b"".join(blobs)
 
-    order = np.lexsort((prio, st, sz, fid, ent))
-    ent, fid, st, sz, src, lengths = (a[order] for a in (ent, fid, st, sz, src, lengths))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = (ent[1:] != ent[:-1]) | (fid[1:] != fid[:-1]) | (sz[1:] != sz[:-1]) | (
-        st[1:] != st[:-1])
+    order, first = _record_order(ent, fid, sz, st, prio)
+    keep = order[first]
     if keep_after:
-        limit = np.full(len(order), np.iinfo(np.int64).min, dtype=np.int64)
-        for size, ts in keep_after.items():
-            limit[sz == size] = ts
-        first &= (st + sz) > limit
-    ent, fid, st, sz, src, lengths = (a[first] for a in (ent, fid, st, sz, src, lengths))
+        keep = keep[_unexpired(st[keep], sz[keep], keep_after)]
+    ent, fid, st, sz, src, lengths = (a[keep] for a in (ent, fid, st, sz, src, lengths))
 
     total = int(lengths.sum())
     out_off = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=out_off[1:])
     if total and np.array_equal(src, out_off[:-1]):
-        new_blob = big[:total].tobytes()  # already in record order (a first write): no gather
+        new_blob = big[:total]  # already in record order (a first write): no gather
     elif total:
-        new_blob = _gather_bytes(big, src, lengths, out_off)
+        new_blob = _gather_bytes(big, src, lengths)
     else:
         new_blob = b""
 
@@ -257,6 +257,37 @@ def merge_records(
     return records
 
 
+def _record_order(ent: np.ndarray, fid: np.ndarray, sz: np.ndarray, st: np.ndarray,
+                  prio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by (entity, feature, size, start), lowest ``prio`` first among equals;
+    and, in that order, whether each row is the first of its (entity, feature, size, start).
+
+    The four keys are packed into one int64 when they fit (they do for any realistic
+    record batch), so the sort is over two keys, not five.
+    """
+    m = len(ent)
+    first = np.ones(m, dtype=bool)
+    if not m:
+        return np.zeros(0, np.int64), first
+    sizes, szi = np.unique(sz, return_inverse=True)
+    st_rel = st - st.min()
+    widths = [int(ent.max()).bit_length(), int(fid.max()).bit_length(),
+              int(len(sizes) - 1).bit_length(), int(st_rel.max()).bit_length()]
+    if sum(widths) <= 62:
+        key = ent.copy()
+        for part, width in zip((fid, szi.astype(np.int64), st_rel), widths[1:]):
+            key <<= width
+            key |= part
+        order = np.lexsort((prio, key))
+        k = key[order]
+        first[1:] = k[1:] != k[:-1]
+        return order, first
+    order = np.lexsort((prio, st, sz, fid, ent))
+    e, f, z, t = ent[order], fid[order], sz[order], st[order]
+    first[1:] = (e[1:] != e[:-1]) | (f[1:] != f[:-1]) | (z[1:] != z[:-1]) | (t[1:] != t[:-1])
+    return order, first
+
+
 def _unexpired(starts: np.ndarray, sizes: np.ndarray,
                keep_after: Mapping[int, int] | None) -> slice | np.ndarray:
     """Rows whose block ends after ``keep_after[size]`` (all rows: a full slice)."""
@@ -269,24 +300,24 @@ def _unexpired(starts: np.ndarray, sizes: np.ndarray,
 
 
 _PAD = [bytes(i) for i in range(8)]
-_GATHER_CHUNK = 1 << 24  # bytes gathered per step: the index array stays at 8 x 16 MiB
 
 
-def _gather_bytes(big: np.ndarray, src: np.ndarray, lengths: np.ndarray,
-                  out_off: np.ndarray) -> bytes:
-    """Concatenate ``big[src[i]:src[i] + lengths[i]]`` over rows, in bounded-memory chunks."""
-    parts = []
-    n = len(lengths)
-    lo = 0
-    while lo < n:
-        hi = int(np.searchsorted(out_off, out_off[lo] + _GATHER_CHUNK, side="right")) - 1
-        hi = min(max(hi, lo + 1), n)
-        seg = lengths[lo:hi]
-        base = out_off[lo:hi] - out_off[lo]
-        index = np.repeat(src[lo:hi] - base, seg) + np.arange(int(seg.sum()), dtype=np.int64)
-        parts.append(big[index].tobytes())
-        lo = hi
-    return b"".join(parts)
+def _gather_bytes(big: bytes, src: np.ndarray, lengths: np.ndarray) -> bytes:
+    """Concatenate ``big[src[i]:src[i] + lengths[i]]`` over rows.
+
+    Rows that continue where the previous one ended are copied as one run (a rewritten
+    record is mostly its old bytes in order), and each run is one bytes slice: a C-level
+    copy per run, not an index entry per byte.
+    """
+    m = len(src)
+    if not m:
+        return b""
+    ends = src + lengths
+    first = np.ones(m, dtype=bool)
+    first[1:] = src[1:] != ends[:-1]
+    heads = np.flatnonzero(first)
+    tails = np.append(heads[1:] - 1, m - 1)
+    return b"".join([big[a:b] for a, b in zip(src[heads].tolist(), ends[tails].tolist())])
 
 
 def _header(features: list[str]) -> bytes:

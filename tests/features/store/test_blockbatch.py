@@ -12,7 +12,9 @@ M5, H1 = 300_000, 3_600_000
 row_st = st.tuples(
     st.sampled_from(["e1", "e2", "e3"]),
     st.sampled_from(["a@1", "b@2", "c@3"]),
-    st.integers(0, 20).map(lambda k: k * M5),
+    # mostly near starts; sometimes one far away, so the packed sort key would overflow
+    # and the five-key sort runs instead
+    st.one_of(st.integers(0, 20).map(lambda k: k * M5), st.just(2**40 * M5)),
     st.sampled_from([M5, H1]),
     st.binary(min_size=0, max_size=12),
 )
