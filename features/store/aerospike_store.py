@@ -374,12 +374,13 @@ class AerospikeStore(OnlineStore):
         if not by_entity:
             return
         bin_name = self._family_bin(check_part("family", family))
+        written = sorted({row[1] for row in rows})  # retention covers these features only
         policy = {"map_order": aerospike.MAP_KEY_ORDERED}
         writes = []
         for e, items in by_entity.items():
             ops = [map_operations.map_put_items(bin_name, items, map_policy=policy)]
             # per-size retention: drop [key(f, size, -inf), key(f, size, ts - size + 1)) ranges
-            for feature_key in {decode_block_key(k)[0] for k in items} if keep_after else ():
+            for feature_key in written if keep_after else ():
                 for size, ts in keep_after.items():
                     ops.append(map_operations.map_remove_by_key_range(
                         bin_name, encode_block_key(feature_key, size, -(2**62)),

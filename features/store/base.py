@@ -180,7 +180,9 @@ class OnlineStore(abc.ABC):
         """Upsert blocks: each row overwrites the block ``(entity, feature, size, start)``.
 
         ``keep_after`` ({size: ts}) drops, in the same write, the blocks of each touched record
-        whose size is listed and whose end is ``<= ts`` (per-size retention).
+        whose size is listed and whose end is ``<= ts`` (per-size retention), for the
+        features this write carries only: blocks of other features in the record are never
+        touched (a replay of one feature leaves every other feature as it was).
 
         The rep is the block's full current rep (the streaming flow rewrites an open block
         many times); it is never combined with what was stored. Rows of many entities go in
@@ -202,6 +204,8 @@ class OnlineStore(abc.ABC):
         keep_after: Mapping[int, int] | None = None,
     ) -> None:
         """``put_blocks`` for rows given as columns (the streaming flow's fast path).
+
+        Retention applies to the features in ``batch.feature_keys``.
 
         Backends override this with a vectorized merge; the default goes through rows.
         """

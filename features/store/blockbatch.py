@@ -137,9 +137,10 @@ def merge_records(
     """Return the new record of each ``batch.entity_ids[i]`` given its old record ``old[i]``.
 
     New rows overwrite old rows with the same ``(feature, size, start)``; blocks of size
-    ``s`` whose end is ``<= keep_after[s]`` are dropped; a record left empty becomes None.
-    Equivalent to ``BlockTable.decode(old).upsert(rows).drop_expired(keep_after).encode()``
-    per entity.
+    ``s`` whose end is ``<= keep_after[s]`` are dropped if their feature is one of
+    ``batch.feature_keys``; a record left empty becomes None. Equivalent to
+    ``BlockTable.decode(old).upsert(rows).drop_expired(keep_after, batch.feature_keys)
+    .encode()`` per entity.
     """
     n_ent = len(batch.entity_ids)
     tables = [BlockTable.decode(r) if r is not None else None for r in old]
@@ -198,8 +199,11 @@ def merge_records(
 
     order, first = _record_order(ent, fid, sz, st, prio)
     keep = order[first]
-    if keep_after:
-        keep = keep[_unexpired(st[keep], sz[keep], keep_after)]
+    if keep_after:  # retention drops blocks of the features this batch writes, no others
+        written = np.zeros(len(ordered), dtype=bool)
+        written[[gid[k] for k in batch.feature_keys]] = True
+        f = fid[keep]
+        keep = keep[~written[f] | _unexpired_mask(st[keep], sz[keep], keep_after)]
     ent, fid, st, sz, src, lengths = (a[keep] for a in (ent, fid, st, sz, src, lengths))
 
     total = int(lengths.sum())
@@ -293,10 +297,16 @@ def _unexpired(starts: np.ndarray, sizes: np.ndarray,
     """Rows whose block ends after ``keep_after[size]`` (all rows: a full slice)."""
     if not keep_after or not len(starts):
         return slice(None)
+    return np.flatnonzero(_unexpired_mask(starts, sizes, keep_after))
+
+
+def _unexpired_mask(starts: np.ndarray, sizes: np.ndarray,
+                    keep_after: Mapping[int, int]) -> np.ndarray:
+    """Whether each block ends after ``keep_after[size]`` (sizes not listed: kept)."""
     limit = np.full(len(starts), np.iinfo(np.int64).min, dtype=np.int64)
     for size, ts in keep_after.items():
         limit[sizes == size] = ts
-    return np.flatnonzero((starts + sizes) > limit)
+    return (starts + sizes) > limit
 
 
 _PAD = [bytes(i) for i in range(8)]

@@ -22,7 +22,7 @@ arrays with ``np.frombuffer``: the table shares memory with the buffer it was de
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -183,17 +183,22 @@ class BlockTable:
             return self
         return self._merge(keys, np.asarray(starts, np.int64), np.asarray(sizes, np.int64), reps)
 
-    def drop_expired(self, keep_after: Mapping[int, int]) -> BlockTable:
+    def drop_expired(self, keep_after: Mapping[int, int],
+                     features: Collection[str] | None = None) -> BlockTable:
         """Return a table without blocks of size ``s`` whose end is ``<= keep_after[s]``.
 
         Sizes missing from ``keep_after`` are kept (per-size retention; see
-        ``features.tiling.retention``).
+        ``features.tiling.retention``). With ``features``, only those features' blocks are
+        considered: a writer never drops blocks of features it does not write.
         """
         if not keep_after or len(self) == 0:
             return self
         limit = np.full(len(self), np.iinfo(np.int64).min, dtype=np.int64)
         for size, ts in keep_after.items():
             limit[self.sizes == size] = ts
+        if features is not None:
+            mine = np.array([k in features for k in self.features] + [False], dtype=bool)
+            limit[~mine[self.feature_idx]] = np.iinfo(np.int64).min
         keep = np.flatnonzero(self.ends > limit)
         if keep.shape[0] == len(self):
             return self

@@ -234,6 +234,7 @@ class LmdbStore(OnlineStore):
         # Build every new record before the transaction so the writer lock is held briefly
         # only for the reads and puts.
         keys = [(head + check_part("entity_id", e)).encode("utf-8") for e in by_entity]
+        written = {row[1] for row in rows}
 
         def run(txn):
             get, put = txn.get, txn.put
@@ -242,7 +243,7 @@ class LmdbStore(OnlineStore):
                 table = BlockTable.decode(old) if old is not None else BlockTable.empty()
                 table = table.upsert(new_rows)
                 if keep_after:
-                    table = table.drop_expired(keep_after)
+                    table = table.drop_expired(keep_after, written)
                 put(key, table.encode(), db=self._blocks)
 
         self._commit("put_blocks", run)

@@ -53,3 +53,44 @@ def test_replay_blocks_equal_live_blocks(fresh_broker, tmp_path):
     for k in a:
         agg = build_aggregation(specs[k[0]])
         assert agg.finalize(agg.from_bytes(a[k])) == agg.finalize(agg.from_bytes(b[k])), k
+
+
+LONG_VIEWS = '''
+  - name: item_long_views
+    source: views
+    entity: item_id
+    aggregation: count
+    filter: "dwell_ms > 3000"
+    windows: [1h]
+'''
+
+
+def test_replaying_a_new_feature_leaves_every_other_feature_byte_identical(fresh_broker,
+                                                                            tmp_path):
+    """A replay writes the replayed feature's blocks and never drops another feature's.
+
+    The new feature keeps 5-minute blocks for about an hour; the others keep them for a day.
+    A replay that applied its own retention to whole records would delete the older blocks
+    every other feature still reads.
+    """
+    world = small_world(total_views=4_000, seed=17)
+    produce_world(fresh_broker, world)
+    store = f"lmdb://{tmp_path}/store"
+    run_flow(build_blocks_flow(BlocksFlowConfig(
+        bootstrap=fresh_broker, store_url=store, features=FEATURES, bounded=True,
+        lateness_ms=LATENESS_MS)))
+    ids = entity_ids_of(oracle_for(fresh_broker, world, FEATURES), FEATURES)
+    before = store_blocks(store, FEATURES, ids)
+
+    text = open(FEATURES.source_file).read().replace("\nderived:", LONG_VIEWS + "\nderived:")
+    path = tmp_path / "features.yaml"
+    path.write_text(text)
+    extended = load_features(path)
+    run_replay(fresh_broker, store, extended, ["item_long_views"], world.start_ts,
+               world.end_ts + 4 * 86_400_000, lateness_ms=LATENESS_MS)
+
+    after = store_blocks(store, extended, ids)
+    new_key = extended.get("item_long_views").key
+    assert any(k[0] == new_key for k in after)  # the replay did write the new feature
+    others = {k: v for k, v in after.items() if k[0] != new_key}
+    assert before and others == before  # every other feature's blocks, byte for byte

@@ -34,7 +34,7 @@ def test_merge_records_equals_per_entity_upsert(old_rows, new_rows, keep):
         table = BlockTable.decode(before) if before is not None else BlockTable.empty()
         table = table.upsert([(f, s, z, r) for (x, f, s, z, r) in new_rows if x == e])
         if keep:
-            table = table.drop_expired(keep)
+            table = table.drop_expired(keep, batch.feature_keys)
         if len(table) == 0:
             assert record is None
         else:
