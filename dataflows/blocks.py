@@ -269,9 +269,10 @@ def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = 
                                    retention=retention_ms.get((cfg.entity_type, topic)))
         return build
 
+    counter = progress or _PROGRESS
     flow = Dataflow("tessera_blocks")
     batches = op.input("kafka", flow, source)
-    op.inspect("progress", batches, lambda _step, b: (progress or _PROGRESS).observe(b))
+    op.inspect("progress", batches, lambda _step, b: counter.observe(b))
     dead = op.flat_map("deadletters", batches, lambda b: b.deadletters)
     op.output("deadletter_out", dead, DeadLetterSink(config.bootstrap, config.deadletter_topic))
     if config.warehouse is not None:
@@ -280,7 +281,7 @@ def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = 
     keyed = op.flat_map("route", batches, lambda b: route(config, b))
     blocks = op.stateful("blocks", keyed, _KeyedBuilder(builder_for))
     op.output("store_out", blocks, StoreSink(config.store_url, config.warehouse,
-                                             retention=config.retention()))
+                                             retention=config.retention(), progress=counter))
     return flow
 
 

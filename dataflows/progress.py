@@ -39,6 +39,9 @@ class FlowProgress:
     late: int = 0
     deadlettered: int = 0
     partition_watermarks: dict[str, int] = field(default_factory=dict)
+    #: per partition, the offset after the last message read (what a replay has covered)
+    next_offsets: dict[str, int] = field(default_factory=dict)
+    blocks_written: int = 0
     started: float | None = None
     _last_log: float = 0.0
     _last_events: int = 0
@@ -57,10 +60,22 @@ class FlowProgress:
             part = batch.part
             if batch.watermark > self.partition_watermarks.get(part, NO_WATERMARK):
                 self.partition_watermarks[part] = batch.watermark
+            if batch.next_offset > self.next_offsets.get(part, -1):
+                self.next_offsets[part] = batch.next_offset
             if now - self._last_log >= self.interval_s:
                 rate = (self.events - self._last_events) / max(now - self._last_log, 1e-9)
                 self._last_log, self._last_events = now, self.events
                 log.info(f"{self.flow}.progress", events_per_s=round(rate), **self._fields())
+
+    def add_blocks(self, n: int) -> None:
+        """Count blocks written to the online store (the store sink calls this)."""
+        with self._lock:
+            self.blocks_written += n
+
+    def offsets(self) -> dict[str, int]:
+        """Per partition (``topic:partition``), the offset after the last message read."""
+        with self._lock:
+            return dict(self.next_offsets)
 
     def watermarks(self) -> dict[str, str | None]:
         """Per topic, the lowest partition watermark seen (ISO time; None before any)."""
@@ -72,7 +87,7 @@ class FlowProgress:
 
     def _fields(self) -> dict[str, Any]:
         return {"events": self.events, "late": self.late, "deadlettered": self.deadlettered,
-                "watermarks": self.watermarks()}
+                "blocks_written": self.blocks_written, "watermarks": self.watermarks()}
 
     def summary(self) -> dict[str, Any]:
         """Totals so far, with the mean rate since the first batch."""

@@ -33,10 +33,11 @@ class ShardOutput:
 
 class _StorePartition(StatelessSinkPartition[Any]):
     def __init__(self, store_url: str, warehouse: Path | None, commit_interval_s: float,
-                 retention: dict[tuple[str, str], dict[int, int]]):
+                 retention: dict[tuple[str, str], dict[int, int]], progress: Any = None):
         from features.store import open_store
 
         self.store = open_store(store_url)
+        self.progress = progress
         self.warehouse = warehouse
         self.tables = None
         self.pending_sealed: list[tuple] = []
@@ -71,6 +72,8 @@ class _StorePartition(StatelessSinkPartition[Any]):
             for chunk in batch.chunks(WRITE_CHUNK_ENTITIES):
                 self.store.put_block_batch(entity_type, family, chunk, keep_after=keep_after)
             self.blocks_written += len(batch)
+            if self.progress is not None:
+                self.progress.add_blocks(len(batch))
         if watermarks:  # after the blocks they vouch for
             self.store.set_watermarks(watermarks)
         if self.pending_sealed and time.monotonic() - self.last_commit > self.commit_interval_s:
@@ -110,15 +113,17 @@ class StoreSink(DynamicSink[Any]):
         warehouse: Path | None,
         commit_interval_s: float = 5.0,
         retention: dict[tuple[str, str], dict[int, int]] | None = None,
+        progress: Any = None,
     ):
         self.store_url = store_url
         self.warehouse = warehouse
         self.commit_interval_s = commit_interval_s
         self.retention = dict(retention or {})
+        self.progress = progress  # a FlowProgress: counts the blocks written
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _StorePartition:
         return _StorePartition(self.store_url, self.warehouse, self.commit_interval_s,
-                               self.retention)
+                               self.retention, self.progress)
 
 
 class _DeadLetterPartition(StatelessSinkPartition[Any]):

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from features import replaymarks
 from features.aggregations import Aggregation, build_aggregation
 from features.assembly import BlockIndex, select_cover_rows
 from features.cache import FeatureCache
@@ -76,7 +77,8 @@ class FeatureVectors:
         values: float32 [len(ids), len(names)]; lists (``last_n``) are in ``lists`` and NaN here.
         missing: bool, same shape: no data for the entity, so the feature default was used.
         watermark: the feature watermark of every value (epoch ms); log it with impressions.
-        stale: names whose watermark lags ``at`` by more than their freshness budget.
+        stale: names whose watermark lags ``at`` by more than their freshness budget, or
+            that a replay is still computing (``features.replaymarks``).
         lag_ms: ``align_down(at, b) - watermark``.
         sources: how many rows came from the cache, pre-assembled values and blocks.
         lists: name -> one list per id, for ``last_n`` features.
@@ -314,9 +316,11 @@ class FeatureClient:
 
         inverse = np.fromiter((pos[e] for e in ids), dtype=np.int64, count=len(ids))
         lag = align_down(at, finest) - end if end != NO_WATERMARK else at
+        replaying = replaymarks.pending(self.store.get_watermarks(replaymarks.PREFIX))
         stale = tuple(
             r.name for r in refs
             if lag > min((s.freshness for s in self._specs_of(r)), default=lag)
+            or any(s.key in replaying for s in self._specs_of(r))
         )
         return FeatureVectors(
             entity_type=entity_type, ids=list(ids), names=[r.name for r in refs],

@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import Any
 
 from tessera.errors import BootstrapNotConfiguredError, BrokerAlreadyRunningError, BrokerError
+from tessera.home import tessera_home
 from tessera.topics import kafka_client_config
 
 __all__ = [
@@ -49,8 +50,6 @@ __all__ = [
     "resolve_tansu_binary",
 ]
 
-#: Environment variable naming Tessera's state root; the broker uses ``$TESSERA_HOME/broker``.
-HOME_ENV = "TESSERA_HOME"
 #: Environment variable naming a Kafka bootstrap address (``host:port[,host:port]``).
 BOOTSTRAP_ENV = "TESSERA_BOOTSTRAP"
 #: Environment variable naming an explicit ``tansu`` binary, overriding the bundled one.
@@ -79,10 +78,7 @@ def default_state_dir(*, env: Mapping[str, str] | None = None, cwd: Path | None 
         env: environment to read ``TESSERA_HOME`` from; defaults to ``os.environ``.
         cwd: directory the default is relative to; defaults to the current directory.
     """
-    env = os.environ if env is None else env
-    home = env.get(HOME_ENV)
-    root = Path(home) if home else (cwd or Path.cwd()) / ".tessera"
-    return root / "broker"
+    return tessera_home(env=env, cwd=cwd) / "broker"
 
 
 def find_free_port(host: str = _HOST) -> int:

@@ -11,6 +11,7 @@ from features.errors import FeatureSpecError
 from features.spec import FeatureSet
 from features.spec_loader import load_features
 from features.timeutil import format_duration
+from tessera.home import STORE_DEFAULT_TEXT, default_store_url
 
 DEFAULT_FILE = "features.yaml"
 EXIT_INVALID = 2
@@ -103,7 +104,7 @@ def list_values(file: Path, as_json: bool) -> None:
               help="Comma-separated feature names (default: every feature of the entity type).")
 @click.option("--at", default=None,
               help="Read time: ISO-8601 (2026-11-29T16:05:00Z) or epoch ms (default: now).")
-@click.option("--store", "store_url", default="lmdb://.tessera/store", show_default=True,
+@click.option("--store", "store_url", default=default_store_url, show_default=STORE_DEFAULT_TEXT,
               help="Online store URL.")
 @click.option("--features", "features_file", type=click.Path(path_type=Path),
               default=Path("features.yaml"), show_default=True, help="Feature definitions.")

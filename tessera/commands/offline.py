@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from features.errors import TesseraError
+from tessera.home import STORE_DEFAULT_TEXT, default_store_url
 
 _FEATURES = click.option("--features", "features_file", type=click.Path(dir_okay=False, path_type=Path),
                          default=Path("features.yaml"), show_default=True,
@@ -14,7 +15,7 @@ _FEATURES = click.option("--features", "features_file", type=click.Path(dir_okay
 _WAREHOUSE = click.option("--warehouse", type=click.Path(file_okay=False, path_type=Path),
                           default=Path(".tessera/warehouse"), show_default=True,
                           help="Iceberg warehouse directory (SQLite catalog inside).")
-_STORE = click.option("--store", "store_url", default="lmdb://.tessera/store", show_default=True,
+_STORE = click.option("--store", "store_url", default=default_store_url, show_default=STORE_DEFAULT_TEXT,
                       help="Online store URL.")
 
 
@@ -118,7 +119,10 @@ def backfill(names: str, from_: str, to: str, base_version: str, version: str | 
 @click.command("replay")
 @click.option("--topics", default=None, help="Comma-separated topics (default: the features').")
 @click.option("--from", "from_", required=True, help="Event time range start.")
-@click.option("--to", required=True, help="Event time range end, exclusive.")
+@click.option("--to", default=None,
+              help="Event time range end, exclusive (default: the end of the topics). It may "
+                   "not be before the store's watermark: reads there would see the replayed "
+                   "features only in part.")
 @click.option("--features", "names", required=True, help="Comma-separated feature names.")
 @click.option("--bootstrap", default=None, help="Kafka bootstrap (default: the embedded broker).")
 @click.option("--lateness", default="60s", show_default=True, help="Allowed lateness.")
@@ -128,37 +132,36 @@ def backfill(names: str, from_: str, to: str, base_version: str, version: str | 
               help="Iceberg warehouse: sealed blocks go there, and ranges Kafka no longer holds "
                    "are computed from its raw tables.")
 @_STORE
-def replay(topics: str | None, from_: str, to: str, names: str, bootstrap: str | None,
+def replay(topics: str | None, from_: str, to: str | None, names: str, bootstrap: str | None,
            lateness: str, features_file: Path, warehouse: Path | None, store_url: str) -> None:
     """Compute blocks of new or changed features by replaying Kafka history.
 
     Runs the live blocks flow's code over the topics' retained history, for the chosen
-    features and events in [--from, --to), with a progress bar and an ETA.
+    features and events in [--from, --to). Only the chosen features' blocks are written;
+    every other feature in the store stays as it was. While the replay runs (or if it stops
+    part way) reads flag the chosen features stale. Progress: one line a second on stderr,
+    messages read of the messages to read per topic, and an ETA.
     """
-    from dataflows.replay import run_replay
+    from dataflows.replay import ReplayProgress, run_replay
     from features.timeutil import parse_duration
     from tessera.broker import resolve_bootstrap
 
     fs = _load(features_file)
-    bar = {"last": -1}
 
-    def show(frac: float, eta: float | None) -> None:
-        pct = int(frac * 100)
-        if pct == bar["last"]:
-            return
-        bar["last"] = pct
-        filled = "#" * (pct // 4)
-        eta_text = f"ETA {eta:.0f}s" if eta is not None else "ETA --"
-        click.echo(f"\r[{filled:<25}] {pct:3d}%  {eta_text}   ", nl=False, err=True)
+    def show(p: ReplayProgress) -> None:
+        topics_text = "  ".join(f"{t} {d:,}/{n:,}" for t, (d, n) in sorted(p.by_topic.items()))
+        eta = "--" if p.eta_s is None else f"{p.eta_s:.0f}s"
+        click.echo(f"replay {p.fraction:6.1%}  {topics_text} messages  "
+                   f"{p.events:,} events  {p.elapsed_s:.0f}s elapsed  ETA {eta}", err=True)
 
     try:
         rep = run_replay(resolve_bootstrap(bootstrap), store_url, fs, _names(names) or [],
-                         _time(from_, "--from"), _time(to, "--to"),
+                         _time(from_, "--from"), _time(to, "--to") if to else None,
                          topics=_names(topics), warehouse=warehouse,
                          lateness_ms=parse_duration(lateness), progress=show)
     except (TesseraError, KeyError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo("", err=True)
     src = " (head of the range from the raw tables)" if rep.raw_fallback else ""
-    click.echo(f"replayed {', '.join(rep.topics)} for {', '.join(rep.features)}{src} "
-               f"in {rep.seconds:.1f}s")
+    click.echo(f"replayed {', '.join(rep.features)} from {', '.join(rep.topics)}{src}: "
+               f"{rep.events:,} events, {rep.blocks_written:,} blocks written in "
+               f"{rep.seconds:.1f}s")

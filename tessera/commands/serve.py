@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from tessera.home import STORE_DEFAULT_TEXT, default_store_url
+
 
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -16,7 +18,7 @@ import click
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Serving processes on the port (each with its own ONNX sessions and "
                    "caches, sharing the store read-only).")
-@click.option("--store", "store_url", default="lmdb://.tessera/store", show_default=True)
+@click.option("--store", "store_url", default=default_store_url, show_default=STORE_DEFAULT_TEXT)
 @click.option("--features", "features_path", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("features.yaml"), show_default=True)
 @click.option("--registry", "registry_dir", type=click.Path(file_okay=False, path_type=Path),

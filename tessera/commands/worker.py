@@ -9,8 +9,8 @@ from typing import Any
 import click
 
 from features.errors import TesseraError
+from tessera.home import STORE_DEFAULT_TEXT, default_store_url
 
-DEFAULT_STORE = "lmdb://.tessera/store"
 DEFAULT_FEATURES = "features.yaml"
 
 _CLUSTER_HELP = """
@@ -46,8 +46,8 @@ def _common_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "--store",
             "store_url",
             metavar="URL",
-            default=DEFAULT_STORE,
-            show_default=True,
+            default=default_store_url,
+            show_default=STORE_DEFAULT_TEXT,
             help="Online store URL: lmdb://relative/path, lmdb:///absolute/path or "
             "aerospike://host:3000/namespace.",
         ),
@@ -421,7 +421,7 @@ def sequences(
 
 
 @worker.command("preassemble")
-@click.option("--store", "store_url", default="lmdb://.tessera/store", show_default=True,
+@click.option("--store", "store_url", default=default_store_url, show_default=STORE_DEFAULT_TEXT,
               help="Online store URL (written: the values table).")
 @click.option("--features", "features_file", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_FEATURES, show_default=True, help="Feature definition file.")

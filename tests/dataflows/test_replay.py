@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 
 from dataflows.blocks import BlocksFlowConfig, build_blocks_flow
-from dataflows.replay import run_replay
+from dataflows.replay import ReplayRangeError, run_replay
 from dataflows.runner import run_flow
+from features import replaymarks
+from features.client import FeatureClient
 from features.spec_loader import load_features
+from features.store import open_store
 from tests.dataflows.flowcheck import (
     LATENESS_MS,
     entity_ids_of,
@@ -35,9 +38,15 @@ def test_replay_blocks_equal_live_blocks(fresh_broker, tmp_path):
     seen = []
     rep = run_replay(fresh_broker, replayed, FEATURES, NEW, world.start_ts,
                      world.end_ts + 4 * 86_400_000, lateness_ms=LATENESS_MS,
-                     progress=lambda f, eta: seen.append(f))
+                     progress=seen.append)
     assert set(rep.features) == set(NEW) and not rep.raw_fallback
-    assert seen and seen[-1] == 1.0
+    assert rep.events > 0 and rep.blocks_written > 0
+    last = seen[-1]
+    assert last.finished and last.fraction == 1.0 and last.eta_s == 0.0
+    # every message of the topics read was counted against the total to read
+    assert last.total > 0 and last.done == last.total
+    assert set(last.by_topic) == set(rep.topics)
+    assert all(p.done <= p.total for p in seen)
 
     keys = {FEATURES.get(n).key for n in NEW}
     ids = entity_ids_of(oracle_for(fresh_broker, world, FEATURES), FEATURES)
@@ -94,3 +103,42 @@ def test_replaying_a_new_feature_leaves_every_other_feature_byte_identical(fresh
     assert any(k[0] == new_key for k in after)  # the replay did write the new feature
     others = {k: v for k, v in after.items() if k[0] != new_key}
     assert before and others == before  # every other feature's blocks, byte for byte
+
+
+def test_a_range_short_of_the_store_watermark_is_refused_and_reads_flag_unfinished_replays(
+        fresh_broker, tmp_path):
+    world = small_world(total_views=2_000, seed=19)
+    produce_world(fresh_broker, world)
+    store = f"lmdb://{tmp_path}/store"
+    run_flow(build_blocks_flow(BlocksFlowConfig(
+        bootstrap=fresh_broker, store_url=store, features=FEATURES, bounded=True,
+        lateness_ms=LATENESS_MS)))
+    with open_store(store, readonly=True) as s:
+        wm = min(v for k, v in s.get_watermarks("blocks/").items() if "/views/" in k)
+
+    with pytest.raises(ReplayRangeError, match="pass --to"):
+        run_replay(fresh_broker, store, FEATURES, ["item_views"], world.start_ts, wm - 3_600_000,
+                   lateness_ms=LATENESS_MS)
+
+    spec = FEATURES.get("item_views")
+    client_names = [spec.window_name(w) for w in spec.windows]
+    # a replay that started and never finished (killed): the feature reads as stale
+    with open_store(store) as s:
+        s.set_watermarks({replaymarks.started_key(spec.key): 10})
+        got = FeatureClient(s, FEATURES).get_features("item", ["i1"], client_names, at=wm)
+        assert set(client_names) <= set(got.stale)
+    # a finished replay clears the flag (to the end of the topics: no --to)
+    rep = run_replay(fresh_broker, store, FEATURES, ["item_views"], world.start_ts,
+                     lateness_ms=LATENESS_MS)
+    assert rep.to_ts is None and rep.events > 0
+    with open_store(store) as s:
+        assert replaymarks.pending(s.get_watermarks(replaymarks.PREFIX)) == set()
+        got = FeatureClient(s, FEATURES).get_features("item", ["i1"], client_names, at=wm)
+        assert not set(client_names) & set(got.stale)
+
+
+def test_pending_replays_are_those_started_after_their_last_finish():
+    marks = {replaymarks.started_key("a@1"): 5, replaymarks.done_key("a@1"): 5,
+             replaymarks.started_key("b@2"): 9, replaymarks.done_key("b@2"): 5,
+             replaymarks.started_key("c@3"): 7, "blocks/views/item_id/0": 100}
+    assert replaymarks.pending(marks) == {"b@2", "c@3"}
