@@ -29,7 +29,7 @@ from dataflows.blocks import BlocksFlowConfig, build_blocks_flow
 from dataflows.progress import FlowProgress
 from dataflows.runner import run_flow
 from features.spec import FeatureSet
-from features.timeutil import align_down
+from features.timeutil import align_up
 from tessera.logs import get_logger
 
 log = get_logger("dataflows.replay")
@@ -134,6 +134,29 @@ def truncated_since(bootstrap: str, topic: str) -> int | None:
     return earliest_event_ts(bootstrap, topic)
 
 
+def kafka_holds_from(bootstrap: str, topics: Sequence[str], from_ts: int,
+                     warehouse: Path | None) -> int | None:
+    """The event time from which Kafka holds the ``topics`` whole, if it lost their head.
+
+    Kafka lost the head of a topic when a partition's first offset is past 0 (retention
+    deleted records), or, with a ``warehouse``, when the raw archive holds events of the
+    topic from before the earliest one Kafka still has (a broker that came back with an
+    emptied log). None when Kafka holds everything from ``from_ts`` on.
+    """
+    found = [t for t in (truncated_since(bootstrap, t) for t in topics) if t is not None]
+    if warehouse is not None:
+        from features.offline.raw import RawTables
+
+        raw = RawTables.open(warehouse)
+        for topic in topics:
+            held = earliest_event_ts(bootstrap, topic)
+            if held is None or held <= from_ts:
+                continue
+            if raw.scan(topic, from_ts, held, columns=["event_ts"]).num_rows:
+                found.append(held)
+    return max(found, default=None)
+
+
 def earliest_event_ts(bootstrap: str, topic: str) -> int | None:
     """The smallest event time among the first message of each partition (None if empty)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
@@ -211,8 +234,7 @@ def run_replay(
             f"{', '.join(read_topics)}: reads up to the watermark would see "
             f"{', '.join(names)} only in part; pass --to {to_iso(wm)} or later, or leave "
             "--to out to replay to the end of the topics")
-    kafka_from = max((t for t in (truncated_since(bootstrap, t) for t in read_topics)
-                      if t is not None), default=None)
+    kafka_from = kafka_holds_from(bootstrap, read_topics, from_ts, warehouse)
     fallback = kafka_from is not None and kafka_from > from_ts
     if fallback and warehouse is None:
         raise ValueError(
@@ -228,7 +250,11 @@ def run_replay(
         from features.offline.raw import RawTables
 
         raw = RawTables.open(warehouse)
-        cut = align_down(kafka_from, max(f.block_sizes[-1] for f in specs))
+        # Up to a boundary of the largest block at or after Kafka's first event: no block
+        # straddles it, the raw tables hold everything before it, Kafka everything after.
+        cut = align_up(kafka_from, max(f.block_sizes[-1] for f in specs))
+        if to_ts is not None:
+            cut = min(cut, align_up(to_ts, max(f.block_sizes[-1] for f in specs)))
         with open_store(store_url) as store:
             run_batch_blocks(raw, raw.offline, store, subset, from_ts, cut, online_sizes="all")
         log.info("replay_raw_fallback", from_ts=to_iso(from_ts), to_ts=to_iso(cut))
