@@ -207,6 +207,29 @@ class FeatureClient:
             out[fam] = min(vals) if vals else NO_WATERMARK
         return out
 
+    def snapshot_end(self, reads: Sequence[tuple[str, Sequence[str]]], *,
+                     at: int | None = None) -> int:
+        """One window end for all the reads of a request: ``(entity_type, names)`` each.
+
+        The end of the last block every family read trusts (the lowest watermark over all of
+        them), at or before ``at`` (default now), on a boundary of every read's streaming
+        block. Reading each entity type with ``get_features(..., end=that)`` makes the whole
+        request one snapshot: the values the backfill recomputes at the one logged end.
+        ``NO_WATERMARK`` when a family has none yet (the reads give defaults).
+        """
+        at = self.clock() if at is None else int(at)
+        specs: dict[str, FeatureSpec] = {}
+        for entity_type, names in reads:
+            for r in self._window_refs(self.resolve(entity_type, names)):
+                specs[r.spec.key] = r.spec
+        if not specs:
+            return NO_WATERMARK
+        wm = min(self.family_watermarks(list(specs.values())).values())
+        if wm == NO_WATERMARK:
+            return NO_WATERMARK
+        step = max(s.streaming_block for s in specs.values())
+        return align_down(min(wm, at), step)
+
     # ------------------------------------------------------------------ read
     def get_features(
         self,
@@ -215,15 +238,22 @@ class FeatureClient:
         names: Sequence[str],
         *,
         at: int | None = None,
+        end: int | None = None,
         use_preassembled: bool = True,
     ) -> FeatureVectors:
         """Return the feature matrix of ``ids`` x ``names`` at time ``at`` (default now).
 
+        Args:
+            end: read at exactly this window end (a request's ``snapshot_end``) instead of
+                the read's own latest trusted end (``at`` then only measures the lag).
+                Pre-assembled values are used only where they were assembled at this end.
+
         Raises:
             UnknownFeatureError: a name is not a feature of ``entity_type``.
-            HistoricalReadError: ``at`` is more than one block before the watermark.
+            HistoricalReadError: ``at`` (or ``end``) is more than one block before the
+                watermark.
         """
-        at = self.clock() if at is None else int(at)
+        at = self.clock() if at is None else int(at)  # with ``end``: only for the lag
         refs = self.resolve(entity_type, names)
         wrefs = self._window_refs(refs)
         specs = list({r.spec.key: r.spec for r in wrefs}.values())
@@ -234,10 +264,19 @@ class FeatureClient:
         pre_cols = None
         if use_preassembled and wrefs:
             pre_cols, pre_wm = self._preassembled_columns(entity_type, wrefs, wm, specs)
-            if pre_cols is not None:
+            if pre_cols is not None and end is None:
                 wm = pre_wm
+            elif pre_cols is not None and pre_wm < end:
+                pre_cols = None  # assembled at an older end than this snapshot's
         # the end of the last trusted block: a block boundary at or before both wm and t
-        end = align_down(min(wm, at), finest) if wm != NO_WATERMARK else NO_WATERMARK
+        if end is not None:
+            end = int(end) if wm != NO_WATERMARK and end != NO_WATERMARK else NO_WATERMARK
+            if end != NO_WATERMARK and end > wm:
+                raise HistoricalReadError(
+                    f"end={end} is after the {entity_type} features' watermark {wm}: take the "
+                    "end from snapshot_end over every read of the request")
+        else:
+            end = align_down(min(wm, at), finest) if wm != NO_WATERMARK else NO_WATERMARK
         if end != NO_WATERMARK and end < wm - finest:
             raise HistoricalReadError(
                 f"at={at} is {wm - end} ms before the store's watermark {wm}: the online store "

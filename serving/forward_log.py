@@ -98,6 +98,7 @@ class ImpressionLogger:
         self._drain_interval = drain_interval_s
         self._inflight = 0
         self._lock = threading.Lock()
+        self._drain_lock = threading.Lock()
         # payloads the spool could not take (disk full): kept in memory, retried each cycle
         self._unspooled: list[bytes] = []
         self.spool_errors = 0
@@ -214,11 +215,21 @@ class ImpressionLogger:
             return False
 
     def _drain(self) -> None:
-        """Resend spooled messages once Kafka answers; delete a segment when all were acked."""
+        """Resend spooled messages once Kafka answers; delete a segment when all were acked.
+
+        One drain at a time (the background thread and ``drain_now`` may both call it): two
+        drains reading the same segment would send its messages twice.
+        """
+        with self._drain_lock:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
         segments = sorted(self.spool.dir.glob("spool-*.bin"))
         if not segments or not self._reachable():
             return
         for segment in self.spool.take_segments():
+            if not segment.exists():
+                continue
             payloads = Spool.read(segment)
             failed: list[bytes] = []
 

@@ -141,17 +141,24 @@ class FeedPipeline:
         with self._stage("sequence", timings):
             seq_items, _ = self._sequence(req.user_id, degraded)
         user_names = models.user_feature_names()
+        item_names = models.item_feature_names()
+        author_names = models.author_feature_names()
         user_row: dict[str, Any] = {}
         watermark = 0
         with self._stage("hydrate_user", timings):
-            if user_names:
-                try:
-                    ufv = self.client.get_features("user", [req.user_id], list(user_names))
+            try:
+                # One window end for every read of this request (user, item and author
+                # families alike): what is served and logged is one snapshot, the values
+                # the backfill recomputes at the logged watermark.
+                watermark = self.client.snapshot_end(
+                    [("user", user_names), ("item", item_names), ("author", author_names)])
+                if user_names:
+                    ufv = self.client.get_features("user", [req.user_id], list(user_names),
+                                                   end=watermark)
                     user_row = ufv.row(0)
-                    watermark = ufv.watermark
-                except TesseraError as exc:
-                    degraded.append("store_unavailable")
-                    log.warning("hydrate_user_failed", error=str(exc)[:200])
+            except TesseraError as exc:
+                degraded.append("store_unavailable")
+                log.warning("hydrate_user_failed", error=str(exc)[:200])
         with self._stage("candidates", timings):
             cands = self.candidates(req, seq_items, models, user_row)
         seen = set(seq_items)
@@ -160,19 +167,15 @@ class FeedPipeline:
         ids = [i for i, _ in cands]
         sources = [s for _, s in cands]
 
-        item_names = models.item_feature_names()
         with self._stage("hydrate", timings):
             try:
                 if "store_unavailable" in degraded:
                     raise TesseraError("the store failed for the user read")
-                items_fv = self.client.get_features("item", ids, list(item_names))
-                watermark = min(watermark, items_fv.watermark) if watermark else items_fv.watermark
+                items_fv = self.client.get_features("item", ids, list(item_names), end=watermark)
                 item_cols = {n: items_fv.values[:, j] for j, n in enumerate(items_fv.names)}
-                author_names = models.author_feature_names()
                 if author_names and ids:  # each author read once, broadcast to its items
                     afv = self.client.get_features("author", self.catalog.authors(ids),
-                                                   list(author_names))
-                    watermark = min(watermark, afv.watermark)
+                                                   list(author_names), end=watermark)
                     item_cols.update({n: afv.values[:, j] for j, n in enumerate(afv.names)})
                 self.metrics.feature_lag.set(max(0, items_fv.lag_ms) / 1000)
             except TesseraError as exc:

@@ -183,3 +183,34 @@ def test_stale_features_are_flagged_in_the_result(filled):
     assert fresh.stale == ()
     late = client.get_features("item", ["i1"], ["item_views_1h"], at=wm + 3 * 3_600_000)
     assert late.stale == ("item_views_1h",) and late.lag_ms >= 3 * 3_600_000 - 5 * MINUTE
+
+
+def test_a_request_reads_every_family_at_one_snapshot_end(filled, tmp_path):
+    """User, item and author reads of one request share one window end, the lowest trusted
+    one over every family read, and every value is the brute-force value at that end."""
+    import shutil
+
+    store, on_time = filled
+    shutil.copytree(store.path, tmp_path / "store")
+    with open_store(f"lmdb://{tmp_path}/store") as rw:
+        refresh_preassembled(rw, FEATURES, "item")  # its own end: the snapshot must not mix
+        client = FeatureClient(rw, FEATURES)
+        reads = [("user", ["user_views_1d", "user_clicks_7d", "user_recent_topics_7d"]),
+                 ("item", ["item_views_1h", "item_ctr_1d"]),
+                 ("author", ["author_views_7d"])]
+        marks = rw.get_watermarks("blocks/")
+        families = {f"blocks/{f.source}/{f.entity}/" for et, names in reads
+                    for r in client._window_refs(client.resolve(et, names)) for f in [r.spec]}
+        assert len({p.split("/")[1] for p in families}) > 1  # views and engagements
+        low = min(v for k, v in marks.items() if any(k.startswith(p) for p in families))
+        end = client.snapshot_end(reads, at=low + 86_400_000)
+        assert end == low - low % (5 * MINUTE)
+        assert end < max(marks.values())  # some family is ahead: its own end would differ
+        for entity_type, names in reads:
+            field = f"{entity_type}_id"
+            ids = sorted({r[field] for r in on_time["views"]})[:15]
+            res = client.get_features(entity_type, ids, names, end=end)
+            assert res.watermark == end
+            _check(res, on_time, entity_type)
+        with pytest.raises(HistoricalReadError, match="snapshot_end"):
+            client.get_features("item", ["i1"], ["item_views_1h"], end=max(marks.values()) + 1)
