@@ -105,7 +105,7 @@ def publish_result(registry: Any, result: Any, onnx_files: Mapping[str, Path], *
         extra["task_weights"] = dict(result.task_weights)
     embeddings = None
     if result.kind == "retrieval":
-        from models.onnx_export import onnx_session
+        from models.onnx_runtime import onnx_session
 
         session = onnx_session(onnx_files["item_tower"])
         vectors = session.run(["item_embedding"], result.catalog.inputs)[0]

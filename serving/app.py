@@ -106,7 +106,10 @@ class ServingState:
     def _start_model_watch(self) -> None:
         try:
             from serving.models import start_model_watch
-        except ImportError:
+        except ImportError as exc:  # loud: feeds fall back to the popularity ranker
+            log.error("learned_models_unavailable", error=str(exc)[:300],
+                      fix="install the serving dependencies: pip install -e . (onnxruntime)",
+                      serving_with="popularity baseline")
             return
         self.watcher = start_model_watch(self)
 

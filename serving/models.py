@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from models.features import FeatureSchema, categorical_matrix, dense_matrix, sequence_matrix
-from models.onnx_export import onnx_session
+from models.onnx_runtime import onnx_session
 from tessera.logs import get_logger
 
 log = get_logger("serving.models")
