@@ -160,6 +160,8 @@ class _OpenBlocks:
         self.dirty = np.asarray(saved.dirty, bool).copy()
         self.done = np.asarray(saved.done, bool).copy() if len(saved.done) == n \
             else np.zeros(n, bool)
+        # whether a version of the row may be in the store (restored rows: assume so)
+        self.written = np.ones(n, bool)
         self.ends = self._ends(self.keys)
         self.index = KeyIndex(self.keys)
         self.column: RepColumn = agg.new_column(saved.reps if n else None)
@@ -209,7 +211,7 @@ class _OpenBlocks:
             return
         size = max(need, 2 * cap, 1024)
         for name, dtype in (("keys", np.int64), ("ends", np.int64), ("dirty", bool),
-                            ("done", bool)):
+                            ("done", bool), ("written", bool)):
             grown = np.zeros(size, dtype=dtype)
             grown[:self.n] = getattr(self, name)[:self.n]
             setattr(self, name, grown)
@@ -220,8 +222,9 @@ class _OpenBlocks:
 
         Rows to write: the changed ones, and (``resend_sealed``) those sealing now even if
         unchanged since their last write. Without ``resend_sealed``, a row of size ``s``
-        ending at or before ``expire[s]`` is not written at all: the store would drop it in
-        the same write (it is past the retention of every window).
+        ending at or before ``expire[s]`` that was never written is not written at all: the
+        store would drop it in the same write (it is past the retention of every window). A
+        row written before is sent, so that the write drops its older version.
         """
         n = self.n
         sealing = None
@@ -234,9 +237,10 @@ class _OpenBlocks:
             for i, size in enumerate(self.sizes.tolist()):
                 limit[i] = expire.get(size, limit[i])
             size_idx = (self.keys[:n] >> _SLOT_BITS) & 7
-            changed = changed & (self.ends[:n] > limit[size_idx])
+            changed = changed & ((self.ends[:n] > limit[size_idx]) | self.written[:n])
         send = changed if sealing is None or not resend_sealed else changed | sealing
         rows = np.flatnonzero(send)
+        self.written[rows] = True
         self.dirty[:n] = False
         if sealing is None:
             return rows, np.zeros(len(rows), dtype=bool)
@@ -255,7 +259,7 @@ class _OpenBlocks:
         old_to_new[keep] = np.arange(len(keep), dtype=np.int64)
         self.column.keep(keep)
         self.index.remap(old_to_new)
-        for name in ("keys", "ends", "dirty", "done"):
+        for name in ("keys", "ends", "dirty", "done", "written"):
             setattr(self, name, getattr(self, name)[keep].copy())
         self.n = len(keep)
         self.column.resize(self.n)

@@ -122,7 +122,7 @@ def test_flush_leaves_out_exactly_the_blocks_past_retention():
     records = _views(4, 3000)
     for r in records:  # stretch the six hours to three days: past the 1d windows' edge
         r["event_ts"] = T0 + (r["event_ts"] - T0) * 12
-    prev_max, dropped = -(2**62), 0
+    prev_max, dropped, sent = -(2**62), 0, set()
     for i in range(0, len(records), 250):
         cols = records_to_columns("views", records[i:i + 250])
         late, prev_max = classify_late(prev_max, np.asarray(cols.columns["event_ts"]), LATENESS)
@@ -132,11 +132,15 @@ def test_flush_leaves_out_exactly_the_blocks_past_retention():
         wm = plain.watermark(["views:0"])
         expire = {size: wm - ms for size, ms in keep.items()}
         everything = plain.flush(wm, resend_sealed=False).writes()
+        # left out: blocks past retention never written before (one written before is sent
+        # again, so the store's write drops its older version)
         want = {(w.feature_key, w.entity_id, w.start, w.size): w.rep
-                for w in everything if w.start + w.size > expire[w.size]}
+                for w in everything if w.start + w.size > expire[w.size]
+                or (w.feature_key, w.entity_id, w.start, w.size) in sent}
         dropped += len(everything) - len(want)
         got = {(w.feature_key, w.entity_id, w.start, w.size): w.rep
                for w in pruned.flush(wm, resend_sealed=False, expire=expire).writes()}
+        sent |= set(got)
         assert set(got) == set(want)
         for key, rep in want.items():  # KLL compaction is randomized: compare as estimates
             agg = build_aggregation(specs[key[0]])
