@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from features.client import FeatureClient
+from features.client import FeatureClient, FeatureVectors, HistoricalReadError
 from features.errors import TesseraError
 from serving.catalog import ItemCatalog
 from serving.config import ServingConfig
@@ -125,6 +125,21 @@ class FeedPipeline:
         return result
 
     # ------------------------------------------------------------------ request
+    def _read(self, entity_type: str, ids: list[str], names: Any, end: int) -> FeatureVectors:
+        """Read at the request's snapshot end; a family too far ahead of it reads at its own.
+
+        A family more than a block ahead of the others (one topic's partitions idle, say)
+        may have dropped blocks the common end needs, so the client refuses that read; the
+        request is then served with that family at its own end (counted and logged), not
+        failed.
+        """
+        try:
+            return self.client.get_features(entity_type, ids, list(names), end=end)
+        except HistoricalReadError as exc:
+            self.metrics.degraded.labels(reason="snapshot_split").inc()
+            log.warning("snapshot_split", entity_type=entity_type, end=end, error=str(exc)[:200])
+            return self.client.get_features(entity_type, ids, list(names))
+
     def feed(self, req: FeedRequest, *, ranker: str | None = None) -> FeedResult:
         """Serve one feed page (see the module docstring).
 
@@ -153,8 +168,7 @@ class FeedPipeline:
                 watermark = self.client.snapshot_end(
                     [("user", user_names), ("item", item_names), ("author", author_names)])
                 if user_names:
-                    ufv = self.client.get_features("user", [req.user_id], list(user_names),
-                                                   end=watermark)
+                    ufv = self._read("user", [req.user_id], user_names, watermark)
                     user_row = ufv.row(0)
             except TesseraError as exc:
                 degraded.append("store_unavailable")
@@ -171,11 +185,10 @@ class FeedPipeline:
             try:
                 if "store_unavailable" in degraded:
                     raise TesseraError("the store failed for the user read")
-                items_fv = self.client.get_features("item", ids, list(item_names), end=watermark)
+                items_fv = self._read("item", ids, item_names, watermark)
                 item_cols = {n: items_fv.values[:, j] for j, n in enumerate(items_fv.names)}
                 if author_names and ids:  # each author read once, broadcast to its items
-                    afv = self.client.get_features("author", self.catalog.authors(ids),
-                                                   list(author_names), end=watermark)
+                    afv = self._read("author", self.catalog.authors(ids), author_names, watermark)
                     item_cols.update({n: afv.values[:, j] for j, n in enumerate(afv.names)})
                 self.metrics.feature_lag.set(max(0, items_fv.lag_ms) / 1000)
             except TesseraError as exc:
