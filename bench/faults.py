@@ -868,7 +868,10 @@ def broker_restart(tmp: Path, sz: Sizes) -> Row:
             after = [i["impression_id"] for i in feed(stack.base_url, "f-u7").json()["items"]]
             # the worker must pick up events produced after the restart
             item = f"f-fault-{uuid.uuid4().hex[:6]}"
-            now = int(time.time() * 1000)
+            # ten minutes ahead: the generated sessions run a little past the wall clock, and
+            # a partition keeps its running maximum across the reset, so events stamped
+            # "now" could be late there (dropped by design) rather than lost
+            now = int(time.time() * 1000) + 600_000
             views = [{"event_id": f"fv-{item}-{j}", "event_ts": now + j, "user_id": "f-u1",
                       "item_id": item, "author_id": "a", "topic": "t", "dwell_ms": 100,
                       "request_id": None} for j in range(25)]

@@ -36,12 +36,14 @@ EOF. Missing or different means the log was reset: the partition logs ``source.l
 and resumes from the log's start, keeping its running maximum event time (the watermark never
 goes back). Either way a new consumer takes over. As a fallback for a restart no error
 reported, an idle partition re-checks every ``VERIFY_IDLE_S`` seconds (a watermark query; the
-probe only when the watermarks are ambiguous and changed). The hot path is unchanged but for a
+probe only when the watermarks are ambiguous, and again every ``REVERIFY_S`` even when they
+look unchanged: a recreated log can show the same offsets). The hot path is unchanged but for a
 CRC of each batch's last message.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -230,6 +232,10 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
     PROBE_READ_S = 3.0
     #: a check still failing after this long is logged (again every as long)
     VERIFY_WARN_S = 30.0
+    #: an ambiguous log found intact is probed again after this long even if its offsets
+    #: look the same: a log recreated by a restart can show the very same (low, high)
+    #: (on Tansu, a log written in one batch always reads (0, 1))
+    REVERIFY_S = 30.0
 
     def __init__(self, source: KafkaBatchSource, topic: str, partition: int,
                  cursor: PartitionCursor):
@@ -246,7 +252,9 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         self._suspect_since = 0.0
         self._warned_at = 0.0
         self._quiet_since = time.monotonic()
-        self._verified: tuple[int, int, int] | None = None  # (low, high, offset) found intact
+        # (low, high, offset) found intact, and when
+        self._verified: tuple[int, int, int] | None = None
+        self._verified_at = 0.0
         self._reset_pending = False  # the next emitted batch carries ``log_reset``
         self._events_per_message = 1.0  # running mean: sizes the next poll (envelopes)
         self._consumer: Any = self._new_consumer()
@@ -408,11 +416,14 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             return
         if offset <= 0:
             return  # nothing read: the consumer's position is valid in any log
-        if high >= offset or (low, high, offset) == self._verified:
+        if high >= offset:
+            return
+        if (low, high, offset) == self._verified and \
+                time.monotonic() - self._verified_at < self.REVERIFY_S:
             return
         verdict, _ = self._probe_log()
         if verdict == _INTACT:
-            self._verified = (low, high, offset)
+            self._verified, self._verified_at = (low, high, offset), time.monotonic()
         else:
             self._set_suspect()
 
@@ -435,7 +446,7 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
                 # error_cb fired during this call: the broker went away; what came back may
                 # come from a restarted log, so check first (the cursor covers none of it)
                 msgs = []
-                self._drop_consumer()
+                self._source.broker_lost()
         first = None
         last = None
         next_offset = self._cursor.offset
@@ -611,6 +622,9 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         self.idle_heartbeat_ms = idle_heartbeat_ms
         self.max_future_ms = max_future_ms
         self.validate = validate
+        # the tailing partitions built by each worker thread: a broker outage seen by one
+        # closes every consumer of that thread at once (see ``_KafkaPartition.next_batch``)
+        self._tailing: dict[int, list[_KafkaPartition]] = {}
 
     def partition_keys(self) -> list[str]:
         """Every ``topic:partition`` this source reads."""
@@ -630,7 +644,21 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
                    resume_state: PartitionCursor | None) -> _KafkaPartition:
         topic, p = for_part.rsplit(":", 1)
         cursor = resume_state or PartitionCursor(offset=self.start_offsets.get(for_part, -1))
-        return _KafkaPartition(self, topic, int(p), cursor)
+        part = _KafkaPartition(self, topic, int(p), cursor)
+        if not self.bounded:
+            self._tailing.setdefault(threading.get_ident(), []).append(part)
+        return part
+
+    def broker_lost(self) -> None:
+        """Close every consumer of this worker thread now; each checks its log before reading.
+
+        A consumer left open while the broker restarts can crash the process (librdkafka
+        2.12, see the module docstring), and only the consumer being polled hears of the
+        outage, so one partition's error closes them all.
+        """
+        for part in self._tailing.get(threading.get_ident(), ()):
+            part._set_suspect()
+            part._drop_consumer()
 
 
 def utc_now() -> datetime:

@@ -137,12 +137,20 @@ class _DeadLetterPartition(StatelessSinkPartition[Any]):
         self.count = 0
 
     def write_batch(self, items: list[Any]) -> None:
+        # Never wait on the broker here: a flush while it is away would stall the whole
+        # flow (the sources stop polling, so they cannot see the outage either).
+        # librdkafka keeps the messages queued and retries them; ``close`` flushes.
         for dl in items:
-            self.producer.produce(self.topic, dl.encode(), key=dl.key)
+            while True:
+                try:
+                    self.producer.produce(self.topic, dl.encode(), key=dl.key)
+                    break
+                except BufferError:  # the local queue is full: let deliveries drain
+                    self.producer.poll(0.1)
             self.count += 1
             log.warning("dead_letter", topic=dl.topic, partition=dl.partition,
                         offset=dl.offset, reason=dl.reason[:200])
-        self.producer.flush(10)
+        self.producer.poll(0)
 
     def close(self) -> None:
         self.producer.flush(30)
