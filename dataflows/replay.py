@@ -109,7 +109,7 @@ def store_watermark(store_url: str, topics: Sequence[str]) -> int | None:
             marks = store.get_watermarks("blocks/")
     except StoreUnavailableError:
         return None
-    vals = [v for k, v in marks.items() if k.split("/")[1:2] and k.split("/")[1] in topics]
+    vals = [v for k, v in marks.items() if k.split("/")[1] in topics]  # blocks/{topic}/...
     return min(vals) if vals else None
 
 
