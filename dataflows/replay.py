@@ -113,27 +113,6 @@ def store_watermark(store_url: str, topics: Sequence[str]) -> int | None:
     return min(vals) if vals else None
 
 
-def truncated_since(bootstrap: str, topic: str) -> int | None:
-    """If retention deleted the head of ``topic``, the earliest event time still held.
-
-    None when every partition still starts at offset 0 (nothing was ever deleted).
-    """
-    from confluent_kafka import Consumer, TopicPartition
-
-    from tessera.topics import consumer_config, list_topics
-
-    parts = list_topics(bootstrap).get(topic, 0)
-    c = Consumer(consumer_config(bootstrap, fast=False))
-    try:
-        lows = [c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[0]
-                for p in range(parts)]
-    finally:
-        c.close()
-    if not any(low > 0 for low in lows):
-        return None
-    return earliest_event_ts(bootstrap, topic)
-
-
 def kafka_holds_from(bootstrap: str, topics: Sequence[str], from_ts: int,
                      warehouse: Path | None) -> int | None:
     """The event time from which Kafka holds the ``topics`` whole, if it lost their head.
@@ -143,17 +122,22 @@ def kafka_holds_from(bootstrap: str, topics: Sequence[str], from_ts: int,
     topic from before the earliest one Kafka still has (a broker that came back with an
     emptied log). None when Kafka holds everything from ``from_ts`` on.
     """
-    found = [t for t in (truncated_since(bootstrap, t) for t in topics) if t is not None]
+    raw = None
     if warehouse is not None:
         from features.offline.raw import RawTables
 
         raw = RawTables.open(warehouse)
-        for topic in topics:
-            held = earliest_event_ts(bootstrap, topic)
-            if held is None or held <= from_ts:
-                continue
-            if raw.scan(topic, from_ts, held, columns=["event_ts"]).num_rows:
-                found.append(held)
+    found = []
+    for topic in topics:
+        truncated = any(low > 0 for low, _ in partition_ranges(bootstrap, [topic]).values())
+        if not truncated and raw is None:
+            continue
+        held = earliest_event_ts(bootstrap, topic)
+        if held is None:
+            continue
+        if truncated or (held > from_ts and
+                         raw.scan(topic, from_ts, held, columns=["event_ts"]).num_rows):
+            found.append(held)
     return max(found, default=None)
 
 

@@ -26,13 +26,19 @@ FEATURES = load_features("features.yaml")
 NEW = ["item_views", "item_unique_viewers", "user_clicks"]
 
 
-def test_replay_blocks_equal_live_blocks(fresh_broker, tmp_path):
-    world = small_world(total_views=4_000, seed=13)
-    produce_world(fresh_broker, world)
-    live = f"lmdb://{tmp_path}/live"
+def _live_store(broker: str, path, *, views: int, seed: int):
+    """Produce a small world and build a store from it with the live (bounded) flow."""
+    world = small_world(total_views=views, seed=seed)
+    produce_world(broker, world)
+    url = f"lmdb://{path}"
     run_flow(build_blocks_flow(BlocksFlowConfig(
-        bootstrap=fresh_broker, store_url=live, features=FEATURES, bounded=True,
+        bootstrap=broker, store_url=url, features=FEATURES, bounded=True,
         lateness_ms=LATENESS_MS)))
+    return world, url
+
+
+def test_replay_blocks_equal_live_blocks(fresh_broker, tmp_path):
+    world, live = _live_store(fresh_broker, tmp_path / "live", views=4_000, seed=13)
 
     replayed = f"lmdb://{tmp_path}/replay"
     seen = []
@@ -82,12 +88,7 @@ def test_replaying_a_new_feature_leaves_every_other_feature_byte_identical(fresh
     A replay that applied its own retention to whole records would delete the older blocks
     every other feature still reads.
     """
-    world = small_world(total_views=4_000, seed=17)
-    produce_world(fresh_broker, world)
-    store = f"lmdb://{tmp_path}/store"
-    run_flow(build_blocks_flow(BlocksFlowConfig(
-        bootstrap=fresh_broker, store_url=store, features=FEATURES, bounded=True,
-        lateness_ms=LATENESS_MS)))
+    world, store = _live_store(fresh_broker, tmp_path / "store", views=4_000, seed=17)
     ids = entity_ids_of(oracle_for(fresh_broker, world, FEATURES), FEATURES)
     before = store_blocks(store, FEATURES, ids)
 
@@ -107,12 +108,7 @@ def test_replaying_a_new_feature_leaves_every_other_feature_byte_identical(fresh
 
 def test_a_range_short_of_the_store_watermark_is_refused_and_reads_flag_unfinished_replays(
         fresh_broker, tmp_path):
-    world = small_world(total_views=2_000, seed=19)
-    produce_world(fresh_broker, world)
-    store = f"lmdb://{tmp_path}/store"
-    run_flow(build_blocks_flow(BlocksFlowConfig(
-        bootstrap=fresh_broker, store_url=store, features=FEATURES, bounded=True,
-        lateness_ms=LATENESS_MS)))
+    world, store = _live_store(fresh_broker, tmp_path / "store", views=2_000, seed=19)
     with open_store(store, readonly=True) as s:
         wm = min(v for k, v in s.get_watermarks("blocks/").items() if "/views/" in k)
 
