@@ -49,6 +49,8 @@ Last line:
          batched_events_per_s=<Tessera, every feature, envelopes>
          quix_events_per_s=<Quix, every feature> quix_count_events_per_s=<Quix, item_views>
          quix_rss_mb=<Quix peak RSS, every feature>
+         anon_mb=<Tessera peak anonymous RSS: without the store's mapped file pages>
+         quix_anon_mb=<Quix peak anonymous RSS>
 """
 
 from __future__ import annotations
@@ -160,15 +162,35 @@ def produce_envelopes(bootstrap: str, v: Views, topic: str = "views") -> float:
 # -- workers (each runs in its own process) ----------------------------------------------
 
 
+_PEAK_ANON_KB = [0]
+
+
+def _sample_anon() -> None:
+    """Track the peak anonymous RSS (process memory, without the store's mapped file pages)."""
+    import threading
+
+    def run() -> None:
+        while True:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        _PEAK_ANON_KB[0] = max(_PEAK_ANON_KB[0], int(line.split()[1]))
+            time.sleep(0.2)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def _emit(result: dict) -> None:
     import resource
 
     result.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result.setdefault("peak_anon_mb", _PEAK_ANON_KB[0] / 1024)
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
 def worker_tessera(args: dict) -> None:
     """Run the blocks flow (bounded or tailing); report start-up, first-data and end times."""
+    _sample_anon()
     t_proc = args["t_launch"]
     from dataflows.blocks import BlocksFlowConfig, build_blocks_flow
     from dataflows.kafka_source import KafkaBatchSource
@@ -212,6 +234,7 @@ def worker_tessera(args: dict) -> None:
 
 def worker_quix(args: dict) -> None:
     """Run the Quix Streams peer until every message is processed."""
+    _sample_anon()
     from bench.quix_peer import run_worker
 
     _emit(run_worker(args))
@@ -531,16 +554,21 @@ def run_all(n: int, rate: int, seconds: float, skip_quix: bool) -> Runs:
 
 
 def print_table(n: int, runs: list[tuple[str, dict | None]]) -> None:
-    """One row per run: events, wall time, start-up, steady rate, peak RSS."""
+    """One row per run: events, wall time, start-up, steady rate, peak RSS (and anonymous).
+
+    Peak RSS counts the LMDB store's file pages the writer has mapped (page cache the kernel
+    can drop); the anonymous peak is the process's own memory.
+    """
     print()
     print(f"events: {n:,} views, {PARTITIONS} partitions, one worker per engine, same broker")
     print(f"{'run':<52}{'events':>10}{'wall s':>8}{'startup s':>11}{'steady ev/s':>13}"
-          f"{'peak RSS MB':>13}")
+          f"{'peak RSS MB':>13}{'anon MB':>9}")
     for label, r in runs:
         if r is None:
             continue
         print(f"{label:<52}{r['events']:>10,}{r['wall_s']:>8.1f}{r['first_data_s']:>11.1f}"
-              f"{steady_rate(r):>13,.0f}{r['peak_rss_mb']:>13,.0f}")
+              f"{steady_rate(r):>13,.0f}{r['peak_rss_mb']:>13,.0f}"
+              f"{r.get('peak_anon_mb', 0):>9,.0f}")
 
 
 def print_check(report: Any, total: int, n: int) -> None:
@@ -602,7 +630,8 @@ def result_line(r: Runs) -> str:
             f"batched_events_per_s={steady_rate(r.batched):.0f} "
             f"quix_events_per_s={steady_rate(r.quix):.0f} "
             f"quix_count_events_per_s={steady_rate(r.quix_count):.0f} "
-            f"quix_rss_mb={r.quix['peak_rss_mb']:.0f}")
+            f"quix_rss_mb={r.quix['peak_rss_mb']:.0f} "
+            f"anon_mb={r.full['peak_anon_mb']:.0f} quix_anon_mb={r.quix['peak_anon_mb']:.0f}")
 
 
 # -- main ------------------------------------------------------------------------------

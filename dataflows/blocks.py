@@ -48,7 +48,7 @@ class BlocksFlowConfig:
     shards: int = 4
     lateness_ms: int = 60_000
     flush_interval_ms: int = 1_000
-    #: flush interval while replaying a backlog (see ``BlockShardLogic``); None: 10x
+    #: flush interval while replaying a backlog (see ``BlockShardLogic``); None: 30x
     #: ``flush_interval_ms``
     catchup_flush_interval_ms: int | None = None
     bounded: bool = False
@@ -167,6 +167,12 @@ def route(config: BlocksFlowConfig, batch: SourceBatch) -> list[tuple[str, tuple
     return out
 
 
+#: catching up, a shard writes this many times less often than live: each flush rewrites
+#: the record of every entity it touched, so on a uniform high-cardinality backlog (500k
+#: users) 30x cut the writes of a 2M-event replay by about half against 10x
+CATCHUP_FLUSH_FACTOR = 30
+
+
 class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
     """Bytewax glue around ``BlockShard``: fold items, flush on a timer and at EOF.
 
@@ -255,7 +261,7 @@ def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = 
     for p in source.partition_keys():
         parts_by_topic.setdefault(p.split(":")[0], []).append(p)
     shard_cfgs = config.shard_configs()
-    catchup_ms = config.catchup_flush_interval_ms or 10 * config.flush_interval_ms
+    catchup_ms = config.catchup_flush_interval_ms or CATCHUP_FLUSH_FACTOR * config.flush_interval_ms
     retention_ms = config.retention()
 
     def builder_for(key: str):

@@ -10,6 +10,7 @@ from typing import Any
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from features.blockstate import ShardFlush
+from features.store.base import BlockBatchWrite
 from features.store.blockbatch import BlockBatch
 from tessera.logs import get_logger
 
@@ -63,19 +64,22 @@ class _StorePartition(StatelessSinkPartition[Any]):
                             self.pending_sealed.append((out.entity_type, e, f, st, sz, rep))
             if out.watermark > watermarks.get(out.watermark_key, -(2**62)):
                 watermarks[out.watermark_key] = out.watermark
+        writes: list[BlockBatchWrite] = []
         for (entity_type, family), batches in by_record.items():
             wm = record_wm[(entity_type, family)]
             keep = self.retention.get((entity_type, family))
             keep_after = ({size: wm - ms for size, ms in keep.items()}
                           if keep and wm > -(2**61) else None)
-            batch = BlockBatch.concat(batches)
-            for chunk in batch.chunks(WRITE_CHUNK_ENTITIES):
-                self.store.put_block_batch(entity_type, family, chunk, keep_after=keep_after)
-            self.blocks_written += len(batch)
-            if self.progress is not None:
-                self.progress.add_blocks(len(batch))
-        if watermarks:  # after the blocks they vouch for
-            self.store.set_watermarks(watermarks)
+            # Shards own disjoint entities: each shard's batch is written as it is, never
+            # concatenated with the others (a copy of every block of the epoch).
+            for batch in batches:
+                writes.extend(BlockBatchWrite(entity_type, family, chunk, keep_after)
+                              for chunk in batch.chunks(WRITE_CHUNK_ENTITIES))
+                self.blocks_written += len(batch)
+                if self.progress is not None:
+                    self.progress.add_blocks(len(batch))
+        # one call: few transactions, and the watermarks only after the blocks they vouch for
+        self.store.put_block_batches(writes, watermarks)
         if self.pending_sealed and time.monotonic() - self.last_commit > self.commit_interval_s:
             self._commit_sealed()
 

@@ -337,9 +337,16 @@ class BlockShard:
     def _global_codes(self, col: Any) -> np.ndarray:
         """The shard-wide code of each event's entity (-1 for a null key), interned in bulk."""
         codes = np.asarray(col.codes)
-        lut = np.empty(len(col.dictionary) + 1, dtype=np.int64)
-        lut[:-1] = self.entities.intern(col.dictionary)
-        lut[-1] = -1  # null entity key: the event has no entity for this feature
+        lut = np.full(len(col.dictionary) + 1, -1, dtype=np.int64)  # last: a null key
+        # A shard's columns keep the whole batch's dictionary: intern only what it uses.
+        used = np.zeros(len(lut), dtype=bool)
+        used[codes] = True
+        used[-1] = False
+        which = np.flatnonzero(used)
+        if len(which) == len(col.dictionary):
+            lut[:-1] = self.entities.intern(col.dictionary)
+        elif len(which):
+            lut[which] = self.entities.intern(np.asarray(col.dictionary, dtype=object)[which])
         return lut[codes]
 
     # ------------------------------------------------------------------ watermarks

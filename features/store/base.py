@@ -147,6 +147,16 @@ def _objects(values) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class BlockBatchWrite:
+    """One ``put_block_batch`` call, for ``OnlineStore.put_block_batches``."""
+
+    entity_type: str
+    family: str
+    batch: BlockBatch
+    keep_after: Mapping[int, int] | None = None
+
+
 def check_part(what: str, value: str) -> str:
     """Return ``value`` if it can be part of a store key, else raise ``StoreError``."""
     if not isinstance(value, str) or not value or "\x00" in value:
@@ -210,6 +220,22 @@ class OnlineStore(abc.ABC):
         Backends override this with a vectorized merge; the default goes through rows.
         """
         self.put_blocks(entity_type, family, batch.to_rows(), keep_after=keep_after)
+
+    def put_block_batches(
+        self,
+        writes: Sequence[BlockBatchWrite],
+        watermarks: Mapping[str, int] | None = None,
+    ) -> None:
+        """Write many ``put_block_batch`` calls, then raise ``watermarks``.
+
+        The watermarks are raised only after every block they vouch for is written.
+        Backends with transactions group the writes into few of them (one fsync each);
+        the default writes one by one.
+        """
+        for w in writes:
+            self.put_block_batch(w.entity_type, w.family, w.batch, keep_after=w.keep_after)
+        if watermarks:
+            self.set_watermarks(watermarks)
 
     @abc.abstractmethod
     def get_block_tables(

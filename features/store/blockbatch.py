@@ -10,12 +10,15 @@ The records it writes are byte-compatible with ``BlockTable.encode``.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from features.store.blocktable import _HEAD, _U16, _U32, MAGIC, VERSION, BlockTable, _pad8
+from features.store.errors import CorruptRecordError
 
 _HEADER_CACHE: dict[tuple[str, ...], bytes] = {}
 
@@ -71,27 +74,32 @@ class BlockBatch:
         ]
 
     def chunks(self, max_entities: int) -> Iterator[BlockBatch]:
-        """Split into batches of at most ``max_entities`` entities each (rows regrouped).
+        """Split into batches of at most ``max_entities`` entities each, in entity-id order.
 
-        A store writes each chunk in its own transaction, so a huge flush never holds all its
-        records (and their dirty pages) in memory at once.
+        A store merges one chunk at a time, so a huge flush never holds all its old and new
+        records in memory at once; ordered by id, a chunk is one key range of the store.
         """
         n_ent = len(self.entity_ids)
         if n_ent <= max_entities:
             yield self
             return
-        order = np.argsort(self.entity_idx, kind="stable")
+        # entities in id order: each chunk is one key range of the store (local writes)
+        by_id = sorted(range(n_ent), key=self.entity_ids.__getitem__)
+        rank = np.empty(n_ent, dtype=np.int64)
+        rank[by_id] = np.arange(n_ent, dtype=np.int64)
+        entity_ids = [self.entity_ids[i] for i in by_id]
+        order = np.argsort(rank[self.entity_idx], kind="stable")
         lengths = np.diff(self.offsets)[order]
         offsets = np.zeros(len(order) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        blob = _gather_bytes(bytes(self.blob), self.offsets[:-1][order], lengths)
-        ent = self.entity_idx[order]
+        blob = _take_rows(self.blob, self.offsets[:-1], np.diff(self.offsets), order)
+        ent = rank[self.entity_idx[order]]
         fid, st, sz = self.feature_idx[order], self.starts[order], self.sizes[order]
         for lo in range(0, n_ent, max_entities):
             hi = min(lo + max_entities, n_ent)
             a, b = np.searchsorted(ent, [lo, hi]).tolist()
             off = offsets[a:b + 1]
-            yield BlockBatch(self.entity_ids[lo:hi], ent[a:b] - lo, self.feature_keys,
+            yield BlockBatch(entity_ids[lo:hi], ent[a:b] - lo, self.feature_keys,
                              fid[a:b], st[a:b], sz[a:b], off - off[0],
                              blob[int(off[0]):int(off[-1])])
 
@@ -143,11 +151,10 @@ def merge_records(
     .encode()`` per entity.
     """
     n_ent = len(batch.entity_ids)
-    tables = [BlockTable.decode(r) if r is not None else None for r in old]
+    scan = _scan_records(old)
     names = set(batch.feature_keys)
-    for t in tables:
-        if t is not None:
-            names.update(t.features)
+    for feats in scan.distinct:
+        names.update(feats)
     ordered = sorted(names)
     gid = {k: i for i, k in enumerate(ordered)}
 
@@ -162,31 +169,18 @@ def merge_records(
     len_parts = [np.diff(batch.offsets).astype(np.int64)[live]]
     # the winner of a (entity, feature, size, start) group sorts first: the last new row
     prio_parts = [np.arange(len(batch) - 1, -1, -1, dtype=np.int64)[live]]
-    blobs = [bytes(batch.blob[: int(batch.offsets[-1])]) if len(batch) else b""]
-    # The old records' rows, gathered with one numpy call per column (not per record).
-    olds = [(e, t) for e, t in enumerate(tables) if t is not None and len(t)]
-    if olds:
-        counts = np.array([len(t) for _, t in olds], np.int64)
-        fmaps = [[gid[k] for k in t.features] for _, t in olds]
-        fmap_base = np.cumsum([0] + [len(f) for f in fmaps[:-1]])
-        fmap_all = np.array([g for f in fmaps for g in f], np.int64)
-        fidx = np.concatenate([t.feature_idx for _, t in olds]).astype(np.int64)
-        ent_parts.append(np.repeat(np.array([e for e, _ in olds], np.int64), counts))
-        fid_parts.append(fmap_all[fidx + np.repeat(fmap_base, counts)])
-        st_parts.append(np.concatenate([t.starts for _, t in olds]))
-        sz_parts.append(np.concatenate([t.sizes for _, t in olds]))
-        # offsets: n + 1 per record; a row's length is the next offset minus its own
-        offs = np.concatenate([t.offsets for _, t in olds]).astype(np.int64)
-        row_pos = np.arange(len(offs) - 1)
-        not_last = np.ones(len(offs) - 1, dtype=bool)
-        not_last[np.cumsum(counts + 1)[:-1] - 1] = False  # each record's closing offset
-        row_pos = row_pos[not_last]
-        ends = offs[np.cumsum(counts + 1) - 1]  # bytes used by each record's reps
-        rec_base = len(blobs[0]) + np.concatenate([[0], np.cumsum(ends)[:-1]])
-        src_parts.append(offs[row_pos] + np.repeat(rec_base, counts))
-        len_parts.append(offs[row_pos + 1] - offs[row_pos])
-        prio_parts.append(np.full(int(counts.sum()), len(batch), np.int64))
-        blobs.extend(t.blob[:end] for (_, t), end in zip(olds, ends.tolist()))
+    head = bytes(batch.blob[: int(batch.offsets[-1])]) if len(batch) else b""
+    big = head
+    if scan.rows:  # the old records' rows, read with one numpy call per column
+        rows = scan.columns(gid, base=len(head))
+        ent_parts.append(rows.ent)
+        fid_parts.append(rows.fid)
+        st_parts.append(rows.starts)
+        sz_parts.append(rows.sizes)
+        src_parts.append(rows.src)
+        len_parts.append(rows.lengths)
+        prio_parts.append(np.full(len(rows.ent), len(batch), np.int64))
+        big = head + scan.buffer
 
     ent = np.concatenate(ent_parts)
     fid = np.concatenate(fid_parts)
@@ -195,7 +189,6 @@ def merge_records(
     src = np.concatenate(src_parts)
     lengths = np.concatenate(len_parts)
     prio = np.concatenate(prio_parts)
-    big = b"".join(blobs)
 
     order, first = _record_order(ent, fid, sz, st, prio)
     keep = order[first]
@@ -204,17 +197,18 @@ def merge_records(
         written[[gid[k] for k in batch.feature_keys]] = True
         f = fid[keep]
         keep = keep[~written[f] | _unexpired_mask(st[keep], sz[keep], keep_after)]
+    all_src, all_lengths = src, lengths
     ent, fid, st, sz, src, lengths = (a[keep] for a in (ent, fid, st, sz, src, lengths))
 
     total = int(lengths.sum())
     out_off = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=out_off[1:])
     if total and np.array_equal(src, out_off[:-1]):
-        new_blob = big[:total]  # already in record order (a first write): no gather
+        new_blob = memoryview(big)[:total]  # already in record order (a first write)
     elif total:
-        new_blob = _gather_bytes(big, src, lengths)
+        new_blob = _take_rows(big, all_src, all_lengths, keep)
     else:
-        new_blob = b""
+        new_blob = memoryview(b"")
 
     bounds = np.searchsorted(ent, np.arange(n_ent + 1))
     m = len(ent)
@@ -259,6 +253,151 @@ def merge_records(
             new_blob[starts_off[lo]:starts_off[hi]],
         )))
     return records
+
+
+@dataclass
+class _OldColumns:
+    """Rows of the old records as columns; ``src`` indexes the merged byte buffer."""
+
+    ent: np.ndarray
+    fid: np.ndarray
+    starts: np.ndarray
+    sizes: np.ndarray
+    src: np.ndarray
+    lengths: np.ndarray
+
+
+@dataclass
+class _OldRecords:
+    """The old records of a merge, laid end to end (each 8-byte aligned) in ``buffer``.
+
+    Only the headers are parsed in Python (a few steps per record, the feature list once per
+    distinct header); every row array is then read for all records at once (``columns``).
+    """
+
+    buffer: bytes
+    entity: np.ndarray  # int64[r], the batch entity of each record
+    base: np.ndarray  # int64[r], where each record starts in ``buffer``
+    head_end: np.ndarray  # int64[r], end of the header (the row count's position)
+    n: np.ndarray  # int64[r], rows per record
+    feature_set: np.ndarray  # int64[r], index into ``distinct``
+    distinct: list[tuple[str, ...]]
+
+    @property
+    def rows(self) -> int:
+        return int(self.n.sum())
+
+    def columns(self, gid: Mapping[str, int], base: int) -> _OldColumns:
+        """Every row of every record; feature ids through ``gid``, ``src`` offset by ``base``."""
+        n = self.n
+        total = int(n.sum())
+        rec = np.repeat(np.arange(len(n)), n)
+        first_row = np.cumsum(n) - n
+        k = np.arange(total, dtype=np.int64) - first_row[rec]
+        fi_at = self.base + ((self.head_end + 4 + 7) & ~7)
+        starts_at = fi_at + ((4 * n + 7) & ~7)
+        sizes_at = starts_at + 8 * n
+        offsets_at = sizes_at + 8 * n
+        blob_at = offsets_at + 4 * (n + 1)
+        i4 = np.frombuffer(self.buffer, "<i4")
+        u4 = np.frombuffer(self.buffer, "<u4")
+        i8 = np.frombuffer(self.buffer, "<i8")
+        local_fid = i4[fi_at[rec] // 4 + k].astype(np.int64)
+        off_lo = u4[offsets_at[rec] // 4 + k].astype(np.int64)
+        off_hi = u4[offsets_at[rec] // 4 + k + 1].astype(np.int64)
+        bad = (local_fid < 0) | (off_hi < off_lo)
+        maps = [np.array([gid[f] for f in feats], np.int64) for feats in self.distinct]
+        widths = np.array([len(m) for m in maps], np.int64)
+        bad |= local_fid >= widths[self.feature_set][rec]
+        if bad.any():
+            raise CorruptRecordError(
+                f"BlockTable of batch entity {int(self.entity[rec[np.argmax(bad)]])} has "
+                "feature indices or offsets out of range")
+        map_base = np.cumsum(widths) - widths
+        fmap = np.concatenate(maps)
+        return _OldColumns(
+            ent=self.entity[rec],
+            fid=fmap[map_base[self.feature_set][rec] + local_fid],
+            starts=i8[starts_at[rec] // 8 + k],
+            sizes=i8[sizes_at[rec] // 8 + k],
+            src=base + blob_at[rec] + off_lo,
+            lengths=off_hi - off_lo,
+        )
+
+
+def _scan_records(old: Sequence[bytes | None]) -> _OldRecords:
+    """Parse the header of each present, non-empty ``TBT1`` record; lay them end to end.
+
+    Raises:
+        CorruptRecordError: a record is not a readable ``TBT1`` record.
+    """
+    head_size = _HEAD.size
+    unpack_head, u16, u32 = _HEAD.unpack_from, _U16.unpack_from, _U32.unpack_from
+    # A header's feature section parses the same wherever it appears, so a record whose
+    # bytes after the fixed header start with a known section (and whose feature count
+    # matches it) has that section's end and features: one dict probe per known length.
+    by_length: dict[int, dict[bytes, int]] = {}
+    set_nf: list[int] = []
+    distinct: list[tuple[str, ...]] = []
+    parts: list[bytes] = []
+    entity, bases, head_ends, counts, set_ids = [], [], [], [], []
+    pos = 0
+    for e, rec in enumerate(old):
+        if rec is None:
+            continue
+        size = len(rec)
+        try:
+            magic, version, nf = unpack_head(rec, 0)
+            if magic != MAGIC or version != VERSION:
+                raise ValueError
+            set_id = -1
+            for length, known in by_length.items():
+                set_id = known.get(rec[head_size:head_size + length], -1)
+                if set_id >= 0 and set_nf[set_id] == nf:
+                    end = head_size + length
+                    break
+                set_id = -1
+            if set_id < 0:
+                end = head_size
+                for _ in range(nf):
+                    end += 2 + u16(rec, end)[0]
+                section = bytes(rec[head_size:end])
+                set_id = len(distinct)
+                distinct.append(_feature_list(section, nf))
+                set_nf.append(nf)
+                by_length.setdefault(end - head_size, {})[section] = set_id
+            (n,) = u32(rec, end)
+            offsets_at = ((end + 4 + 7) & ~7) + ((4 * n + 7) & ~7) + 16 * n
+            if offsets_at + 4 * (n + 1) > size or u32(rec, offsets_at)[0] != 0 or \
+                    offsets_at + 4 * (n + 1) + u32(rec, offsets_at + 4 * n)[0] > size:
+                raise ValueError
+        except (ValueError, struct.error, UnicodeDecodeError):
+            BlockTable.decode(rec)  # raises the precise CorruptRecordError
+            raise CorruptRecordError(f"BlockTable of batch entity {e} is malformed") from None
+        if not n:
+            continue
+        entity.append(e)
+        bases.append(pos)
+        head_ends.append(end)
+        counts.append(n)
+        set_ids.append(set_id)
+        parts.append(rec)
+        pad = -size & 7
+        if pad:
+            parts.append(_PAD[pad])
+        pos += size + pad
+    as_i8 = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
+    return _OldRecords(b"".join(parts), as_i8(entity), as_i8(bases), as_i8(head_ends),
+                       as_i8(counts), as_i8(set_ids), distinct)
+
+
+def _feature_list(section: bytes, n_features: int) -> tuple[str, ...]:
+    out, pos = [], 0
+    for _ in range(n_features):
+        (klen,) = _U16.unpack_from(section, pos)
+        out.append(section[pos + 2:pos + 2 + klen].decode("utf-8"))
+        pos += 2 + klen
+    return tuple(out)
 
 
 def _record_order(ent: np.ndarray, fid: np.ndarray, sz: np.ndarray, st: np.ndarray,
@@ -312,22 +451,25 @@ def _unexpired_mask(starts: np.ndarray, sizes: np.ndarray,
 _PAD = [bytes(i) for i in range(8)]
 
 
-def _gather_bytes(big: bytes, src: np.ndarray, lengths: np.ndarray) -> bytes:
-    """Concatenate ``big[src[i]:src[i] + lengths[i]]`` over rows.
+def _take_rows(data: bytes, src: np.ndarray, lengths: np.ndarray, rows: np.ndarray
+               ) -> memoryview:
+    """Concatenate ``data[src[i]:src[i] + lengths[i]]`` for ``i`` in ``rows``, in that order.
 
-    Rows that continue where the previous one ended are copied as one run (a rewritten
-    record is mostly its old bytes in order), and each run is one bytes slice: a C-level
-    copy per run, not an index entry per byte.
+    The ranges must be sorted and disjoint (``src[i] + lengths[i] <= src[i + 1]``). They,
+    with the gaps between them, tile ``data``; Arrow's ``take`` on that tiling (a binary
+    array over ``data``, no copy) copies every range in C, however many there are.
     """
     m = len(src)
-    if not m:
-        return b""
-    ends = src + lengths
-    first = np.ones(m, dtype=bool)
-    first[1:] = src[1:] != ends[:-1]
-    heads = np.flatnonzero(first)
-    tails = np.append(heads[1:] - 1, m - 1)
-    return b"".join([big[a:b] for a, b in zip(src[heads].tolist(), ends[tails].tolist())])
+    tiling = np.empty(2 * m + 2, dtype=np.int64)  # gap, range 0, gap, range 1, ..., gap
+    tiling[0] = 0
+    tiling[1:-1:2] = src
+    tiling[2:-1:2] = src + lengths
+    tiling[-1] = len(data)
+    values = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), 2 * m + 1, [None, pa.py_buffer(tiling), pa.py_buffer(data)])
+    taken = values.take(pa.array(2 * np.asarray(rows, np.int64) + 1))
+    offsets = np.frombuffer(taken.buffers()[1], np.int64, len(taken) + 1, 8 * taken.offset)
+    return memoryview(taken.buffers()[2])[int(offsets[0]):int(offsets[-1])]
 
 
 def _header(features: list[str]) -> bytes:

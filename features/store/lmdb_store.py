@@ -32,6 +32,7 @@ import lmdb
 
 from features.store.base import (
     ActionSequence,
+    BlockBatchWrite,
     BlockRow,
     OnlineStore,
     SequenceRow,
@@ -259,21 +260,54 @@ class LmdbStore(OnlineStore):
         if not len(batch):
             self._check_writable("put_block_batch")
             return
-        head = f"{check_part('entity_type', entity_type)}\x00{check_part('family', family)}\x00"
-        keys = [(head + check_part("entity_id", e)).encode("utf-8") for e in batch.entity_ids]
+        write = BlockBatchWrite(entity_type, family, batch, keep_after)
+        self._commit("put_block_batch", lambda txn: self._merge_batch(txn, write))
 
-        def run(txn):
-            get = txn.get
-            old = [get(k, db=self._blocks) for k in keys]
-            new = merge_records(old, batch, keep_after)
-            put, delete = txn.put, txn.delete
-            for key, rec, before in zip(keys, new, old):
-                if rec is not None:
-                    put(key, rec, db=self._blocks)
-                elif before is not None:
-                    delete(key, db=self._blocks)
+    #: entities merged per write transaction by ``put_block_batches`` (each commit fsyncs)
+    TXN_ENTITIES = 100_000
 
-        self._commit("put_block_batch", run)
+    def put_block_batches(
+        self,
+        writes: Sequence[BlockBatchWrite],
+        watermarks: Mapping[str, int] | None = None,
+    ) -> None:
+        self._check_writable("put_block_batches")
+        if not watermarks and not any(len(w.batch) for w in writes):
+            return
+        groups: list[list[BlockBatchWrite]] = [[]]
+        entities = 0
+        for w in writes:
+            if not len(w.batch):
+                continue
+            if entities and entities + len(w.batch.entity_ids) > self.TXN_ENTITIES:
+                groups.append([])
+                entities = 0
+            groups[-1].append(w)
+            entities += len(w.batch.entity_ids)
+        for i, group in enumerate(groups):
+            last = i == len(groups) - 1
+
+            def run(txn, group=group, last=last):
+                for w in group:
+                    self._merge_batch(txn, w)
+                if last and watermarks:
+                    self._raise_watermarks(txn, watermarks)
+
+            self._commit("put_block_batches", run)
+
+    def _merge_batch(self, txn, write: BlockBatchWrite) -> None:
+        """Merge one batch into its records within ``txn`` (keys read and written in order)."""
+        head = (f"{check_part('entity_type', write.entity_type)}\x00"
+                f"{check_part('family', write.family)}\x00")
+        keys = _entity_keys(head, write.batch.entity_ids)
+        get = txn.get
+        old = [get(k, db=self._blocks) for k in keys]
+        new = merge_records(old, write.batch, write.keep_after)
+        txn.cursor(db=self._blocks).putmulti(
+            [(k, rec) for k, rec in zip(keys, new) if rec is not None])
+        for key, rec, before in zip(keys, new, old):
+            if rec is None and before is not None:
+                txn.delete(key, db=self._blocks)
 
     def get_block_tables(
         self, entity_type: str, family: str, entity_ids: Sequence[str]
@@ -409,22 +443,21 @@ class LmdbStore(OnlineStore):
         return self.set_watermarks({name: ts})[name]
 
     def set_watermarks(self, items: Mapping[str, int]) -> dict[str, int]:
+        return self._commit("set_watermark", lambda txn: self._raise_watermarks(txn, items))
+
+    def _raise_watermarks(self, txn, items: Mapping[str, int]) -> dict[str, int]:
         encoded = {
             check_part("watermark name", n): (n.encode("utf-8"), int(ts)) for n, ts in items.items()
         }
-
-        def run(txn):
-            out = {}
-            for name, (key, ts) in encoded.items():
-                old = txn.get(key, db=self._watermarks)
-                cur = _I64.unpack(old)[0] if old is not None else None
-                if cur is None or ts > cur:
-                    txn.put(key, _I64.pack(ts), db=self._watermarks)
-                    cur = ts
-                out[name] = cur
-            return out
-
-        return self._commit("set_watermark", run)
+        out = {}
+        for name, (key, ts) in encoded.items():
+            old = txn.get(key, db=self._watermarks)
+            cur = _I64.unpack(old)[0] if old is not None else None
+            if cur is None or ts > cur:
+                txn.put(key, _I64.pack(ts), db=self._watermarks)
+                cur = ts
+            out[name] = cur
+        return out
 
     def get_watermarks(self, prefix: str = "") -> dict[str, int]:
         with self.env.begin(db=self._watermarks) as txn:
@@ -455,3 +488,16 @@ class LmdbStore(OnlineStore):
             if shared.refs == 0:
                 del _OPEN[self._real]
                 shared.env.close()
+
+
+def _entity_keys(head: str, entity_ids: Sequence[str]) -> list[bytes]:
+    """``head + entity_id`` as UTF-8 of each id; ids must be non-empty str without NUL."""
+    try:
+        encoded = list(map(str.encode, entity_ids))
+    except TypeError:
+        encoded = []
+    if len(encoded) != len(entity_ids) or (encoded and (
+            not min(map(len, encoded)) or b"\x00" in b"".join(encoded))):
+        for e in entity_ids:
+            check_part("entity_id", e)  # names the first bad id
+    return list(map(head.encode("utf-8").__add__, encoded))

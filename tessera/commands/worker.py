@@ -285,7 +285,7 @@ def worker() -> None:
     metavar="DURATION",
     help="Flush interval while replaying a backlog (the newest event read is over 30 s "
     "old): the store is rewritten less often, the blocks are the same. "
-    "Default: 10 x --flush-interval.",
+    "Default: 30 x --flush-interval.",
 )
 @click.option(
     "--batch-messages",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from features.store.blockbatch import BlockBatch, merge_records
 from features.store.blocktable import BlockTable
+from features.store.errors import CorruptRecordError
 
 M5, H1 = 300_000, 3_600_000
 row_st = st.tuples(
@@ -48,3 +50,21 @@ def test_concat_remaps_entities_and_features():
     b = BlockBatch.from_rows([("e2", "f@1", M5, M5, b"z")])
     both = BlockBatch.concat([a, b])
     assert sorted(both.to_rows()) == sorted(a.to_rows() + b.to_rows())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "magic", "offsets"])
+def test_merge_names_a_corrupt_old_record(damage):
+    good = BlockTable.from_rows([("f@1", 0, M5, b"abc"), ("f@1", M5, M5, b"de")]).encode()
+    bad = {"truncated": good[:-3], "magic": b"XXXX" + good[4:],
+           "offsets": good[:-10] + b"\xff\xff\xff\x7f" + good[-6:]}[damage]
+    batch = BlockBatch.from_rows([("e1", "f@1", 0, M5, b"x"), ("e2", "f@1", 0, M5, b"y")])
+    with pytest.raises(CorruptRecordError):
+        merge_records([good, bad], batch)
+
+
+def test_chunks_are_in_entity_id_order_and_keep_every_row():
+    rows = [(f"e{i % 7}", "f@1", (i // 7) * M5, M5, bytes([i])) for i in range(40)]
+    batch = BlockBatch.from_rows(rows)
+    chunks = list(batch.chunks(3))
+    assert [c.entity_ids for c in chunks] == [["e0", "e1", "e2"], ["e3", "e4", "e5"], ["e6"]]
+    assert sorted(r for c in chunks for r in c.to_rows()) == sorted(rows)

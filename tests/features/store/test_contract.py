@@ -222,6 +222,31 @@ def test_values_errors_and_unknown_table(store, et):
     assert result.watermarks.tolist() == [NO_WATERMARK]
 
 
+def test_grouped_batch_writes_then_watermarks(store, et, monkeypatch):
+    from features.store.base import BlockBatchWrite
+    from features.store.blockbatch import BlockBatch
+
+    if hasattr(type(store), "TXN_ENTITIES"):
+        monkeypatch.setattr(type(store), "TXN_ENTITIES", 3)  # several transactions
+    first = BlockBatch.from_rows([(f"u{i}", "views@v1", 0, M5, bytes([i])) for i in range(5)])
+    later = BlockBatch.from_rows([("u1", "views@v1", 0, M5, b"\xff"),
+                                  ("u9", "clicks@v1", M5, M5, b"\x09")])
+    store.put_block_batches([BlockBatchWrite(et, "views", first),
+                             BlockBatchWrite(et, "views", BlockBatch.from_rows([])),
+                             BlockBatchWrite(et, "views", later)],
+                            {f"{et}/wm": 42})
+    tables = store.get_block_tables(et, "views", ["u0", "u1", "u4", "u9"])
+    assert [rows_of(t) for t in tables] == [
+        [("views@v1", 0, M5, b"\x00")],
+        [("views@v1", 0, M5, b"\xff")],  # the later write of the same block wins
+        [("views@v1", 0, M5, b"\x04")],
+        [("clicks@v1", M5, M5, b"\x09")],
+    ]
+    assert store.get_watermarks(prefix=f"{et}/") == {f"{et}/wm": 42}
+    store.put_block_batches([], {f"{et}/wm": 7})  # watermarks alone, never backwards
+    assert store.get_watermarks(prefix=f"{et}/") == {f"{et}/wm": 42}
+
+
 # ---------------------------------------------------------------------- watermarks, meta
 
 
