@@ -175,7 +175,7 @@ def _sample_anon() -> None:
                 for line in f:
                     if line.startswith("RssAnon:"):
                         _PEAK_ANON_KB[0] = max(_PEAK_ANON_KB[0], int(line.split()[1]))
-            time.sleep(0.2)
+            time.sleep(0.5)
 
     threading.Thread(target=run, daemon=True).start()
 
