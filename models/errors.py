@@ -6,11 +6,17 @@ from collections.abc import Sequence
 
 from features.errors import TesseraError
 
-__all__ = ["CorruptVersionError", "ModelError", "ModelNotFoundError", "TesseraError"]
+__all__ = ["CorruptVersionError", "ModelError", "ModelNotFoundError", "RuntimeInstallError",
+           "TesseraError"]
 
 
 class ModelError(TesseraError):
     """A model, its registry or its index was used in a way that cannot work."""
+
+
+class RuntimeInstallError(ModelError):
+    """ONNX Runtime is installed in a way serving cannot use (both CPU and GPU builds, or no
+    CUDA provider for ``device="cuda"``); the message says what to install."""
 
 
 class ModelNotFoundError(ModelError, LookupError):

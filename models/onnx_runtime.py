@@ -6,20 +6,66 @@ opens them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 
 import onnxruntime as ort
 
+from models.errors import RuntimeInstallError
 from tessera.logs import get_logger
 
 _log = get_logger("models.onnx_runtime")
 
 
-def choose_providers(available: Sequence[str] | None = None) -> list[str]:
-    """Return ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` when CUDA is offered, else CPU."""
+#: the ONNX Runtime builds on PyPI; each installs the same ``onnxruntime`` module
+RUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def installed_runtimes() -> dict[str, str]:
+    """``{distribution: version}`` of the ONNX Runtime builds installed in this environment."""
+    out = {}
+    for name in RUNTIME_DISTRIBUTIONS:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def check_runtime(installed: Mapping[str, str] | None = None) -> None:
+    """Raise ``RuntimeInstallError`` unless exactly one ONNX Runtime build is installed.
+
+    The CPU (``onnxruntime``) and GPU (``onnxruntime-gpu``) builds share one module: with
+    both, whichever pip installed last wins, often the one without CUDA.
+    """
+    have = installed_runtimes() if installed is None else dict(installed)
+    if len(have) > 1:
+        found = ", ".join(f"{k} {v}" for k, v in sorted(have.items()))
+        raise RuntimeInstallError(
+            f"both ONNX Runtime builds are installed ({found}); they provide the same module "
+            "and only one can load. Keep one: pip uninstall -y onnxruntime onnxruntime-gpu, "
+            "then pip install -e '.[gpu]' for CUDA or -e '.[cpu]' for CPU")
+
+
+def choose_providers(available: Sequence[str] | None = None, device: str = "auto") -> list[str]:
+    """The providers for ``device``: ``auto`` takes CUDA when offered, else CPU.
+
+    Raises:
+        RuntimeInstallError: ``device="cuda"`` and this ONNX Runtime offers no CUDA provider.
+        ValueError: an unknown device.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     have = list(ort.get_available_providers() if available is None else available)
-    if "CUDAExecutionProvider" in have:
+    cuda = "CUDAExecutionProvider" in have
+    if device == "cuda" and not cuda:
+        raise RuntimeInstallError(
+            f"device 'cuda' asked for, but ONNX Runtime offers only {', '.join(have)}: install "
+            "the GPU build (pip uninstall -y onnxruntime && pip install -e '.[gpu]') on a "
+            "machine with CUDA 12 and cuDNN 9, or serve with --device cpu")
+    if cuda and device != "cpu":
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 

@@ -108,9 +108,12 @@ class ServingState:
             from serving.models import start_model_watch
         except ImportError as exc:  # loud: feeds fall back to the popularity ranker
             log.error("learned_models_unavailable", error=str(exc)[:300],
-                      fix="install the serving dependencies: pip install -e . (onnxruntime)",
+                      fix="install an ONNX Runtime build: pip install -e '.[cpu]' (or '.[gpu]')",
                       serving_with="popularity baseline")
             return
+        from models.onnx_runtime import check_runtime
+
+        check_runtime()  # refuses to start with both the CPU and the GPU build installed
         self.watcher = start_model_watch(self)
 
     def feed_limiter(self) -> anyio.CapacityLimiter:

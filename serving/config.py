@@ -32,6 +32,9 @@ class ServingConfig:
         max_body_bytes: request size limit.
         api_keys: {key: role} with roles ``read`` (feed, features), ``write`` (events),
             ``admin`` (reload); empty means no authentication (local use).
+        refresh_interval_s: how often the trending/fresh/topic lists are recomputed.
+        device: where the ONNX models run: ``auto`` (CUDA when offered), ``cpu``, or
+            ``cuda`` (refuses to start without a CUDA provider).
     """
 
     host: str = "127.0.0.1"
@@ -54,6 +57,7 @@ class ServingConfig:
     max_body_bytes: int = 1_000_000
     api_keys: dict[str, str] = field(default_factory=dict)
     refresh_interval_s: float = 30.0
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -65,6 +69,8 @@ class ServingConfig:
         if not 1 <= self.default_limit <= self.max_limit:
             raise ValueError(f"default_limit must be 1..max_limit ({self.max_limit}), "
                              f"got {self.default_limit}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         bad = {k: v for k, v in self.api_keys.items() if v not in ("read", "write", "admin")}
         if bad:
             raise ValueError(f"api key roles must be read, write or admin; got {bad}")

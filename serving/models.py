@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from models.features import FeatureSchema, categorical_matrix, dense_matrix, sequence_matrix
-from models.onnx_runtime import onnx_session
+from models.onnx_runtime import choose_providers, onnx_session
 from tessera.logs import get_logger
 
 log = get_logger("serving.models")
@@ -98,15 +98,18 @@ class Retrieval:
         return list(ids[0])
 
 
-def load_version(info: Any, entity_of) -> Any:
-    """Build the serving object of one registry version (raises when it cannot serve)."""
+def load_version(info: Any, entity_of, providers: list[str] | None = None) -> Any:
+    """Build the serving object of one registry version (raises when it cannot serve).
+
+    ``providers``: ONNX Runtime providers (default: ``choose_providers()``, CUDA when offered).
+    """
     m = info.manifest
     schema = FeatureSchema.from_dict(m["feature_schema"])
     if info.kind == "retrieval":
         from models.index import ItemIndex
 
         extra = dict(schema.extra)
-        session = onnx_session(info.file("user_tower.onnx"))
+        session = onnx_session(info.file("user_tower.onnx"), providers=providers)
         index = ItemIndex.load(info.path / "index")
         r = Retrieval(info.version, schema, session, index, tuple(extra.get("user_dense", ())))
         r.search([], 5)  # probe: the version must be able to answer
@@ -115,7 +118,7 @@ def load_version(info: Any, entity_of) -> Any:
     if not files:
         raise ValueError(f"{info.kind} version {info.version} has no .onnx file")
     path = info.file(files[0])
-    session = onnx_session(path)
+    session = onnx_session(path, providers=providers)
     inputs = tuple(i.name for i in session.get_inputs())
     output = session.get_outputs()[0].name
     computed = {k.name for k in schema.crosses}
@@ -131,8 +134,15 @@ def load_version(info: Any, entity_of) -> Any:
 
 
 def start_model_watch(state: Any) -> Any:
-    """Watch the registry for l1, l2 and retrieval; swap each new version into the pipeline."""
+    """Watch the registry for l1, l2 and retrieval; swap each new version into the pipeline.
+
+    Raises:
+        RuntimeInstallError: ``state.config.device`` is ``cuda`` and ONNX Runtime has no CUDA.
+    """
     from models.registry import ModelRegistry, RegistryWatcher
+
+    providers = choose_providers(device=state.config.device)
+    log.info("onnx_providers", device=state.config.device, providers=providers)
 
     registry = ModelRegistry(state.config.registry_dir)
     client = state.client
@@ -146,7 +156,7 @@ def start_model_watch(state: Any) -> Any:
     watchers = []
     for kind in ("l1", "l2", "retrieval"):
         def on_change(info, kind=kind) -> None:
-            loaded = load_version(info, entity_of)
+            loaded = load_version(info, entity_of, providers)
             state.pipeline.models = replace(state.pipeline.models, **{kind: loaded})
             state.metrics.model_version.labels(kind=kind, version=info.version).set(1)
             log.info("model_loaded", kind=kind, version=info.version)

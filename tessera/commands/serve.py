@@ -34,11 +34,15 @@ from tessera.home import STORE_DEFAULT_TEXT, default_store_url
               "feed thread); beyond it: 503 + Retry-After.")
 @click.option("--feed-threads", default=None, type=int,
               help="Feed requests computed at once per process (default: CPU count, >= 2).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True,
+              help="Where the models run: auto takes CUDA when ONNX Runtime offers it; cuda "
+              "refuses to start without it.")
 @click.option("--api-key", "api_keys", multiple=True,
               help="KEY:ROLE (read, write, admin); repeat. None: no authentication.")
 def serve(host: str, port: int, workers: int, store_url: str, features_path: Path,
           registry_dir: Path, bootstrap: str | None, spool_dir: Path, max_in_flight: int,
-          feed_threads: int | None, api_keys: tuple[str, ...]) -> None:
+          feed_threads: int | None, device: str, api_keys: tuple[str, ...]) -> None:
     """Serve ranked feeds over HTTP (JSON; OpenAPI schema at /openapi.json).
 
     \\b
@@ -64,7 +68,7 @@ def serve(host: str, port: int, workers: int, store_url: str, features_path: Pat
     config = {"host": host, "port": port, "store_url": store_url,
               "features_path": str(features_path), "registry_dir": str(registry_dir),
               "bootstrap": bootstrap, "spool_dir": str(spool_dir),
-              "max_in_flight": max_in_flight, "api_keys": keys}
+              "max_in_flight": max_in_flight, "api_keys": keys, "device": device}
     if feed_threads is not None:
         config["feed_threads"] = feed_threads
     from serving.config import ServingConfig

@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from models.errors import RuntimeInstallError
 from models.onnx_export import (
     ExportParityError,
     check_parity,
@@ -24,6 +25,7 @@ from models.onnx_export import (
     export_result,
     onnx_session,
 )
+from models.onnx_runtime import check_runtime
 from models.publish import publish_model, publish_result
 from models.registry import ModelRegistry
 from models.train import TrainConfig, TrainResult, train_l1, train_l2, train_retrieval
@@ -96,6 +98,23 @@ def test_provider_choice() -> None:
         "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert choose_providers(["AzureExecutionProvider", "CPUExecutionProvider"]) == [
         "CPUExecutionProvider"]
+    assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], device="cpu") == [
+        "CPUExecutionProvider"]
+    with pytest.raises(RuntimeInstallError, match=r"offers only CPUExecutionProvider: install "
+                                                  r"the GPU build"):
+        choose_providers(["CPUExecutionProvider"], device="cuda")
+    with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda"):
+        choose_providers(["CPUExecutionProvider"], device="gpu")
+
+
+def test_both_runtime_builds_installed_is_refused() -> None:
+    check_runtime({"onnxruntime": "1.32.0"})
+    check_runtime({"onnxruntime-gpu": "1.31.1"})
+    with pytest.raises(RuntimeInstallError, match=r"both ONNX Runtime builds are installed "
+                                                  r"\(onnxruntime 1.32.0, onnxruntime-gpu 1.31.1\)"
+                                                  r".*pip install -e '.\[gpu\]'"):
+        check_runtime({"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"})
+    check_runtime()  # this environment: one build
 
 
 @pytest.mark.slow
