@@ -162,20 +162,22 @@ def produce_envelopes(bootstrap: str, v: Views, topic: str = "views") -> float:
 # -- workers (each runs in its own process) ----------------------------------------------
 
 
-_PEAK_ANON_KB = [0]
-
-
-def _sample_anon() -> None:
-    """Track the peak anonymous RSS (process memory, without the store's mapped file pages)."""
+def _watch_anon(pid: int, peak: list[int]) -> None:
+    """Track the peak anonymous RSS of process ``pid`` (its own memory, without the store's
+    mapped file pages), from outside: a sampler inside the worker would compete for its GIL."""
     import threading
 
     def run() -> None:
+        path = f"/proc/{pid}/status"
         while True:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        _PEAK_ANON_KB[0] = max(_PEAK_ANON_KB[0], int(line.split()[1]))
-            time.sleep(0.5)
+            try:
+                with open(path) as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            peak[0] = max(peak[0], int(line.split()[1]))
+            except OSError:  # exited
+                return
+            time.sleep(0.2)
 
     threading.Thread(target=run, daemon=True).start()
 
@@ -184,13 +186,11 @@ def _emit(result: dict) -> None:
     import resource
 
     result.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    result.setdefault("peak_anon_mb", _PEAK_ANON_KB[0] / 1024)
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
 def worker_tessera(args: dict) -> None:
     """Run the blocks flow (bounded or tailing); report start-up, first-data and end times."""
-    _sample_anon()
     t_proc = args["t_launch"]
     from dataflows.blocks import BlocksFlowConfig, build_blocks_flow
     from dataflows.kafka_source import KafkaBatchSource
@@ -234,7 +234,6 @@ def worker_tessera(args: dict) -> None:
 
 def worker_quix(args: dict) -> None:
     """Run the Quix Streams peer until every message is processed."""
-    _sample_anon()
     from bench.quix_peer import run_worker
 
     _emit(run_worker(args))
@@ -249,6 +248,8 @@ def _launch(kind: str, args: dict, log_path: Path) -> subprocess.Popen:
 
 
 def _result(proc: subprocess.Popen, log_path: Path, timeout: float) -> dict:
+    anon_kb = [0]
+    _watch_anon(proc.pid, anon_kb)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -257,7 +258,7 @@ def _result(proc: subprocess.Popen, log_path: Path, timeout: float) -> dict:
         raise RuntimeError(f"worker timed out after {timeout:g}s; see {log_path}") from None
     for line in out.splitlines():
         if line.startswith("BENCH_RESULT "):
-            return json.loads(line.split(" ", 1)[1])
+            return {**json.loads(line.split(" ", 1)[1]), "peak_anon_mb": anon_kb[0] / 1024}
     tail = log_path.read_text()[-3000:]
     raise RuntimeError(f"worker exited {proc.returncode} without a result:\n{tail}")
 
