@@ -75,11 +75,12 @@ class _StorePartition(StatelessSinkPartition[Any]):
             for batch in batches:
                 writes.extend(BlockBatchWrite(entity_type, family, chunk, keep_after)
                               for chunk in batch.chunks(WRITE_CHUNK_ENTITIES))
-                self.blocks_written += len(batch)
-                if self.progress is not None:
-                    self.progress.add_blocks(len(batch))
         # one call: few transactions, and the watermarks only after the blocks they vouch for
         self.store.put_block_batches(writes, watermarks)
+        written = sum(len(w.batch) for w in writes)
+        self.blocks_written += written
+        if self.progress is not None:
+            self.progress.add_blocks(written)
         if self.pending_sealed and time.monotonic() - self.last_commit > self.commit_interval_s:
             self._commit_sealed()
 

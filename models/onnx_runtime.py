@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from models.devices import DEVICES
 from models.errors import RuntimeInstallError
 from tessera.logs import get_logger
 
@@ -20,7 +21,6 @@ _log = get_logger("models.onnx_runtime")
 
 #: the ONNX Runtime builds on PyPI; each installs the same ``onnxruntime`` module
 RUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def installed_runtimes() -> dict[str, str]:

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.devices import DEVICES
+
 
 @dataclass(frozen=True, kw_only=True)
 class ServingConfig:
@@ -69,8 +71,9 @@ class ServingConfig:
         if not 1 <= self.default_limit <= self.max_limit:
             raise ValueError(f"default_limit must be 1..max_limit ({self.max_limit}), "
                              f"got {self.default_limit}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, "
+                             f"got {self.device!r}")
         bad = {k: v for k, v in self.api_keys.items() if v not in ("read", "write", "admin")}
         if bad:
             raise ValueError(f"api key roles must be read, write or admin; got {bad}")

@@ -138,8 +138,9 @@ def consumer_config(
         group_id: consumer group. ``None`` makes a private reader for manual
             ``assign()``: a unique group id and no offset commits.
         fast: batch fetches (``fetch.min.bytes`` 1 MiB, ``fetch.wait.max.ms`` 50,
-            ``queued.min.messages`` 1 000 000 up to 16 MiB a partition); on the embedded broker this raised the
-            consume rate from about 120 k to several hundred k records a second.
+            ``queued.min.messages`` 1 000 000, at most 16 MiB a partition); on the
+            embedded broker this raised the consume rate from about 120 k to several
+            hundred k records a second.
         partition_eof: emit ``KafkaError._PARTITION_EOF`` when a partition is read to
             its end (for bounded reads; see the module docstring).
         overrides: any librdkafka setting, applied last.

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from features.store.blocktable import _HEAD, _U16, _U32, MAGIC, VERSION, BlockTable, _pad8
+from features.store.blocktable import (
+    _HEAD,
+    _U16,
+    _U32,
+    MAGIC,
+    VERSION,
+    BlockTable,
+    _pad8,
+    _parse_features,
+)
 from features.store.errors import CorruptRecordError
 
 _HEADER_CACHE: dict[tuple[str, ...], bytes] = {}
@@ -363,7 +372,7 @@ def _scan_records(old: Sequence[bytes | None]) -> _OldRecords:
                     end += 2 + u16(rec, end)[0]
                 section = bytes(rec[head_size:end])
                 set_id = len(distinct)
-                distinct.append(_feature_list(section, nf))
+                distinct.append(_parse_features(section, nf))
                 set_nf.append(nf)
                 by_length.setdefault(end - head_size, {})[section] = set_id
             (n,) = u32(rec, end)
@@ -389,15 +398,6 @@ def _scan_records(old: Sequence[bytes | None]) -> _OldRecords:
     as_i8 = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
     return _OldRecords(b"".join(parts), as_i8(entity), as_i8(bases), as_i8(head_ends),
                        as_i8(counts), as_i8(set_ids), distinct)
-
-
-def _feature_list(section: bytes, n_features: int) -> tuple[str, ...]:
-    out, pos = [], 0
-    for _ in range(n_features):
-        (klen,) = _U16.unpack_from(section, pos)
-        out.append(section[pos + 2:pos + 2 + klen].decode("utf-8"))
-        pos += 2 + klen
-    return tuple(out)
 
 
 def _record_order(ent: np.ndarray, fid: np.ndarray, sz: np.ndarray, st: np.ndarray,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from models.devices import DEVICES
 from tessera.home import STORE_DEFAULT_TEXT, default_store_url
 
 
@@ -34,7 +35,7 @@ from tessera.home import STORE_DEFAULT_TEXT, default_store_url
               "feed thread); beyond it: 503 + Retry-After.")
 @click.option("--feed-threads", default=None, type=int,
               help="Feed requests computed at once per process (default: CPU count, >= 2).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+@click.option("--device", type=click.Choice(DEVICES), default="auto",
               show_default=True,
               help="Where the models run: auto takes CUDA when ONNX Runtime offers it; cuda "
               "refuses to start without it.")
