@@ -116,18 +116,24 @@ class BlockShardConfig:
         return BlockShard(self, state)
 
 
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 """Layout of ``BlockShardState``; part of the shard version, so old snapshots are never reused."""
 
 
 @dataclass
 class FeatureBlocks:
-    """Open blocks of one feature, as snapshotted: block keys, flags and the reps' state."""
+    """Open blocks of one feature, as snapshotted: the block keys, flags and the reps' state.
+
+    Features with the same block sizes share their rows: ``keys`` and ``done`` are those of
+    the shared rows (one array object for all of them, pickled once), and ``present`` says
+    which rows this feature has data in.
+    """
 
     keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     dirty: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     done: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     reps: Any = None  # RepColumn.state(n)
+    present: np.ndarray | None = None  # None: every row
 
 
 @dataclass
@@ -141,31 +147,62 @@ class BlockShardState:
     late_events: int = 0
 
 
-class _OpenBlocks:
-    """Runtime open blocks of one feature: rows addressed by a composite key (``KeyIndex``).
+class _FeatureRows:
+    """One feature's reps over the rows of its ``_BlockRows``, and its per-row flags.
 
-    A row's key is ``entity code << 35 | size index << 32 | slot`` (slot: block start in units
-    of the finest size). ``done`` rows are sealed and written; they wait, never changing, until
-    enough of them pile up to be evicted together (one pass over the table, not one per flush).
+    ``present``: the feature folded an event into the row (a filtered feature has no block
+    where none of its events fell, and such a row is never written for it). ``dirty``:
+    changed since the last flush. ``written``: a version may be in the store.
     """
 
-    def __init__(self, spec: FeatureSpec, agg: Aggregation, saved: FeatureBlocks | None) -> None:
+    def __init__(self, spec: FeatureSpec, agg: Aggregation, saved: FeatureBlocks, n: int
+                 ) -> None:
         self.spec = spec
-        self.sizes = np.asarray(spec.block_sizes, dtype=np.int64)
-        self.finest = int(spec.block_sizes[0])
-        saved = saved or FeatureBlocks()
-        n = len(saved.keys)
-        self.n = n
-        self.keys = np.asarray(saved.keys, np.int64).copy()
-        self.dirty = np.asarray(saved.dirty, bool).copy()
-        self.done = np.asarray(saved.done, bool).copy() if len(saved.done) == n \
-            else np.zeros(n, bool)
-        # whether a version of the row may be in the store (restored rows: assume so)
-        self.written = np.ones(n, bool)
-        self.ends = self._ends(self.keys)
-        self.index = KeyIndex(self.keys)
         self.column: RepColumn = agg.new_column(saved.reps if n else None)
         self.column.resize(n)
+        self.dirty = _fit(saved.dirty, n)
+        self.present = np.ones(n, bool) if saved.present is None else _fit(saved.present, n)
+        self.written = self.present.copy()  # restored rows: assume a version was written
+
+    def grow(self, n: int, capacity: int) -> None:
+        """Make rows ``0..n-1`` usable, flags held for ``capacity`` rows."""
+        self.column.resize(n)
+        if capacity > len(self.dirty):
+            self.dirty, self.present, self.written = (
+                _grown(a, capacity) for a in (self.dirty, self.present, self.written))
+
+    def keep(self, keep: np.ndarray) -> None:
+        """Keep only rows ``keep`` (ascending), renumbered from 0."""
+        self.column.keep(keep)
+        self.column.resize(len(keep))
+        self.dirty, self.present, self.written = (
+            a[keep].copy() for a in (self.dirty, self.present, self.written))
+
+
+class _BlockRows:
+    """The open blocks of the features of a shard that share one list of block sizes.
+
+    A row is one (entity, block size, block start): its key is ``entity code << 35 | size
+    index << 32 | slot`` (slot: block start in units of the finest size), found with one
+    ``KeyIndex`` lookup per batch for all the features, whose reps are columns over the same
+    rows (``_FeatureRows``). ``done`` rows are sealed and written; they wait, never changing,
+    until enough of them pile up to be evicted together (one pass, not one per flush).
+    """
+
+    def __init__(self, sizes: Sequence[int], features: list[tuple[int, FeatureSpec, Aggregation]],
+                 saved: list[FeatureBlocks]) -> None:
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.finest = int(sizes[0])
+        first = saved[0]
+        n = len(first.keys)
+        self.n = n
+        self.keys = np.asarray(first.keys, np.int64).copy()
+        self.done = _fit(first.done, n)
+        self.ends = self._ends(self.keys)
+        self.index = KeyIndex(self.keys)
+        self.feature_idx = [fi for fi, _, _ in features]
+        self.features = [_FeatureRows(spec, agg, s, n)
+                         for (_, spec, agg), s in zip(features, saved)]
         self.min_open_end = _min_or_none(self.ends[~self.done])
 
     def _ends(self, keys: np.ndarray) -> np.ndarray:
@@ -175,15 +212,10 @@ class _OpenBlocks:
     def keys_for(self, gcodes: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """The block key of each event in every block size, size by size."""
         parts = []
-        for si, size in enumerate(self.spec.block_sizes):
+        for si, size in enumerate(self.sizes.tolist()):
             slot = (ts - ts % size) // self.finest
             parts.append((gcodes << (_SLOT_BITS + _SIZE_BITS)) | (si << _SLOT_BITS) | slot)
         return np.concatenate(parts)
-
-    def rows_for(self, keys: np.ndarray) -> np.ndarray:
-        """The row of each key, adding rows for keys not seen yet."""
-        uniq, inv = np.unique(keys, return_inverse=True)
-        return self.rows_for_unique(uniq)[inv]
 
     def rows_for_unique(self, uniq: np.ndarray) -> np.ndarray:
         """The row of each of the sorted, distinct keys ``uniq``, adding rows for new keys."""
@@ -200,7 +232,8 @@ class _OpenBlocks:
             self.index.insert(new_keys, new_rows)
             rows[new] = new_rows
             self.n = start + k
-            self.column.resize(self.n)
+            for f in self.features:
+                f.grow(self.n, len(self.keys))
             low = int(ends.min())
             self.min_open_end = low if self.min_open_end is None else min(self.min_open_end, low)
         return rows
@@ -210,15 +243,19 @@ class _OpenBlocks:
         if need <= cap:
             return
         size = max(need, 2 * cap, 1024)
-        for name, dtype in (("keys", np.int64), ("ends", np.int64), ("dirty", bool),
-                            ("done", bool), ("written", bool)):
-            grown = np.zeros(size, dtype=dtype)
-            grown[:self.n] = getattr(self, name)[:self.n]
-            setattr(self, name, grown)
+        self.keys, self.ends, self.done = (
+            _grown(a, size) for a in (self.keys, self.ends, self.done))
 
-    def to_write(self, watermark: int | None, resend_sealed: bool = True,
-                 expire: Mapping[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Rows to write now and which of them seal; marks them.
+    def sealing(self, watermark: int | None) -> np.ndarray | None:
+        """Rows not sealed yet that end by ``watermark`` (None when there are none)."""
+        if watermark is None or self.min_open_end is None or watermark < self.min_open_end:
+            return None
+        n = self.n
+        return ~self.done[:n] & (self.ends[:n] <= watermark)
+
+    def to_write(self, f: _FeatureRows, sealing: np.ndarray | None, resend_sealed: bool,
+                 expire: Mapping[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of feature ``f`` to write now and which of them seal; marks them written.
 
         Rows to write: the changed ones, and (``resend_sealed``) those sealing now even if
         unchanged since their last write. Without ``resend_sealed``, a row of size ``s``
@@ -227,29 +264,32 @@ class _OpenBlocks:
         row written before is sent, so that the write drops its older version.
         """
         n = self.n
-        sealing = None
-        if watermark is not None and self.min_open_end is not None \
-                and watermark >= self.min_open_end:
-            sealing = ~self.done[:n] & (self.ends[:n] <= watermark)
-        changed = self.dirty[:n]
+        changed = f.dirty[:n]
         if expire and not resend_sealed and sealing is not None:
             limit = np.full(len(self.sizes), np.iinfo(np.int64).min, dtype=np.int64)
             for i, size in enumerate(self.sizes.tolist()):
                 limit[i] = expire.get(size, limit[i])
             size_idx = (self.keys[:n] >> _SLOT_BITS) & 7
-            changed = changed & ((self.ends[:n] > limit[size_idx]) | self.written[:n])
-        send = changed if sealing is None or not resend_sealed else changed | sealing
+            changed = changed & ((self.ends[:n] > limit[size_idx]) | f.written[:n])
+        send = changed if sealing is None or not resend_sealed else \
+            changed | (sealing & f.present[:n])
         rows = np.flatnonzero(send)
-        self.written[rows] = True
-        self.dirty[:n] = False
+        f.written[rows] = True
+        f.dirty[:n] = False
         if sealing is None:
             return rows, np.zeros(len(rows), dtype=bool)
-        self.done[:n] |= sealing
-        self.min_open_end = _min_or_none(self.ends[:n][~self.done[:n]])
         return rows, sealing[rows]
 
+    def seal(self, sealing: np.ndarray | None) -> None:
+        """Mark ``sealing`` rows done (after every feature took what it writes of them)."""
+        if sealing is None:
+            return
+        n = self.n
+        self.done[:n] |= sealing
+        self.min_open_end = _min_or_none(self.ends[:n][~self.done[:n]])
+
     def evict_done(self, force: bool = False) -> None:
-        """Drop sealed rows from memory once they are a quarter of the table (or ``force``)."""
+        """Drop sealed rows from memory once they are a quarter of the rows (or ``force``)."""
         n = self.n
         done = int(self.done[:n].sum())
         if not done or (not force and done * 4 < n):
@@ -257,17 +297,32 @@ class _OpenBlocks:
         keep = np.flatnonzero(~self.done[:n])
         old_to_new = np.full(n, -1, dtype=np.int64)
         old_to_new[keep] = np.arange(len(keep), dtype=np.int64)
-        self.column.keep(keep)
         self.index.remap(old_to_new)
-        for name in ("keys", "ends", "dirty", "done", "written"):
-            setattr(self, name, getattr(self, name)[keep].copy())
+        self.keys, self.ends, self.done = (a[keep].copy() for a in (self.keys, self.ends,
+                                                                     self.done))
         self.n = len(keep)
-        self.column.resize(self.n)
+        for f in self.features:
+            f.keep(keep)
 
-    def snapshot(self) -> FeatureBlocks:
+    def snapshot(self) -> list[FeatureBlocks]:
         n = self.n
-        return FeatureBlocks(keys=self.keys[:n].copy(), dirty=self.dirty[:n].copy(),
-                             done=self.done[:n].copy(), reps=self.column.state(n))
+        keys, done = self.keys[:n].copy(), self.done[:n].copy()
+        return [FeatureBlocks(keys=keys, dirty=f.dirty[:n].copy(), done=done,
+                              reps=f.column.state(n), present=f.present[:n].copy())
+                for f in self.features]
+
+
+def _fit(values: Any, n: int) -> np.ndarray:
+    """A bool array of length ``n``: ``values`` when it has that length, else all False."""
+    arr = np.asarray(values, bool)
+    return arr.copy() if len(arr) == n else np.zeros(n, bool)
+
+
+def _grown(arr: np.ndarray, size: int) -> np.ndarray:
+    """``arr`` followed by zeros up to ``size`` entries."""
+    out = np.zeros(size, dtype=arr.dtype)
+    out[:len(arr)] = arr
+    return out
 
 
 def _min_or_none(values: np.ndarray) -> int | None:
@@ -288,8 +343,17 @@ class BlockShard:
                                     tables=[FeatureBlocks() for _ in config.features])
         self.state = state
         self.entities = StringInterner(list(state.entity_ids))
-        self.tables = [_OpenBlocks(spec, agg, saved)
-                       for spec, agg, saved in zip(config.features, self.aggs, state.tables)]
+        by_sizes: dict[tuple[int, ...], list[int]] = {}
+        for fi, spec in enumerate(config.features):
+            by_sizes.setdefault(tuple(spec.block_sizes), []).append(fi)
+        self.groups = [
+            _BlockRows(sizes, [(fi, config.features[fi], self.aggs[fi]) for fi in fis],
+                       [state.tables[fi] for fi in fis])
+            for sizes, fis in by_sizes.items()
+        ]
+        #: feature index -> (its rows, its columns)
+        self._rows_of: dict[int, tuple[_BlockRows, _FeatureRows]] = {
+            fi: (g, f) for g in self.groups for fi, f in zip(g.feature_idx, g.features)}
 
     # ------------------------------------------------------------------ ingest
     def add_batch(self, columns: Any) -> int:
@@ -304,34 +368,43 @@ class BlockShard:
         gcodes = self._global_codes(columns.columns[self.config.entity_field])
         ts_all = np.asarray(columns.columns["event_ts"], dtype=np.int64)
         keyed = gcodes >= 0
-        # Features with the same block sizes address the same blocks: the events' block
-        # keys are made and sorted once per size list, not once per feature.
-        shared: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
-        used = 0
+        masks: dict[int, np.ndarray] = {}
         for fi, spec in enumerate(self.config.features):
             mask = keyed.copy()
             flt = self.filters[fi]
             if flt is not None:
                 mask &= np.asarray(flt.evaluate_columns(columns.columns, n), dtype=bool)
-            raw = None
             if self.aggs[fi].needs_value:
-                raw = columns.columns[spec.value]
-                mask &= _not_null(raw)
-            idx = np.flatnonzero(mask)
-            if not len(idx):
+                mask &= _not_null(columns.columns[spec.value])
+            if mask.any():
+                masks[fi] = mask
+        used = 0
+        for group in self.groups:
+            fis = [fi for fi in group.feature_idx if fi in masks]
+            if not fis:
                 continue
-            used += len(idx)
-            table = self.tables[fi]
-            reps = len(spec.block_sizes)
-            ts = ts_all[idx]
-            sizes = tuple(spec.block_sizes)
-            if sizes not in shared:
-                keys = table.keys_for(np.where(keyed, gcodes, 0), ts_all)
-                shared[sizes] = np.unique(keys, return_inverse=True)
-            uniq, inv = shared[sizes]
-            rows = _rows_of_events(table, uniq, inv.reshape(reps, n)[:, idx].ravel())
-            table.column.fold(rows, _repeat_values(raw, idx, reps), np.tile(ts, reps))
-            table.dirty[rows] = True
+            # One key per event and block size, sorted once; one index lookup for all the
+            # group's features, only for keys some feature's events use.
+            reps = len(group.sizes)
+            keys = group.keys_for(np.where(keyed, gcodes, 0), ts_all)
+            uniq, inv = np.unique(keys, return_inverse=True)
+            inv = inv.reshape(reps, n)
+            any_event = np.logical_or.reduce([masks[fi] for fi in fis])
+            wanted = np.zeros(len(uniq), dtype=bool)
+            wanted[inv[:, any_event].ravel()] = True
+            which = np.flatnonzero(wanted)
+            row_of = np.full(len(uniq), -1, dtype=np.int64)
+            row_of[which] = group.rows_for_unique(uniq[which])
+            for fi in fis:
+                idx = np.flatnonzero(masks[fi])
+                used += len(idx)
+                rows = row_of[inv[:, idx].ravel()]
+                feat = self._rows_of[fi][1]
+                raw = columns.columns[self.config.features[fi].value] \
+                    if self.aggs[fi].needs_value else None
+                feat.column.fold(rows, _repeat_values(raw, idx, reps), np.tile(ts_all[idx], reps))
+                feat.dirty[rows] = True
+                feat.present[rows] = True
         return used
 
     def _global_codes(self, col: Any) -> np.ndarray:
@@ -372,30 +445,39 @@ class BlockShard:
         returned again and is evicted from memory. The result is columnar (``BlockBatch``):
         no Python object per block. ``expire`` ({size: ts}, used only without
         ``resend_sealed``) leaves out blocks the store would drop on arrival (see
-        ``_OpenBlocks.to_write``).
+        ``_BlockRows.to_write``).
         """
         codes_parts, fidx_parts, st_parts, sz_parts, len_parts, blobs, sealed_parts = (
             [], [], [], [], [], [], [])
-        for fi, table in enumerate(self.tables):
-            if table.n == 0:
+        sealing = {id(g): g.sealing(watermark) for g in self.groups}
+        for fi in range(len(self.config.features)):
+            group, feat = self._rows_of[fi]
+            if group.n == 0:
                 continue
-            rows, sealed = table.to_write(watermark, resend_sealed, expire)
+            rows, sealed = group.to_write(feat, sealing[id(group)], resend_sealed, expire)
             if len(rows):
-                blob, lengths = table.column.serialize(rows)
-                keys = table.keys[rows]
+                blob, lengths = feat.column.serialize(rows)
+                keys = group.keys[rows]
                 codes_parts.append(keys >> (_SLOT_BITS + _SIZE_BITS))
                 fidx_parts.append(np.full(len(rows), fi, dtype=np.int64))
-                sizes = table.sizes[(keys >> _SLOT_BITS) & 7]
-                st_parts.append(table.ends[rows] - sizes)
+                sizes = group.sizes[(keys >> _SLOT_BITS) & 7]
+                st_parts.append(group.ends[rows] - sizes)
                 sz_parts.append(sizes)
                 len_parts.append(lengths)
                 blobs.append(blob)
                 sealed_parts.append(sealed)
-            table.evict_done()
+        for group in self.groups:
+            group.seal(sealing[id(group)])
+            group.evict_done()
         if not codes_parts:
             return ShardFlush(empty_batch(), np.zeros(0, dtype=bool))
         codes = np.concatenate(codes_parts)
-        uniq, inv = np.unique(codes, return_inverse=True)
+        # entity codes are dense (the interner's): rank them with a table, not a sort
+        seen = np.zeros(len(self.entities), dtype=bool)
+        seen[codes] = True
+        uniq = np.flatnonzero(seen)
+        rank = np.cumsum(seen) - 1
+        inv = rank[codes]
         lengths = np.concatenate(len_parts)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -413,19 +495,24 @@ class BlockShard:
 
     def dirty_blocks(self) -> int:
         """Number of blocks changed since the last flush (what the next flush writes)."""
-        return sum(int(np.count_nonzero(t.dirty[:t.n])) for t in self.tables)
+        return sum(int(np.count_nonzero(f.dirty[:g.n])) for g in self.groups for f in g.features)
 
     def open_blocks(self) -> int:
         """Number of blocks held in memory (open, or sealed and not evicted yet)."""
-        return sum(t.n for t in self.tables)
+        return sum(int(np.count_nonzero(f.present[:g.n]))
+                   for g in self.groups for f in g.features)
 
     # ------------------------------------------------------------------ recovery
     def snapshot(self) -> BlockShardState:
         """Return a copy of the state that can be pickled and resumed from."""
+        tables: list[FeatureBlocks] = [FeatureBlocks()] * len(self.config.features)
+        for g in self.groups:
+            for fi, saved in zip(g.feature_idx, g.snapshot()):
+                tables[fi] = saved
         return BlockShardState(
             version=self.state.version,
             entity_ids=self.entities.values.tolist(),
-            tables=[t.snapshot() for t in self.tables],
+            tables=tables,
             partition_watermarks=dict(self.state.partition_watermarks),
             late_events=self.state.late_events,
         )
@@ -441,20 +528,6 @@ def _not_null(col: Any) -> np.ndarray:
     if arr.dtype.kind == "O":
         return np.array([v is not None for v in arr.tolist()], dtype=bool)
     return np.ones(len(arr), dtype=bool)
-
-
-def _rows_of_events(table: _OpenBlocks, uniq: np.ndarray, sel: np.ndarray) -> np.ndarray:
-    """The table row of each selected event-block (``uniq[sel]``), adding rows for new keys.
-
-    ``uniq`` holds the sorted distinct keys of every event of the batch; only the keys
-    ``sel`` uses reach the table (a filtered feature gets no row for a block it never saw).
-    """
-    used = np.zeros(len(uniq), dtype=bool)
-    used[sel] = True
-    which = np.flatnonzero(used)
-    row_of = np.empty(len(uniq), dtype=np.int64)
-    row_of[which] = table.rows_for_unique(uniq[which])
-    return row_of[sel]
 
 
 def _repeat_values(col: Any, idx: np.ndarray, times: int) -> Any:

@@ -412,7 +412,7 @@ def _record_order(ent: np.ndarray, fid: np.ndarray, sz: np.ndarray, st: np.ndarr
     first = np.ones(m, dtype=bool)
     if not m:
         return np.zeros(0, np.int64), first
-    sizes, szi = np.unique(sz, return_inverse=True)
+    sizes, szi = _dense_rank(sz)
     st_rel = st - st.min()
     widths = [int(ent.max()).bit_length(), int(fid.max()).bit_length(),
               int(len(sizes) - 1).bit_length(), int(st_rel.max()).bit_length()]
@@ -429,6 +429,24 @@ def _record_order(ent: np.ndarray, fid: np.ndarray, sz: np.ndarray, st: np.ndarr
     e, f, z, t = ent[order], fid[order], sz[order], st[order]
     first[1:] = (e[1:] != e[:-1]) | (f[1:] != f[:-1]) | (z[1:] != z[:-1]) | (t[1:] != t[:-1])
     return order, first
+
+
+def _dense_rank(values: np.ndarray, few: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` without sorting all values when few differ.
+
+    Block sizes take a handful of values: finding them by repeated ``min`` and ranking with
+    a binary search over them is linear, where ``np.unique`` sorts every row.
+    """
+    distinct: list[int] = []
+    rest = values
+    while len(rest) and len(distinct) < few:
+        low = rest.min()
+        distinct.append(int(low))
+        rest = rest[rest != low]
+    if len(rest):
+        return np.unique(values, return_inverse=True)
+    uniq = np.asarray(distinct, dtype=values.dtype)
+    return uniq, np.searchsorted(uniq, values)
 
 
 def _unexpired(starts: np.ndarray, sizes: np.ndarray,
