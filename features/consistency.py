@@ -12,8 +12,11 @@ Each mismatch is attributed to one cause, checked in this order:
 ``late_data``
     A late event (from the ``late_events`` table) of the row's entity, of the feature's
     source topic and passing its filter, falls in the row's window: the online read could
-    not have seen it, the batch-corrected offline blocks do. For a derived feature: a late
-    event in the window of any input.
+    not have seen it, the batch-corrected offline blocks do. For counts and sums this is
+    checked exactly: the logged value must equal the offline value less the late events'
+    contribution (their number, or the sum of their values), else the row is ``other``.
+    For the other aggregations and for derived features (a late event in the window of any
+    input) the late event is taken as the cause.
 ``missing_blocks``
     The offline blocks table has no block of the entity and feature inside the window while
     the logged value is not the no-data value, or it has blocks while the logged value is the
@@ -21,7 +24,11 @@ Each mismatch is attributed to one cause, checked in this order:
     block returns (``0`` for counts and sums, the feature's ``default`` otherwise; for a
     derived feature, the expression over its inputs' no-data values).
 ``other``
-    Anything else (a bug, a changed definition, a corrupt block).
+    Anything else (a bug, a changed definition, a corrupt block, a window-end mismatch).
+
+``missing_blocks`` and ``other`` are **unexplained**: a served value that is not what the
+backfill recomputes from what the online read could see. A healthy platform has none; the
+report's ``unexplained`` counts them, apart from the late-data differences.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +51,7 @@ from features.timeutil import to_iso
 
 __all__ = [
     "CAUSES",
+    "UNEXPLAINED",
     "Cause",
     "ConsistencyError",
     "ConsistencyReport",
@@ -56,6 +64,8 @@ __all__ = [
 
 Cause = Literal["late_data", "missing_blocks", "other"]
 CAUSES: tuple[Cause, ...] = get_args(Cause)
+UNEXPLAINED: tuple[Cause, ...] = ("missing_blocks", "other")
+"""Causes that are not late data: the served value is not what the backfill recomputes."""
 
 REL_TOLERANCE = 1e-6
 """Serving logs float32: ``|a - b| <= REL_TOLERANCE * max(1, |a|)`` counts as equal."""
@@ -101,6 +111,11 @@ class FeatureConsistency:
         """Share of rows whose logged value equals the offline value (1.0 with no rows)."""
         return self.matched / self.rows if self.rows else 1.0
 
+    @property
+    def unexplained(self) -> int:
+        """Mismatched rows that late data does not account for (``UNEXPLAINED`` causes)."""
+        return sum(int(self.causes.get(c, 0)) for c in UNEXPLAINED)
+
     def share(self, cause: Cause) -> float:
         """Share of rows mismatched for ``cause``."""
         return self.causes.get(cause, 0) / self.rows if self.rows else 0.0
@@ -112,6 +127,7 @@ class FeatureConsistency:
             "rows": self.rows,
             "matched": self.matched,
             "matched_share": self.matched_share,
+            "unexplained": self.unexplained,
             "causes": {c: int(self.causes.get(c, 0)) for c in CAUSES},
             "examples": [
                 {"impression_id": m.impression_id, "cause": m.cause,
@@ -144,6 +160,11 @@ class ConsistencyReport:
         rows = self.rows
         return sum(f.matched for f in self.features) / rows if rows else 1.0
 
+    @property
+    def unexplained(self) -> int:
+        """Mismatched values, all features together, that late data does not account for."""
+        return sum(f.unexplained for f in self.features)
+
     def feature(self, name: str) -> FeatureConsistency:
         """Return the result of feature ``name`` (KeyError naming the known ones otherwise)."""
         for f in self.features:
@@ -168,6 +189,7 @@ class ConsistencyReport:
             "late_events": self.late_events,
             "rows": self.rows,
             "matched_share": self.matched_share,
+            "unexplained": self.unexplained,
             "features": [f.to_dict() for f in self.features],
         }
 
@@ -181,7 +203,7 @@ class ConsistencyReport:
             f"online/offline consistency {self.range_text()}",
             f"{self.sampled:,} of {self.impressions:,} impressions sampled (seed {self.seed}), "
             f"{self.late_events:,} late events; {self.rows:,} values, "
-            f"{self.matched_share:.1%} match",
+            f"{self.matched_share:.1%} match, {self.unexplained:,} unexplained",
             "",
         ]
         if self.sampled == 0:
@@ -294,22 +316,39 @@ def _late_records(late_events: pa.Table | None) -> dict[str, list[Mapping[str, A
     return out
 
 
-def _late_index(spec: FeatureSpec, records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """``{entity id: sorted event times}`` of the late events that count for ``spec``."""
+class _LateEvents(NamedTuple):
+    """The late events of one entity that count for a feature: times (sorted), values."""
+
+    ts: np.ndarray
+    values: np.ndarray  # float64, NaN where the event has no numeric value
+
+
+def _late_index(spec: FeatureSpec, records: Sequence[Mapping[str, Any]]
+                ) -> dict[str, _LateEvents]:
+    """``{entity id: its late events}`` that count for ``spec`` (entity, filter, a value)."""
     flt = parse_filter(spec.filter) if spec.filter else None
-    by_entity: dict[str, list[int]] = {}
+    by_entity: dict[str, list[tuple[int, float]]] = {}
     for rec in records:
         ent = rec.get(spec.entity)
         if ent is None or rec.get("event_ts") is None:
             continue
+        if spec.value and rec.get(spec.value) is None:
+            continue  # the streaming flow skips an event without a value
         if flt is not None:
             try:
                 if not flt.evaluate_row(rec):
                     continue
             except KeyError:
                 continue
-        by_entity.setdefault(str(ent), []).append(int(rec["event_ts"]))
-    return {e: np.sort(np.asarray(ts, dtype=np.int64)) for e, ts in by_entity.items()}
+        raw = rec.get(spec.value) if spec.value else None
+        value = float(raw) if isinstance(raw, int | float) else float("nan")
+        by_entity.setdefault(str(ent), []).append((int(rec["event_ts"]), value))
+    out = {}
+    for e, pairs in by_entity.items():
+        arr = np.asarray(pairs, dtype=np.float64).reshape(-1, 2)
+        order = np.argsort(arr[:, 0], kind="stable")
+        out[e] = _LateEvents(arr[order, 0].astype(np.int64), arr[order, 1])
+    return out
 
 
 def _block_index(blocks: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -330,16 +369,18 @@ def _block_index(blocks: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _any_in(index: dict[str, np.ndarray], ids: Sequence[str], lo: np.ndarray,
-            hi: np.ndarray) -> np.ndarray:
-    """Per row: does ``index[id]`` hold a time in ``[lo, hi)``?"""
-    out = np.zeros(len(ids), dtype=bool)
+def _late_in(index: dict[str, _LateEvents], ids: Sequence[str], lo: np.ndarray,
+             hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: how many late events of ``index[id]`` fall in ``[lo, hi)``, and their sum."""
+    count = np.zeros(len(ids), dtype=np.int64)
+    total = np.zeros(len(ids), dtype=np.float64)
     for i, e in enumerate(ids):
-        ts = index.get(e)
-        if ts is not None and len(ts):
-            k = np.searchsorted(ts, lo[i], side="left")
-            out[i] = k < len(ts) and ts[k] < hi[i]
-    return out
+        late = index.get(e)
+        if late is not None and len(late.ts):
+            a, b = np.searchsorted(late.ts, [lo[i], hi[i]], side="left").tolist()
+            count[i] = b - a
+            total[i] = late.values[a:b].sum()
+    return count, total
 
 
 def _has_blocks(index: dict[str, tuple[np.ndarray, np.ndarray]], ids: Sequence[str],
@@ -376,11 +417,16 @@ def _no_data_value(spec: FeatureSpec, window: int) -> float:
 
 @dataclass
 class _Signals:
-    """Per row of the sample, for one feature: late event in the window, blocks, no-data value."""
+    """Per row of the sample, for one feature: late event in the window, blocks, no-data value.
+
+    ``without_late``: for counts and sums, the offline value less the late events' part
+    (what the online read could see); None where that cannot be computed exactly.
+    """
 
     late: np.ndarray
     blocks: np.ndarray
     no_data: float
+    without_late: np.ndarray | None = None
 
 
 def consistency_report(
@@ -475,7 +521,7 @@ def consistency_report(
            else [str(i) for i in range(n)])
 
     signals: dict[str, _Signals] = {}
-    late_by_spec: dict[str, dict[str, np.ndarray]] = {}
+    late_by_spec: dict[str, dict[str, _LateEvents]] = {}
     blocks_by_spec: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
 
     def window_signals(name: str) -> _Signals:
@@ -490,9 +536,11 @@ def consistency_report(
         lo = ends - w
         lo = lo - lo % hop
         ents = [None if e is None else str(e) for e in table.column(spec.entity).to_pylist()]
-        sig = _Signals(_any_in(late_by_spec[spec.key], ents, lo, ends),
-                       _has_blocks(blocks_by_spec[spec.key], ents, lo, ends),
-                       _no_data_value(spec, w))
+        count, total = _late_in(late_by_spec[spec.key], ents, lo, ends)
+        want = np.asarray(offline[name], dtype=np.float64)
+        without = {"count": want - count, "sum": want - total}.get(spec.aggregation)
+        sig = _Signals(count > 0, _has_blocks(blocks_by_spec[spec.key], ents, lo, ends),
+                       _no_data_value(spec, w), without)
         signals[name] = sig
         return sig
 
@@ -514,7 +562,9 @@ def consistency_report(
         want = np.asarray(offline[name], dtype=np.float64)
         match = values_match(want, got)
         logged_no_data = values_match(np.full(n, sig.no_data), got)
-        cause = np.where(sig.late, 0, np.where(sig.blocks == logged_no_data, 1, 2))
+        late = sig.late if sig.without_late is None else \
+            sig.late & values_match(sig.without_late, got)
+        cause = np.where(late, 0, np.where(sig.blocks == logged_no_data, 1, 2))
         bad = present & ~match
         counts = {c: int(np.sum(bad & (cause == k))) for k, c in enumerate(CAUSES)}
         examples = []

@@ -653,11 +653,14 @@ function render(d) {
     {lines: [{v: 0.1, color: AMBER}, {v: 0.25, color: RED}], fmt: (v) => v.toFixed(v < 1 ? 3 : 1),
      empty: d.drift.length ? waiting + " features waiting for a reference or served values" : "no served values observed yet"});
   const rep = d.consistency.report;
-  if (rep) {
+  if (rep && rep.rows > 0) {
     barChart($("chart-consistency"), rep.features.map((f) => ({label: f.name, values: [f.matched_share],
-      colors: [f.matched_share >= 0.99 ? GREEN : f.matched_share >= 0.9 ? AMBER : RED]})), {max: 1, fmt: pct});
+      colors: [(f.unexplained || 0) > 0 ? RED : f.matched_share >= 0.99 ? GREEN : AMBER]})), {max: 1, fmt: pct});
     $("consistency-note").textContent = "Share of logged values equal to the offline recomputation, per feature: "
-      + rep.sampled + " impressions sampled, " + pct(rep.matched_share) + " matched overall.";
+      + rep.rows.toLocaleString() + " values of " + rep.sampled + " impressions compared, "
+      + pct(rep.matched_share) + " matched, " + (rep.unexplained ?? "?") + " unexplained (not late data).";
+  } else if (rep) {
+    barChart($("chart-consistency"), [], {empty: "no logged values compared yet (" + rep.sampled + " impressions in the range)"});
   } else {
     barChart($("chart-consistency"), [], {empty: d.consistency.message || "no report yet"});
   }

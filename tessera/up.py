@@ -54,6 +54,8 @@ class UpConfig:
     popularity_share: float = 0.5
     epochs: int = 2
     seed: int = 7
+    #: how often the served impressions are checked against the offline recomputation
+    consistency_every_s: float = 60.0
 
     @property
     def state_dir(self) -> Path:
@@ -77,6 +79,7 @@ class Child:
     name: str
     proc: subprocess.Popen
     log_path: Path
+    oneshot: bool = False  # a periodic job: its exit is not a failure of the platform
 
 
 @dataclass
@@ -90,19 +93,21 @@ class Platform:
     bootstrap: str = ""
     retrains: int = 0
     published: list[str] = field(default_factory=list)
+    serving_since_ms: int | None = None
+    checking: Child | None = None  # the running consistency check
 
     # ------------------------------------------------------------------ processes
     def _tessera(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "tessera.cli", "--log-level", "WARNING", *args]
 
-    def spawn(self, name: str, args: list[str]) -> Child:
+    def spawn(self, name: str, args: list[str], oneshot: bool = False) -> Child:
         logs = self.config.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         path = logs / f"{name}.log"
         out = path.open("ab")
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=os.getcwd())
-        child = Child(name, proc, path)
+        child = Child(name, proc, path, oneshot)
         self.children.append(child)
         self._write_pids()
         return child
@@ -132,6 +137,8 @@ class Platform:
     def check_children(self) -> None:
         """Raise if a long-running child died."""
         for c in self.children:
+            if c.oneshot:
+                continue
             code = c.proc.poll()
             if code is not None:
                 tail = c.log_path.read_text(errors="replace")[-1500:]
@@ -255,6 +262,7 @@ class Platform:
             try:
                 if httpx.get(f"http://127.0.0.1:{c.port}/readyz", timeout=1).status_code == 200:
                     self.say(f"serving    http://127.0.0.1:{c.port}  (dashboard: /dashboard)")
+                    self.serving_since_ms = int(time.time() * 1000)
                     return
             except httpx.HTTPError:
                 pass
@@ -295,8 +303,11 @@ class Platform:
         self.start_simulator()
         last_train_end = train_end
         next_retrain = time.monotonic() + c.retrain_every_s
+        next_check = time.monotonic() + c.consistency_every_s
         while not stop():
             self.check_children()
+            if time.monotonic() >= next_check and self.check_consistency():
+                next_check = time.monotonic() + c.consistency_every_s
             if time.monotonic() >= next_retrain:
                 now = int(time.time() * 1000)
                 end = now - now % (5 * MINUTE) - parse_duration(c.label_window) - 5 * MINUTE
@@ -310,6 +321,34 @@ class Platform:
                     self.say("retrain limit reached; platform keeps running")
                     next_retrain = float("inf")
             time.sleep(0.5)
+
+    def check_consistency(self) -> bool:
+        """Start ``tessera consistency`` over the impressions served so far, unless one runs.
+
+        The report (JSON) replaces ``home/consistency.json``, which the dashboard shows. The
+        last minute is left out: its impressions and sealed blocks may not be archived yet.
+        Returns whether a check was started.
+        """
+        c = self.config
+        if self.checking is not None:
+            code = self.checking.proc.poll()
+            if code is None:
+                return False
+            self.children.remove(self.checking)
+            self._write_pids()
+            if code != 0:
+                tail = self.checking.log_path.read_text(errors="replace")[-500:]
+                self.say(f"consistency check failed (exit {code}): {tail.strip()}")
+            self.checking = None
+        to_ms = int(time.time() * 1000) - MINUTE
+        if self.serving_since_ms is None or to_ms <= self.serving_since_ms:
+            return False
+        self.checking = self.spawn("consistency", self._tessera(
+            "consistency", "--from", str(self.serving_since_ms), "--to", str(to_ms),
+            "--warehouse", str(c.wh), "--sample", "5000", "--json",
+            "--output", str(c.home / "consistency.json"),
+            "--png", str(c.home / "consistency.png")), oneshot=True)
+        return True
 
     def down(self) -> None:
         """Stop every child (SIGTERM, then SIGKILL) and the embedded broker."""

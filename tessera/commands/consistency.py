@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -15,25 +16,26 @@ _BASE_COLUMNS = ("impression_id", "event_ts", "feature_watermark", "features")
 def _read_impressions(warehouse: Path, fs, from_ts: int, to_ts: int):
     """The logged impressions of the range and the offline tables they sit beside.
 
-    The training table (version v1) when it has rows in the range, else the forward log in
-    the raw impressions table.
+    What serving logged, as the archive worker wrote it (the raw impressions table): it is
+    there seconds after the request, where a training example waits for its label window.
+    The training table (version v1) when the raw table has no rows in the range.
     """
     from features.offline.raw import RawTables
     from features.offline.training import BASE_VERSION, TrainingTables
 
     training = TrainingTables.open(warehouse)
     entities = sorted({f.entity for f in fs.features})
-    have = set(training.columns())
+    raw = RawTables(training.offline)
+    have = set(raw.table("impressions").schema().column_names)
     cols = [c for c in dict.fromkeys([*_BASE_COLUMNS, *entities]) if c in have]
-    rows = training.scan_examples(version=BASE_VERSION, from_ts=from_ts, to_ts=to_ts,
-                                  columns=cols)
-    source = f"training table ({BASE_VERSION})"
+    rows = raw.scan("impressions", from_ts, to_ts, columns=cols)
+    source = "raw impressions table"
     if rows.num_rows == 0:
-        raw = RawTables(training.offline)
-        have = set(raw.table("impressions").schema().column_names)
+        have = set(training.columns())
         cols = [c for c in dict.fromkeys([*_BASE_COLUMNS, *entities]) if c in have]
-        rows = raw.scan("impressions", from_ts, to_ts, columns=cols)
-        source = "raw impressions table"
+        rows = training.scan_examples(version=BASE_VERSION, from_ts=from_ts, to_ts=to_ts,
+                                      columns=cols)
+        source = f"training table ({BASE_VERSION})"
     return rows, training.offline, source
 
 
@@ -52,16 +54,21 @@ def _read_impressions(warehouse: Path, fs, from_ts: int, to_ts: int):
               default=Path("consistency.png"), show_default=True,
               help="Where to write the plot (needs the 'plots' extra).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, not a table.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the JSON report to this file (replaced atomically; the "
+                   "dashboard reads <home>/consistency.json).")
 def consistency(from_: str, to: str, sample: int, seed: int, warehouse: Path,
-                features_file: Path, png: Path, as_json: bool) -> None:
+                features_file: Path, png: Path, as_json: bool, output: Path | None) -> None:
     """Check logged online feature values against the offline blocks.
 
     For a sample of the impressions logged in [--from, --to), every logged window or derived
     feature is recomputed point-in-time from the offline blocks (the window its online read
     used, ending at the logged feature watermark) and compared with the logged value
     (float32 tolerance). Mismatches are attributed to late data (a late event of the entity
-    falls in the window), missing blocks (the offline table and the online read disagree on
-    whether there were blocks) or other causes. Prints a table per feature and writes a PNG.
+    falls in the window; for counts and sums the logged value must be the offline one less
+    the late events), missing blocks (the offline table and the online read disagree on
+    whether there were blocks) or other causes; the last two are "unexplained". Prints a
+    table per feature and writes a PNG.
     """
     from features.consistency import consistency_report
     from features.consistency_plot import plot_consistency
@@ -83,6 +90,11 @@ def consistency(from_: str, to: str, sample: int, seed: int, warehouse: Path,
     except (TesseraError, KeyError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(report.to_json() if as_json else report.to_table())
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text(report.to_json())
+        os.replace(tmp, output)
     try:
         plot_consistency(report, png)
     except TesseraError as exc:

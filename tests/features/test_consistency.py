@@ -185,6 +185,36 @@ def test_matched_shares_and_causes_are_exact(as_json):
     assert rep.matched_share == pytest.approx((12 + 12 + 13) / (18 + 18 + 17))
 
 
+def test_unexplained_counts_every_mismatch_late_data_does_not_account_for():
+    rep = consistency_report(_impressions(), FS, OFFLINE, _late_table(), from_ts=T0,
+                             to_ts=T0 + DAY)
+    assert {f.name: f.unexplained for f in rep.features} == {
+        "item_views_1h": 3, "item_score_1h": 3, "item_dwell_mean_1h": 1}
+    assert rep.unexplained == 7
+    data = json.loads(rep.to_json())
+    assert data["unexplained"] == 7 and data["features"][2]["unexplained"] == 3
+    assert "7 unexplained" in rep.to_table()
+
+
+def test_a_late_event_excuses_a_count_only_by_exactly_its_part():
+    """i4's window holds one late view: a logged count two below the offline one (a window
+    end read too early, say) is not late data, where one below is."""
+    table = _impressions()
+    rows = table.to_pylist()
+    for r in rows:
+        if r["impression_id"] == "imp-i4-0":
+            vals = json.loads(r["features"])
+            vals["item_views_1h"] -= 1
+            r["features"] = json.dumps(vals)
+    rep = consistency_report(pa.Table.from_pylist(rows, schema=table.schema), FS, OFFLINE,
+                             _late_table(), from_ts=T0, to_ts=T0 + DAY)
+    assert dict(rep.feature("item_views_1h").causes) == {
+        "late_data": 2, "missing_blocks": 2, "other": 2}
+    other = [m.impression_id for m in rep.feature("item_views_1h").examples
+             if m.cause == "other"]
+    assert "imp-i4-0" in other
+
+
 def test_without_late_events_table_late_rows_are_other():
     rep = consistency_report(_impressions(), FS, OFFLINE, None)
     assert dict(rep.feature("item_views_1h").causes) == {
@@ -322,6 +352,14 @@ def test_cli_reads_the_warehouse_prints_the_table_and_writes_the_png(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(res.output[:res.output.rindex("}") + 1])
     assert data["sampled"] == 5 and data["impressions"] == 18
+
+    out = tmp_path / "dash" / "consistency.json"
+    res = CliRunner().invoke(consistency, [
+        "--from", "2026-01-01T00:00:00Z", "--to", "2026-01-02T00:00:00Z", "--warehouse",
+        str(tmp_path / "wh"), "--definitions", str(defs), "--png", str(png), "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == 18 + 18 + 17 and saved["unexplained"] == 7
 
 
 def test_empty_range_says_so():
