@@ -13,7 +13,6 @@ writes a partial block.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,7 +175,6 @@ def run_batch_blocks(
         names: feature names (default: all).
         online_sizes: ``coarse`` (roll-ups only, the default) or ``all``.
     """
-    from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, LessThan
 
     t0 = time.perf_counter()
     specs = [f for f in features.features if names is None or f.name in names]
@@ -202,14 +200,8 @@ def run_batch_blocks(
                     rows.append((spec.entity_type, e, spec.key, s, size, r))
                     if online_sizes == "all" or size != spec.streaming_block:
                         store_rows.append((e, spec.key, s, size, r))
-            # replace this feature's blocks of the range: delete, then append (idempotent)
-            with warnings.catch_warnings():  # "did not match any records" on a first run
-                warnings.simplefilter("ignore", UserWarning)
-                tables.table("blocks").delete(And(
-                    EqualTo("feature_key", spec.key),
-                    And(GreaterThanOrEqual("start_ms", from_ts), LessThan("start_ms", to_ts))))
-            if rows:
-                tables.append_blocks(rows)
+            # replace this feature's blocks of the range in one commit (idempotent)
+            tables.replace_blocks(spec.key, from_ts, to_ts, rows)
             if store is not None and store_rows:
                 store.put_block_batch(spec.entity_type, spec.source,
                                       BlockBatch.from_rows(store_rows))

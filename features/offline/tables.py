@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -429,6 +430,60 @@ class OfflineTables:
         """
         if not rows:
             return 0
+        data = self._block_data(rows, written_ms)
+        self._append("blocks", data)
+        return data.num_rows
+
+    def replace_blocks(
+        self,
+        feature_key: str,
+        start_from: int,
+        start_to: int,
+        rows: Sequence[BlockRow | tuple[str, str, str, int, int, bytes]],
+        written_ms: int | None = None,
+    ) -> int:
+        """Replace the blocks of ``feature_key`` starting in ``[start_from, start_to)`` by
+        ``rows``, in one Iceberg commit (readers never see the range empty); return the rows
+        written.
+
+        A concurrent writer (a live blocks flow appending what it seals) can add files the
+        delete must cover; the whole replacement is then retried on the new snapshot.
+        """
+        from pyiceberg.exceptions import ValidationException
+
+        data = self._block_data(rows, written_ms) if rows else None
+        where = And(EqualTo("feature_key", feature_key),
+                    And(GreaterThanOrEqual("start_ms", int(start_from)),
+                        LessThan("start_ms", int(start_to))))
+        table = self._tables["blocks"]
+        with _commit_lock(self._catalog_key, self._identifier("blocks")):
+            table.refresh()
+            for attempt in range(self._retries + 1):
+                try:
+                    with warnings.catch_warnings():  # "did not match any records"
+                        warnings.simplefilter("ignore", UserWarning)
+                        with table.transaction() as tx:
+                            tx.delete(where)
+                            if data is not None:
+                                tx.append(data)
+                    return 0 if data is None else data.num_rows
+                except (CommitFailedException, ValidationException) as exc:
+                    if attempt == self._retries:
+                        raise OfflineTableError(
+                            f"replacing {feature_key!r} blocks in {self._identifier('blocks')!r} "
+                            f"lost {attempt + 1} commit races to other writers: {exc}; retry "
+                            "later or raise commit_retries"
+                        ) from exc
+                    time.sleep(self._backoff_s * (2**attempt))
+                    table.refresh()
+        raise AssertionError("unreachable")
+
+    def _block_data(
+        self,
+        rows: Sequence[BlockRow | tuple[str, str, str, int, int, bytes]],
+        written_ms: int | None,
+    ) -> pa.Table:
+        """Validated Arrow rows of the blocks table."""
         if written_ms is None:
             written_ms = self._clock_ms()
         cols = list(zip(*rows, strict=True))
@@ -458,8 +513,7 @@ class OfflineTables:
                 f"bad block rows: {exc}; a field is null or of the wrong type"
             ) from exc
         _check_no_nulls(data, "block")
-        self._append("blocks", data)
-        return data.num_rows
+        return data
 
     def scan_blocks(
         self,

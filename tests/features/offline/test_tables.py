@@ -231,6 +231,54 @@ def test_commit_retry_then_give_up(tables: OfflineTables, monkeypatch: pytest.Mo
         tables.append_blocks([("user", "u2", "views", T0, M5, b"x")], written_ms=1)
 
 
+def test_replace_blocks_swaps_one_feature_range_in_one_commit(tables: OfflineTables) -> None:
+    tables.append_blocks(_blocks(), written_ms=100)
+    n = tables.replace_blocks("views", T0, T0 + H1, [("user", "u1", "views", T0, M5, b"new")],
+                              written_ms=200)
+    assert n == 1
+    got = tables.scan_blocks()
+    by_key = dict(zip(_keys(got), got.column("rep").to_pylist(), strict=True))
+    # every 'views' block starting in the hour is gone but the new one; 'clicks' and the
+    # next day's block are untouched
+    assert [k for k in by_key if k[2] == "views"] == [
+        ("item", "i1", "views", T0 + DAY, M5), ("user", "u1", "views", T0, M5)]
+    assert by_key[("user", "u1", "views", T0, M5)] == b"new"
+    assert sum(1 for k in by_key if k[2] == "clicks") == 6
+    assert tables.replace_blocks("views", T0, T0 + H1, []) == 0
+    assert [k for k in _keys(tables.scan_blocks()) if k[2] == "views"] == [
+        ("item", "i1", "views", T0 + DAY, M5)]
+
+
+def test_replace_blocks_retries_when_a_live_writer_adds_to_the_range(
+        tmp_path: Path) -> None:
+    """A blocks flow appending sealed blocks of the range while the replacement commits:
+    the replacement is redone on the new snapshot, so the range holds exactly its rows."""
+    batch = OfflineTables.open(tmp_path / "wh", catalog_key="batch")
+    live = OfflineTables.open(tmp_path / "wh", catalog_key="live")
+    batch._backoff_s = 0.0
+    batch.append_blocks(_blocks(), written_ms=100)
+    from pyiceberg.table import Transaction
+
+    real_commit = Transaction.commit_transaction
+    raced = {"n": 0}
+
+    def racing_commit(self):
+        if raced["n"] == 0:
+            raced["n"] += 1
+            live.append_blocks([("user", "u9", "views", T0 + M5, M5, b"live")], written_ms=150)
+        return real_commit(self)
+
+    Transaction.commit_transaction = racing_commit
+    try:
+        batch.replace_blocks("views", T0, T0 + H1, [("user", "u1", "views", T0, M5, b"b")],
+                             written_ms=200)
+    finally:
+        Transaction.commit_transaction = real_commit
+    assert raced["n"] == 1
+    views = [k for k in _keys(batch.scan_blocks()) if k[2] == "views" and k[3] < T0 + H1]
+    assert views == [("user", "u1", "views", T0, M5)]
+
+
 def test_bad_rows_name_the_problem(tables: OfflineTables) -> None:
     with pytest.raises(OfflineTableError, match="block rows must have 6 fields"):
         tables.append_blocks([("user", "u1", "views", T0, M5)], written_ms=1)  # type: ignore[list-item]
