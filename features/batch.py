@@ -4,7 +4,9 @@
 every event) into streaming-size blocks, then rolls those up into every coarser size by
 ``combine``, the same algebra the streaming flow and the readers use. ``run_batch_blocks``
 writes the result to the Iceberg blocks table (replacing the range's blocks: running it
-twice changes nothing) and the coarse blocks to the online store.
+twice changes nothing) and, by default, every size to the online store too, so that a read
+after the correction serves exactly what the backfill recomputes (with only the roll-ups
+online, a window's 5-minute edges would miss the late events its hours and days count).
 
 Only blocks that lie entirely inside ``[from, to)`` are produced, so a range boundary never
 writes a partial block.
@@ -24,6 +26,7 @@ from features.blockstate import _value_column
 from features.expressions import parse_filter
 from features.spec import FeatureSet, FeatureSpec
 from features.store.blockbatch import BlockBatch
+from features.tiling import retention
 from features.timeutil import align_down, align_up
 
 
@@ -154,6 +157,12 @@ class BatchReport:
     seconds: float
 
 
+def _online_watermark(store, spec: FeatureSpec) -> int | None:
+    """The lowest watermark of the streaming shards that write ``spec``'s family, if any."""
+    marks = store.get_watermarks(f"blocks/{spec.source}/{spec.entity}/")
+    return min(marks.values()) if marks else None
+
+
 def run_batch_blocks(
     raw,
     tables,
@@ -163,7 +172,7 @@ def run_batch_blocks(
     to_ts: int,
     *,
     names: Sequence[str] | None = None,
-    online_sizes: str = "coarse",
+    online_sizes: str = "all",
     progress: Callable[[str], None] | None = None,
 ) -> BatchReport:
     """Recompute and write the blocks of ``[from, to)`` for the chosen features.
@@ -171,9 +180,11 @@ def run_batch_blocks(
     Args:
         raw: ``features.offline.raw.RawTables`` (the raw archive).
         tables: ``features.offline.tables.OfflineTables`` (the blocks table).
-        store: online store, or None to skip it.
+        store: online store, or None to skip it. Only blocks a read at the store's
+            watermark can still need are written there (``features.tiling.retention``).
         names: feature names (default: all).
-        online_sizes: ``coarse`` (roll-ups only, the default) or ``all``.
+        online_sizes: ``all`` (the default) or ``coarse`` (roll-ups only: the online
+            streaming-size blocks keep their streaming version, late events left out).
     """
 
     t0 = time.perf_counter()
@@ -191,14 +202,18 @@ def run_batch_blocks(
             progress(f"{topic}: {len(cols):,} raw events")
         for spec in (s for s in specs if s.source == topic):
             res = compute_blocks(spec, cols, from_ts, to_ts)
+            keep = retention(spec.windows, spec.block_sizes)
+            now = _online_watermark(store, spec) if store is not None else None
             rows = []
             store_rows = []
             for size in res.by_size:
                 ids, starts, reps = res.rows(size)
                 blocks_count[size] = blocks_count.get(size, 0) + len(ids)
+                online = online_sizes == "all" or size != spec.streaming_block
+                oldest_end = -(2**62) if now is None else now - keep[size]
                 for e, s, r in zip(ids, starts, reps):
                     rows.append((spec.entity_type, e, spec.key, s, size, r))
-                    if online_sizes == "all" or size != spec.streaming_block:
+                    if online and s + size > oldest_end:
                         store_rows.append((e, spec.key, s, size, r))
             # replace this feature's blocks of the range in one commit (idempotent)
             tables.replace_blocks(spec.key, from_ts, to_ts, rows)

@@ -83,6 +83,9 @@ def onnx_session(path: str | Path, *, threads: int = 1,
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Requests run concurrently on few cores: an intra-op pool that spins while idle takes
+    # the cores the other requests need (tail latency); with one thread there is no pool.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     chosen = list(providers) if providers is not None else choose_providers()
     session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     _log.info("onnx_session", path=str(path), provider=session.get_providers()[0],

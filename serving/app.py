@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,8 @@ from serving.errors import BadRequest, Overloaded, PayloadTooLarge, ServingError
 from serving.forward_log import ImpressionLogger
 from serving.metrics import ServingMetrics
 from serving.openapi import OPENAPI
-from serving.pipeline import FeedPipeline
-from serving.requests import parse_engagements, parse_feed
+from serving.pipeline import FeedPipeline, FeedResult
+from serving.requests import FeedRequest, parse_engagements, parse_feed
 from tessera.logs import get_logger
 
 log = get_logger("serving.app")
@@ -64,12 +65,12 @@ class ServingState:
         self.client = FeatureClient(self.store, self.features, cache=FeatureCache())
         self.catalog = ItemCatalog()
         self.logger = ImpressionLogger(config.bootstrap, config.spool_dir, metrics=self.metrics)
-        self.pipeline = FeedPipeline(config, self.client, self.catalog, self.logger, self.metrics)
         from serving.tracking import CtrTracker, DriftTracker
 
         self.ctr = CtrTracker()
         self.drift = DriftTracker()
-        self.pipeline.ctr, self.pipeline.drift = self.ctr, self.drift
+        self.pipeline = FeedPipeline(config, self.client, self.catalog, self.logger, self.metrics,
+                                     ctr=self.ctr, drift=self.drift)
         self.follower = CatalogFollower(config.bootstrap, self.catalog).start() \
             if config.bootstrap else None
         self.events_producer = None
@@ -140,6 +141,22 @@ class ServingState:
         self.store.close()
 
     # ------------------------------------------------------------------ helpers
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Hold one of ``max_in_flight`` feed slots; ``Overloaded`` (503) when none is free."""
+        with self._lock:
+            if self.in_flight >= self.config.max_in_flight:
+                self.metrics.shed.inc()
+                raise Overloaded("at capacity; retry shortly", field=None)
+            self.in_flight += 1
+            self.metrics.in_flight.set(self.in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+                self.metrics.in_flight.set(self.in_flight)
+
     def authorize(self, request: Request, role: str) -> None:
         keys = self.config.api_keys
         if not keys:
@@ -175,101 +192,53 @@ def create_app(config: ServingConfig) -> Starlette:
 
     async def feed(request: Request) -> Response:
         st = state()
-        with st._lock:
-            if st.in_flight >= st.config.max_in_flight:
-                st.metrics.shed.inc()
-                st.metrics.requests.labels(route="feed", status="503").inc()
-                return error_response(Overloaded("at capacity; retry shortly", field=None),
-                                      {"Retry-After": str(st.config.retry_after_s)})
-            st.in_flight += 1
-            st.metrics.in_flight.set(st.in_flight)
-        try:
+        with st.admitted():
             st.authorize(request, "read")
-            body = await st.body_json(request)
-            req = parse_feed(body, default_limit=st.config.default_limit,
-                             max_limit=st.config.max_limit)
-            ranker = request.headers.get("x-tessera-ranker")
-            if ranker not in (None, "", "model", "popularity"):
-                raise BadRequest("X-Tessera-Ranker must be 'model' or 'popularity'",
-                                 field="X-Tessera-Ranker")
-            feed = functools.partial(st.pipeline.feed, req,
-                                     ranker=ranker if ranker == "popularity" else None)
-            result = await anyio.to_thread.run_sync(feed, limiter=st.feed_limiter())
-            st.metrics.requests.labels(route="feed", status="200").inc()
-            payload = {"request_id": result.request_id, "items": result.items,
-                       "model_versions": result.model_versions,
-                       "feature_watermark": result.feature_watermark}
-            if result.degraded:
-                payload["degraded"] = result.degraded
-            return json_response(payload)
-        except ServingError as exc:
-            st.metrics.requests.labels(route="feed", status=str(exc.status)).inc()
-            return error_response(exc)
-        except Exception as exc:  # a bug must give a JSON 500, logged, not a dropped connection
-            log.exception("feed_failed", error=str(exc)[:300])
-            st.metrics.requests.labels(route="feed", status="500").inc()
-            return error_response(ServingError("internal error; see the server log"))
-        finally:
-            with st._lock:
-                st.in_flight -= 1
-                st.metrics.in_flight.set(st.in_flight)
+            req, ranker = await _parse_feed(st, request)
+            compute = functools.partial(st.pipeline.feed, req, ranker=ranker)
+            result = await anyio.to_thread.run_sync(compute, limiter=st.feed_limiter())
+        st.metrics.requests.labels(route="feed", status="200").inc()
+        return json_response(_feed_payload(result))
 
     async def events(request: Request) -> Response:
         st = state()
-        try:
-            st.authorize(request, "write")
-            body = await st.body_json(request)
-            records = parse_engagements(body)
-            if st.events_producer is None:
-                raise ServingError("no Kafka configured for engagements (start with --bootstrap)",
-                                   field=None)
-            from schemas.codec import encode
-
-            catalog = st.pipeline.catalog
-            for rec in records:
-                # enriched with the item's author and topic, which per-topic features read
-                rec["author_id"], rec["topic"], _ = catalog.meta(rec["item_id"]) or ("", "", 0)
-                st.events_producer.produce("engagements", encode("engagements", rec),
-                                           key=rec["user_id"].encode())
-                st.ctr.record_engagement(rec["impression_id"], rec["action"], rec["event_ts"])
-            st.events_producer.poll(0)
-            st.metrics.requests.labels(route="events", status="202").inc()
-            return json_response({"accepted": len(records),
-                                  "event_ids": [r["event_id"] for r in records]}, 202)
-        except ServingError as exc:
-            st.metrics.requests.labels(route="events", status=str(exc.status)).inc()
-            return error_response(exc)
+        st.authorize(request, "write")
+        records = parse_engagements(await st.body_json(request))
+        if st.events_producer is None:
+            raise ServingError("no Kafka configured for engagements (start with --bootstrap)",
+                               field=None)
+        _produce_engagements(st, records)
+        st.metrics.requests.labels(route="events", status="202").inc()
+        return json_response({"accepted": len(records),
+                              "event_ids": [r["event_id"] for r in records]}, 202)
 
     async def features(request: Request) -> Response:
         st = state()
+        st.authorize(request, "read")
+        q = request.query_params
+        entity = q.get("entity")
+        if entity not in ("item", "user", "author"):
+            raise BadRequest("entity must be item, user or author", field="entity")
+        ids = [i for i in (q.get("ids") or "").split(",") if i]
+        if not ids or len(ids) > 1000:
+            raise BadRequest("ids must list 1 to 1000 comma-separated ids", field="ids")
+        names = [n for n in (q.get("names") or "").split(",") if n] or \
+            st.client.names_for(entity)
+        at = q.get("at")
+        if at is not None and not at.isdigit():
+            raise BadRequest("at must be epoch milliseconds", field="at")
         try:
-            st.authorize(request, "read")
-            q = request.query_params
-            entity = q.get("entity")
-            if entity not in ("item", "user", "author"):
-                raise BadRequest("entity must be item, user or author", field="entity")
-            ids = [i for i in (q.get("ids") or "").split(",") if i]
-            if not ids or len(ids) > 1000:
-                raise BadRequest("ids must list 1 to 1000 comma-separated ids", field="ids")
-            names = [n for n in (q.get("names") or "").split(",") if n] or \
-                st.client.names_for(entity)
-            at = q.get("at")
-            if at is not None and not at.isdigit():
-                raise BadRequest("at must be epoch milliseconds", field="at")
-            try:
-                res = await run_in_threadpool(st.client.get_features, entity, ids, names,
-                                              at=int(at) if at else None)
-            except UnknownFeatureError as exc:
-                raise BadRequest(str(exc), field="names") from exc
-            except HistoricalReadError as exc:
-                raise BadRequest(str(exc), field="at") from exc
-            rows = [{"id": e, "values": res.row(i),
-                     "missing": [n for j, n in enumerate(res.names) if res.missing[i, j]]}
-                    for i, e in enumerate(res.ids)]
-            return json_response({"entity": entity, "watermark": res.watermark,
-                                  "stale": list(res.stale), "rows": rows})
-        except ServingError as exc:
-            return error_response(exc)
+            res = await run_in_threadpool(st.client.get_features, entity, ids, names,
+                                          at=int(at) if at else None)
+        except UnknownFeatureError as exc:
+            raise BadRequest(str(exc), field="names") from exc
+        except HistoricalReadError as exc:
+            raise BadRequest(str(exc), field="at") from exc
+        rows = [{"id": e, "values": res.row(i),
+                 "missing": [n for j, n in enumerate(res.names) if res.missing[i, j]]}
+                for i, e in enumerate(res.ids)]
+        return json_response({"entity": entity, "watermark": res.watermark,
+                              "stale": list(res.stale), "rows": rows})
 
     async def healthz(request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -308,7 +277,70 @@ def create_app(config: ServingConfig) -> Starlette:
     from serving.dashboard import dashboard_routes
 
     routes += dashboard_routes(state)
-    return Starlette(routes=routes, lifespan=lifespan)
+
+    async def serving_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServingError)
+        st = holder.get("state")
+        route = _COUNTED_ROUTES.get(request.url.path)
+        headers = None
+        if st is not None:
+            if route:
+                st.metrics.requests.labels(route=route, status=str(exc.status)).inc()
+            if isinstance(exc, Overloaded):
+                headers = {"Retry-After": str(st.config.retry_after_s)}
+        return error_response(exc, headers)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # a bug must give a JSON 500, logged, not a dropped connection
+        # (Starlette hands the exception on to the server afterwards: its log has the trace)
+        log.error("request_failed", path=request.url.path, error=repr(exc)[:300])
+        st = holder.get("state")
+        route = _COUNTED_ROUTES.get(request.url.path)
+        if st is not None and route:
+            st.metrics.requests.labels(route=route, status="500").inc()
+        return error_response(ServingError("internal error; see the server log"))
+
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={ServingError: serving_error, Exception: internal_error})
+
+
+#: request counts by route and status (``tessera_requests_total``)
+_COUNTED_ROUTES = {"/v1/feed": "feed", "/v1/events": "events"}
+
+
+async def _parse_feed(st: ServingState, request: Request) -> tuple[FeedRequest, str | None]:
+    """The feed request and the ranker forced by ``X-Tessera-Ranker`` (None: the model)."""
+    body = await st.body_json(request)
+    req = parse_feed(body, default_limit=st.config.default_limit, max_limit=st.config.max_limit)
+    ranker = request.headers.get("x-tessera-ranker")
+    if ranker not in (None, "", "model", "popularity"):
+        raise BadRequest("X-Tessera-Ranker must be 'model' or 'popularity'",
+                         field="X-Tessera-Ranker")
+    return req, "popularity" if ranker == "popularity" else None
+
+
+def _feed_payload(result: FeedResult) -> dict[str, Any]:
+    """The JSON body of a served feed."""
+    payload = {"request_id": result.request_id, "items": result.items,
+               "model_versions": result.model_versions,
+               "feature_watermark": result.feature_watermark}
+    if result.degraded:
+        payload["degraded"] = result.degraded
+    return payload
+
+
+def _produce_engagements(st: ServingState, records: list[dict[str, Any]]) -> None:
+    """Send engagements to Kafka, enriched with the item's author and topic (per-topic
+    features read them), and record them for the dashboard's CTR."""
+    from schemas.codec import encode
+
+    catalog = st.pipeline.catalog
+    for rec in records:
+        rec["author_id"], rec["topic"], _ = catalog.meta(rec["item_id"]) or ("", "", 0)
+        st.events_producer.produce("engagements", encode("engagements", rec),
+                                   key=rec["user_id"].encode())
+        st.ctr.record_engagement(rec["impression_id"], rec["action"], rec["event_ts"])
+    st.events_producer.poll(0)
 
 
 def app_from_env() -> Starlette:

@@ -7,14 +7,16 @@ histogram, and each stage's candidate survival is recorded.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from cachetools import TTLCache
 
 from features.client import FeatureClient, FeatureVectors, HistoricalReadError
 from features.errors import TesseraError
@@ -26,9 +28,14 @@ from serving.ranking import ModelBundle
 from serving.requests import FeedRequest
 from tessera.logs import get_logger
 
+if TYPE_CHECKING:
+    from serving.tracking import CtrTracker, DriftTracker
+
 log = get_logger("serving.pipeline")
 
 SOURCE_PRIORITY = ("ann", "topics", "follow", "trending", "fresh")
+CANDIDATE_CACHE_ENTRIES = 100_000
+"""Users (x feed types) whose merged candidates are cached; the least recently used go."""
 
 
 @dataclass
@@ -47,16 +54,20 @@ class FeedPipeline:
     """Everything a feed request needs, shared by the request threads."""
 
     def __init__(self, config: ServingConfig, client: FeatureClient, catalog: ItemCatalog,
-                 logger: ImpressionLogger, metrics: ServingMetrics):
+                 logger: ImpressionLogger, metrics: ServingMetrics, *,
+                 ctr: CtrTracker | None = None, drift: DriftTracker | None = None):
         self.config = config
         self.client = client
         self.catalog = catalog
         self.logger = logger
         self.metrics = metrics
         self.models = ModelBundle()
-        self.ctr = None  # serving.tracking.CtrTracker (the dashboard's CTR per version)
-        self.drift = None  # serving.tracking.DriftTracker (served feature distributions)
-        self._candidate_cache: dict[tuple[str, str], tuple[float, list[tuple[str, str]]]] = {}
+        self.ctr = ctr  # the dashboard's CTR per model version
+        self.drift = drift  # served feature distributions
+        # per (user, feed type): the merged candidates, for candidate_cache_ttl_ms
+        self._candidate_cache: TTLCache[tuple[str, str], list[tuple[str, str]]] = TTLCache(
+            maxsize=CANDIDATE_CACHE_ENTRIES, ttl=config.candidate_cache_ttl_ms / 1000)
+        self._candidate_lock = threading.Lock()  # TTLCache is not thread-safe
 
     # ------------------------------------------------------------------ stages
     @contextmanager
@@ -82,11 +93,11 @@ class FeedPipeline:
                    user_row: dict | None = None) -> list[tuple[str, str]]:
         """Fan out to the generators; merge and dedupe keeping each item's first source."""
         key = (req.user_id, req.feed_type)
-        now = time.monotonic()
-        hit = self._candidate_cache.get(key)
-        if hit is not None and hit[0] > now:
+        with self._candidate_lock:
+            hit = self._candidate_cache.get(key)
+        if hit is not None:
             self.metrics.cache.labels(cache="candidates", result="hit").inc()
-            return hit[1]
+            return hit
         self.metrics.cache.labels(cache="candidates", result="miss").inc()
         limits = self.config.candidate_limits
         snap = self.catalog.snapshot
@@ -119,9 +130,8 @@ class FeedPipeline:
         add(snap.trending, "trending", limits.get("trending", 500))
         add(snap.fresh, "fresh", limits.get("fresh", 300))
         result = list(out.items())
-        self._candidate_cache[key] = (now + self.config.candidate_cache_ttl_ms / 1000, result)
-        if len(self._candidate_cache) > 100_000:
-            self._candidate_cache.clear()
+        with self._candidate_lock:
+            self._candidate_cache[key] = result
         return result
 
     # ------------------------------------------------------------------ request

@@ -50,8 +50,11 @@ def batch() -> None:
 @click.option("--from", "from_", required=True, help="Range start (ISO-8601 or epoch ms).")
 @click.option("--to", required=True, help="Range end, exclusive.")
 @click.option("--names", default=None, help="Comma-separated feature names (default: all).")
-@click.option("--online-sizes", type=click.Choice(["coarse", "all"]), default="coarse",
-              show_default=True, help="Which corrected blocks to write to the online store.")
+@click.option("--online-sizes", type=click.Choice(["all", "coarse"]), default="all",
+              show_default=True,
+              help="Which corrected blocks to write to the online store: 'all' (what a read "
+                   "can still need), so served values equal what the backfill recomputes; "
+                   "'coarse' leaves the streaming-size blocks as the stream wrote them.")
 @_FEATURES
 @_WAREHOUSE
 @_STORE
@@ -61,7 +64,8 @@ def batch_blocks(from_: str, to: str, names: str | None, online_sizes: str, feat
 
     Streaming-size blocks are recomputed from every archived event of the range and rolled
     up into 1h and 1d blocks; the range's blocks are replaced in the Iceberg blocks table
-    and the coarse ones written to the online store. Running it twice changes nothing.
+    and written to the online store (those a read can still need). Running it twice changes
+    nothing.
     """
     from features.batch import run_batch_blocks
     from features.offline.raw import RawTables
