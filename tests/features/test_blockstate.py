@@ -146,3 +146,50 @@ def test_flush_leaves_out_exactly_the_blocks_past_retention():
             agg = build_aggregation(specs[key[0]])
             assert_same_rep(agg, agg.from_bytes(got[key]), agg.from_bytes(rep), key)
     assert dropped > 0  # old blocks really were left out
+
+
+@pytest.mark.parametrize("resend_sealed", [True, False])
+def test_deferred_rollups_give_every_read_the_same_blocks(resend_sealed):
+    """Catching up, open roll-up blocks wait until they seal: whatever a read can use (blocks
+    ending by the watermark) is the same as with every changed block written, at every flush,
+    and the final flush leaves the same store."""
+    feats = tuple(f for f in FEATURES.for_source("views") if f.entity == "user_id")
+    specs = {f.key: f for f in feats}
+    config = BlockShardConfig(topic="views", entity_field="user_id", features=feats)
+    plain, deferring = config.build(), config.build()
+    finest = min(min(f.block_sizes) for f in feats)
+    records = _views(5, 3000)
+    stores: tuple[dict, dict] = ({}, {})
+    prev_max, held_back = -(2**62), 0
+
+    def readable(store, wm):
+        return {k: v for k, v in store.items() if k[2] + k[3] <= wm}
+
+    for i in range(0, len(records), 100):
+        cols = records_to_columns("views", records[i:i + 100])
+        late, prev_max = classify_late(prev_max, np.asarray(cols.columns["event_ts"]), LATENESS)
+        for shard in (plain, deferring):
+            shard.add_batch(cols.filter(~late))
+            shard.advance("views:0", prev_max - LATENESS)
+        wm = plain.watermark(["views:0"])
+        for w in plain.flush(wm, resend_sealed=resend_sealed).writes():
+            stores[0][(w.feature_key, w.entity_id, w.start, w.size)] = w.rep
+        writes = deferring.flush(wm, resend_sealed=resend_sealed,
+                                 defer_open_rollups=True).writes()
+        for w in writes:
+            assert w.size == finest or w.start + w.size <= wm, "an open roll-up was written"
+            stores[1][(w.feature_key, w.entity_id, w.start, w.size)] = w.rep
+        held_back += sum(1 for k in stores[0] if k not in stores[1])
+        a, b = readable(stores[0], wm), readable(stores[1], wm)
+        assert set(a) == set(b)
+        for key in a:
+            agg = build_aggregation(specs[key[0]])
+            assert_same_rep(agg, agg.from_bytes(b[key]), agg.from_bytes(a[key]), key)
+    assert held_back > 0  # roll-ups really were held back
+    for store, shard in zip(stores, (plain, deferring)):
+        for w in shard.flush(None, resend_sealed=resend_sealed).writes():
+            store[(w.feature_key, w.entity_id, w.start, w.size)] = w.rep
+    assert set(stores[0]) == set(stores[1])
+    for key in stores[0]:
+        agg = build_aggregation(specs[key[0]])
+        assert_same_rep(agg, agg.from_bytes(stores[1][key]), agg.from_bytes(stores[0][key]), key)
