@@ -186,7 +186,7 @@ class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
     CATCHUP_LAG_MS = 30_000
     #: flush early once this many blocks wait to be written: a flush's batch (and the
     #: store merge it feeds) stays bounded in memory however long the interval
-    MAX_DIRTY_BLOCKS = 1_000_000
+    MAX_DIRTY_BLOCKS = 2_000_000
 
     def __init__(self, shard: BlockShard, key: str, parts: list[str], flush_ms: int,
                  catchup_flush_ms: int | None = None, lateness_ms: int = 0,

@@ -97,16 +97,22 @@ class BlockBatch:
         rank = np.empty(n_ent, dtype=np.int64)
         rank[by_id] = np.arange(n_ent, dtype=np.int64)
         entity_ids = [self.entity_ids[i] for i in by_id]
-        order = np.argsort(rank[self.entity_idx], kind="stable")
+        # rows grouped by chunk, in batch order within one (the merge orders a chunk's rows
+        # itself); few chunks: a 16-bit key, which numpy's stable sort radix-sorts in O(n)
+        chunk = rank[self.entity_idx] // max_entities
+        key = chunk.astype(np.uint16) if n_ent // max_entities < 65_535 else chunk
+        order = np.argsort(key, kind="stable")
         lengths = np.diff(self.offsets)[order]
         offsets = np.zeros(len(order) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         blob = _take_rows(self.blob, self.offsets[:-1], np.diff(self.offsets), order)
         ent = rank[self.entity_idx[order]]
+        chunk_sorted = chunk[order]
         fid, st, sz = self.feature_idx[order], self.starts[order], self.sizes[order]
         for lo in range(0, n_ent, max_entities):
             hi = min(lo + max_entities, n_ent)
-            a, b = np.searchsorted(ent, [lo, hi]).tolist()
+            a, b = np.searchsorted(chunk_sorted, [lo // max_entities,
+                                                  lo // max_entities + 1]).tolist()
             off = offsets[a:b + 1]
             yield BlockBatch(entity_ids[lo:hi], ent[a:b] - lo, self.feature_keys,
                              fid[a:b], st[a:b], sz[a:b], off - off[0],
