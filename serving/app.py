@@ -69,8 +69,14 @@ class ServingState:
 
         self.ctr = CtrTracker()
         self.drift = DriftTracker()
+        self.snapshots = None
+        if config.feature_snapshot:
+            from serving.snapshots import SnapshotKeeper
+
+            self.snapshots = SnapshotKeeper(self.client, self.catalog, self._snapshot_names,
+                                            interval_s=config.snapshot_interval_s)
         self.pipeline = FeedPipeline(config, self.client, self.catalog, self.logger, self.metrics,
-                                     ctr=self.ctr, drift=self.drift)
+                                     ctr=self.ctr, drift=self.drift, snapshots=self.snapshots)
         self.follower = CatalogFollower(config.bootstrap, self.catalog).start() \
             if config.bootstrap else None
         self.events_producer = None
@@ -90,8 +96,15 @@ class ServingState:
         self.refresh_catalog()
         self._refresher.start()
         self._start_model_watch()
+        if self.snapshots is not None:
+            self.snapshots.start()
 
     # ------------------------------------------------------------------ background
+    def _snapshot_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Item and author features the loaded models read (the bundle swaps on reload)."""
+        models = self.pipeline.models
+        return models.item_feature_names(), models.author_feature_names()
+
     def refresh_catalog(self) -> None:
         """Recompute trending/fresh/topic lists from the store's pre-assembled values."""
         try:
@@ -131,6 +144,8 @@ class ServingState:
 
     def close(self) -> None:
         self._stop.set()
+        if self.snapshots is not None:
+            self.snapshots.stop()
         if self.watcher is not None:
             self.watcher.stop()
         if self.follower is not None:

@@ -67,6 +67,12 @@ class ItemCatalog:
     def __len__(self) -> int:
         return len(self._meta)
 
+    def item_ids(self) -> list[str]:
+        """Every item the catalog knows: from the ``items`` topic or with popularity."""
+        with self._lock:
+            known = list(self._meta)
+        return list(dict.fromkeys([*known, *self.snapshot.popularity]))
+
     def rebuild(self, popularity: dict[str, float], *, top: int = 2_000,
                 per_topic: int = 1_000) -> CatalogSnapshot:
         """Recompute the lists from ``popularity`` (item -> score) and swap them in."""

@@ -35,6 +35,10 @@ class ServingConfig:
         api_keys: {key: role} with roles ``read`` (feed, features), ``write`` (events),
             ``admin`` (reload); empty means no authentication (local use).
         refresh_interval_s: how often the trending/fresh/topic lists are recomputed.
+        feature_snapshot: hold every item's item and author features at the current window
+            end in memory (``serving.snapshots``), so hydration is a gather; off: every
+            request reads the store.
+        snapshot_interval_s: how often the snapshot's end is checked against the store's.
         device: where the ONNX models run: ``auto`` (CUDA when offered), ``cpu``, or
             ``cuda`` (refuses to start without a CUDA provider).
     """
@@ -59,6 +63,8 @@ class ServingConfig:
     max_body_bytes: int = 1_000_000
     api_keys: dict[str, str] = field(default_factory=dict)
     refresh_interval_s: float = 30.0
+    feature_snapshot: bool = True
+    snapshot_interval_s: float = 1.0
     device: str = "auto"
 
     def __post_init__(self) -> None:

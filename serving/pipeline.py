@@ -29,6 +29,7 @@ from serving.requests import FeedRequest
 from tessera.logs import get_logger
 
 if TYPE_CHECKING:
+    from serving.snapshots import SnapshotKeeper
     from serving.tracking import CtrTracker, DriftTracker
 
 log = get_logger("serving.pipeline")
@@ -55,7 +56,8 @@ class FeedPipeline:
 
     def __init__(self, config: ServingConfig, client: FeatureClient, catalog: ItemCatalog,
                  logger: ImpressionLogger, metrics: ServingMetrics, *,
-                 ctr: CtrTracker | None = None, drift: DriftTracker | None = None):
+                 ctr: CtrTracker | None = None, drift: DriftTracker | None = None,
+                 snapshots: SnapshotKeeper | None = None):
         self.config = config
         self.client = client
         self.catalog = catalog
@@ -64,6 +66,7 @@ class FeedPipeline:
         self.models = ModelBundle()
         self.ctr = ctr  # the dashboard's CTR per model version
         self.drift = drift  # served feature distributions
+        self.snapshots = snapshots  # item + author features at the current end, in memory
         # per (user, feed type): the merged candidates, for candidate_cache_ttl_ms
         self._candidate_cache: TTLCache[tuple[str, str], list[tuple[str, str]]] = TTLCache(
             maxsize=CANDIDATE_CACHE_ENTRIES, ttl=config.candidate_cache_ttl_ms / 1000)
@@ -150,6 +153,44 @@ class FeedPipeline:
             log.warning("snapshot_split", entity_type=entity_type, end=end, error=str(exc)[:200])
             return self.client.get_features(entity_type, ids, list(names))
 
+    def _hydrate_items(self, ids: list[str], item_names: tuple[str, ...],
+                       author_names: tuple[str, ...], end: int) -> dict[str, np.ndarray]:
+        """Item and author feature columns of ``ids`` at ``end`` (one per name).
+
+        From the process's feature snapshot when it is at ``end`` (a gather; the ids it
+        lacks are read from the store at the same end), else from the store.
+        """
+        names = item_names + author_names
+        snap = self.snapshots.matching(end, names) if self.snapshots is not None else None
+        if snap is None:
+            if self.snapshots is not None:
+                self.metrics.cache.labels(cache="snapshot", result="miss").inc()
+            return self._read_items(ids, item_names, author_names, end)
+        self.metrics.cache.labels(cache="snapshot", result="hit").inc()
+        rows = snap.rows(ids)
+        absent = np.flatnonzero(rows < 0)
+        if not len(absent):
+            cols = snap.columns(rows)
+        else:  # items newer than the snapshot: the store, at the same end
+            values = snap.values[np.where(rows < 0, 0, rows)]
+            rest = self._read_items([ids[i] for i in absent.tolist()], item_names,
+                                    author_names, end)
+            for j, n in enumerate(snap.names):
+                values[absent, j] = rest[n]
+            cols = {n: values[:, j] for j, n in enumerate(snap.names)}
+        self.metrics.feature_lag.set(max(0, int(time.time() * 1000) - end) / 1000)
+        return cols
+
+    def _read_items(self, ids: list[str], item_names: tuple[str, ...],
+                    author_names: tuple[str, ...], end: int) -> dict[str, np.ndarray]:
+        items_fv = self._read("item", ids, item_names, end)
+        item_cols = {n: items_fv.values[:, j] for j, n in enumerate(items_fv.names)}
+        if author_names and ids:  # each author read once, broadcast to its items
+            afv = self._read("author", self.catalog.authors(ids), author_names, end)
+            item_cols.update({n: afv.values[:, j] for j, n in enumerate(afv.names)})
+        self.metrics.feature_lag.set(max(0, items_fv.lag_ms) / 1000)
+        return item_cols
+
     def feed(self, req: FeedRequest, *, ranker: str | None = None) -> FeedResult:
         """Serve one feed page (see the module docstring).
 
@@ -195,12 +236,7 @@ class FeedPipeline:
             try:
                 if "store_unavailable" in degraded:
                     raise TesseraError("the store failed for the user read")
-                items_fv = self._read("item", ids, item_names, watermark)
-                item_cols = {n: items_fv.values[:, j] for j, n in enumerate(items_fv.names)}
-                if author_names and ids:  # each author read once, broadcast to its items
-                    afv = self._read("author", self.catalog.authors(ids), author_names, watermark)
-                    item_cols.update({n: afv.values[:, j] for j, n in enumerate(afv.names)})
-                self.metrics.feature_lag.set(max(0, items_fv.lag_ms) / 1000)
+                item_cols = self._hydrate_items(ids, item_names, author_names, watermark)
             except TesseraError as exc:
                 if "store_unavailable" not in degraded:
                     degraded.append("store_unavailable")

@@ -214,3 +214,38 @@ def test_a_request_reads_every_family_at_one_snapshot_end(filled, tmp_path):
             _check(res, on_time, entity_type)
         with pytest.raises(HistoricalReadError, match="snapshot_end"):
             client.get_features("item", ["i1"], ["item_views_1h"], end=max(marks.values()) + 1)
+
+
+def test_snapshot_gathers_exactly_what_the_read_returns(filled):
+    """An item snapshot (item and author columns) at one end holds, row for row, the values
+    ``get_features`` returns at that end; ids it lacks are -1."""
+    from features.snapshot import build_snapshot
+
+    store, on_time = filled
+    client = FeatureClient(store, FEATURES)
+    author_of = {r["item_id"]: r["author_id"] for r in on_time["views"]}
+    ids = sorted(author_of)[:300]
+    item_names = ["item_views_1h", "item_views_1d", "item_dwell_mean_1d", "item_ctr_1d",
+                  "item_unique_viewers_1d"]
+    item_names = [n for n in item_names if n in client.names_for("item")]
+    author_names = client.names_for("author")
+    end = client.snapshot_end([("item", item_names), ("author", author_names)])
+    authors = [author_of[i] for i in ids]
+    snap = build_snapshot(client, "item", ids[::-1] + ids[:10], item_names, end,
+                          joined=("author", authors[::-1] + authors[:10], author_names))
+    assert snap.names == tuple(item_names) + tuple(author_names)
+    assert len(snap.ids) == len(ids)  # sorted, each id once
+    query = ids[50:250] + ["no-such-item", ids[7]]
+    rows = snap.rows(query)
+    assert rows[-2] == -1 and (np.delete(rows, -2) >= 0).all()
+    assert snap.ids[rows[-1]] == ids[7]
+    known = [q for q in query if q != "no-such-item"]
+    got = snap.columns(snap.rows(known))
+    want_items = client.get_features("item", known, item_names, end=end)
+    want_authors = client.get_features("author", [author_of[i] for i in known], author_names,
+                                       end=end)
+    for j, n in enumerate(item_names):
+        np.testing.assert_array_equal(got[n], want_items.values[:, j], err_msg=n)
+    for j, n in enumerate(author_names):
+        np.testing.assert_array_equal(got[n], want_authors.values[:, j], err_msg=n)
+    assert np.count_nonzero(got["item_views_1d"]) > 0  # real values, not only defaults
