@@ -203,22 +203,20 @@ class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
         self.lateness_ms = lateness_ms
         self.next_flush = after(flush_ms)
 
-    def _catching_up(self) -> bool:
+    def _interval(self) -> int:
         newest = max((self.shard.state.partition_watermarks.get(p, NO_TIME) for p in self.parts),
                      default=NO_TIME)
         if newest <= NO_TIME:
-            return False
+            return self.flush_ms
         behind = utc_now().timestamp() * 1000 - (newest + self.lateness_ms)
-        return behind > self.CATCHUP_LAG_MS
+        return self.catchup_flush_ms if behind > self.CATCHUP_LAG_MS else self.flush_ms
 
-    def _flush(self, final: bool = False) -> list[ShardOutput]:
+    def _flush(self) -> list[ShardOutput]:
         wm = self.shard.watermark(self.parts)
         expire = ({size: wm - ms for size, ms in self.retention.items()}
                   if self.retention and wm > NO_TIME // 2 else None)
-        catching_up = self._catching_up()
-        flushed = self.shard.flush(wm, resend_sealed=self.resend_sealed, expire=expire,
-                                   defer_open_rollups=catching_up and not final)
-        self.next_flush = after(self.catchup_flush_ms if catching_up else self.flush_ms)
+        flushed = self.shard.flush(wm, resend_sealed=self.resend_sealed, expire=expire)
+        self.next_flush = after(self._interval())
         cfg = self.shard.config
         return [ShardOutput(entity_type=cfg.entity_type, family=cfg.topic, flush=flushed,
                             watermark_key=f"blocks/{self.key}", watermark=wm)]
@@ -227,7 +225,7 @@ class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
         self.shard.add_batch(value.columns)
         self.shard.advance(value.part, value.watermark)
         if datetime.now(self.next_flush.tzinfo) >= self.next_flush or \
-                self.shard.dirty_blocks(finest_only=True) >= self.MAX_DIRTY_BLOCKS:
+                self.shard.dirty_blocks() >= self.MAX_DIRTY_BLOCKS:
             return self._flush(), StatefulLogic.RETAIN
         return [], StatefulLogic.RETAIN
 
@@ -235,7 +233,7 @@ class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
         return self._flush(), StatefulLogic.RETAIN
 
     def on_eof(self):
-        return self._flush(final=True), StatefulLogic.RETAIN
+        return self._flush(), StatefulLogic.RETAIN
 
     def notify_at(self) -> datetime:
         return self.next_flush

@@ -253,29 +253,18 @@ class _BlockRows:
         n = self.n
         return ~self.done[:n] & (self.ends[:n] <= watermark)
 
-    def open_coarse(self, sealing: np.ndarray | None) -> np.ndarray:
-        """Rows of a roll-up size (not the finest) that do not seal now."""
-        coarse = ((self.keys[:self.n] >> _SLOT_BITS) & 7) != 0
-        return coarse if sealing is None else coarse & ~sealing
-
     def to_write(self, f: _FeatureRows, sealing: np.ndarray | None, resend_sealed: bool,
-                 expire: Mapping[int, int] | None, defer: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 expire: Mapping[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
         """Rows of feature ``f`` to write now and which of them seal; marks them written.
 
         Rows to write: the changed ones, and (``resend_sealed``) those sealing now even if
         unchanged since their last write. Without ``resend_sealed``, a row of size ``s``
         ending at or before ``expire[s]`` that was never written is not written at all: the
         store would drop it in the same write (it is past the retention of every window). A
-        row written before is sent, so that the write drops its older version. Rows in
-        ``defer`` are not written now and stay dirty.
+        row written before is sent, so that the write drops its older version.
         """
         n = self.n
         changed = f.dirty[:n]
-        kept_dirty = None
-        if defer is not None:
-            kept_dirty = changed & defer
-            changed = changed & ~defer
         if expire and not resend_sealed and sealing is not None:
             limit = np.full(len(self.sizes), np.iinfo(np.int64).min, dtype=np.int64)
             for i, size in enumerate(self.sizes.tolist()):
@@ -286,7 +275,7 @@ class _BlockRows:
             changed | (sealing & f.present[:n])
         rows = np.flatnonzero(send)
         f.written[rows] = True
-        f.dirty[:n] = False if kept_dirty is None else kept_dirty
+        f.dirty[:n] = False
         if sealing is None:
             return rows, np.zeros(len(rows), dtype=bool)
         return rows, sealing[rows]
@@ -447,8 +436,7 @@ class BlockShard:
 
     # ------------------------------------------------------------------ output
     def flush(self, watermark: int | None = None, *, resend_sealed: bool = True,
-              expire: Mapping[int, int] | None = None, defer_open_rollups: bool = False
-              ) -> ShardFlush:
+              expire: Mapping[int, int] | None = None) -> ShardFlush:
         """Return every changed block (full rep), and seal blocks ending by ``watermark``.
 
         With ``resend_sealed`` a sealed block is returned once more with ``sealed`` set (even
@@ -457,22 +445,16 @@ class BlockShard:
         returned again and is evicted from memory. The result is columnar (``BlockBatch``):
         no Python object per block. ``expire`` ({size: ts}, used only without
         ``resend_sealed``) leaves out blocks the store would drop on arrival (see
-        ``_BlockRows.to_write``). ``defer_open_rollups`` keeps changed blocks of the roll-up
-        sizes that do not seal now for a later flush: no read uses a block before the
-        watermark passes its end (the window rule), so only the finest open blocks are written
-        ahead of that, and each roll-up block once as it seals instead of at every flush.
+        ``_BlockRows.to_write``).
         """
         codes_parts, fidx_parts, st_parts, sz_parts, len_parts, blobs, sealed_parts = (
             [], [], [], [], [], [], [])
         sealing = {id(g): g.sealing(watermark) for g in self.groups}
-        deferred = {id(g): g.open_coarse(sealing[id(g)]) if defer_open_rollups else None
-                    for g in self.groups}
         for fi in range(len(self.config.features)):
             group, feat = self._rows_of[fi]
             if group.n == 0:
                 continue
-            rows, sealed = group.to_write(feat, sealing[id(group)], resend_sealed, expire,
-                                          deferred[id(group)])
+            rows, sealed = group.to_write(feat, sealing[id(group)], resend_sealed, expire)
             if len(rows):
                 blob, lengths = feat.column.serialize(rows)
                 keys = group.keys[rows]
@@ -511,21 +493,9 @@ class BlockShard:
         )
         return ShardFlush(batch, np.concatenate(sealed_parts))
 
-    def dirty_blocks(self, finest_only: bool = False) -> int:
-        """Number of blocks changed since the last flush (what the next flush writes).
-
-        ``finest_only``: of the finest block size only (what a flush that defers the open
-        roll-ups writes, besides the blocks sealing).
-        """
-        total = 0
-        for g in self.groups:
-            finest = None
-            if finest_only:
-                finest = ((g.keys[:g.n] >> _SLOT_BITS) & 7) == 0
-            for f in g.features:
-                d = f.dirty[:g.n]
-                total += int(np.count_nonzero(d if finest is None else d & finest))
-        return total
+    def dirty_blocks(self) -> int:
+        """Number of blocks changed since the last flush (what the next flush writes)."""
+        return sum(int(np.count_nonzero(f.dirty[:g.n])) for g in self.groups for f in g.features)
 
     def open_blocks(self) -> int:
         """Number of blocks held in memory (open, or sealed and not evicted yet)."""
