@@ -40,15 +40,42 @@ class ItemCatalog:
         self._meta: dict[str, tuple[str, str, int]] = {}
         self._lock = threading.Lock()
         self.snapshot = CatalogSnapshot()
+        # items whose author changed (new, re-authored or deleted), in order; entry k is
+        # change number ``_changes_base + k + 1``. ``version`` counts all changes so far.
+        self._changes: list[str] = []
+        self._changes_base = 0
+
+    @property
+    def version(self) -> int:
+        """Number of author changes recorded so far (0 for an empty catalog)."""
+        with self._lock:
+            return self._changes_base + len(self._changes)
+
+    def changed_since(self, version: int) -> list[str]:
+        """Items whose author changed after ``version`` (all of them if it was forgotten)."""
+        with self._lock:
+            if version < self._changes_base:
+                return list(self._meta) + self._changes
+            return self._changes[version - self._changes_base:]
+
+    def forget_before(self, version: int) -> None:
+        """Drop the change log up to ``version`` (no reader asks about older versions)."""
+        with self._lock:
+            k = min(max(0, version - self._changes_base), len(self._changes))
+            del self._changes[:k]
+            self._changes_base += k
 
     def upsert(self, item_id: str, author_id: str, topic: str, created_ts: int,
                deleted: bool = False) -> None:
         """Record an item event."""
         with self._lock:
+            before = self._meta.get(item_id, ("",))[0]
             if deleted:
                 self._meta.pop(item_id, None)
             else:
                 self._meta[item_id] = (author_id, topic, int(created_ts))
+            if ("" if deleted else author_id) != before:
+                self._changes.append(item_id)
 
     def meta(self, item_id: str) -> tuple[str, str, int] | None:
         """(author, topic, created_ts) of an item, or None."""

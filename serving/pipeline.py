@@ -167,17 +167,18 @@ class FeedPipeline:
                 self.metrics.cache.labels(cache="snapshot", result="miss").inc()
             return self._read_items(ids, item_names, author_names, end)
         self.metrics.cache.labels(cache="snapshot", result="hit").inc()
-        rows = snap.rows(ids)
+        rows = self.snapshots.rows(snap, ids)
+        feats = snap.features
         absent = np.flatnonzero(rows < 0)
         if not len(absent):
-            cols = snap.columns(rows)
-        else:  # items newer than the snapshot: the store, at the same end
-            values = snap.values[np.where(rows < 0, 0, rows)]
+            cols = feats.columns(rows)
+        else:  # items newer than the snapshot, or re-authored: the store, at the same end
+            values = feats.values[np.where(rows < 0, 0, rows)]
             rest = self._read_items([ids[i] for i in absent.tolist()], item_names,
                                     author_names, end)
-            for j, n in enumerate(snap.names):
+            for j, n in enumerate(feats.names):
                 values[absent, j] = rest[n]
-            cols = {n: values[:, j] for j, n in enumerate(snap.names)}
+            cols = {n: values[:, j] for j, n in enumerate(feats.names)}
         self.metrics.feature_lag.set(max(0, int(time.time() * 1000) - end) / 1000)
         return cols
 

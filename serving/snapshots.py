@@ -7,12 +7,22 @@ models now read other features, it builds a new ``FeatureSnapshot`` of every cat
 assignment. A request whose end equals the snapshot's gathers from it; any other request,
 and items the snapshot does not hold, read the store at the request's end as before, so a
 snapshot changes how fast values are found, never which values.
+
+The author columns are keyed by each item's author when the snapshot was built. The
+catalog counts author changes (an item first seen, re-authored, deleted); a snapshot
+remembers the catalog version it was built at, requests read the items changed since then
+from the store, and the keeper rebuilds once the catalog moved (at most every
+``catalog_rebuild_s``).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 
 from features.client import FeatureClient
 from features.errors import TesseraError
@@ -24,18 +34,28 @@ from tessera.logs import get_logger
 log = get_logger("serving.snapshots")
 
 
+@dataclass(frozen=True)
+class ItemSnapshot:
+    """A feature snapshot and the catalog version its author keys were taken at."""
+
+    features: FeatureSnapshot
+    catalog_version: int
+
+
 class SnapshotKeeper:
     """Owns ``current``: the item snapshot (item + author columns) or None."""
 
     def __init__(self, client: FeatureClient, catalog: ItemCatalog,
                  names: Callable[[], tuple[tuple[str, ...], tuple[str, ...]]], *,
-                 interval_s: float = 1.0, metrics=None):
+                 interval_s: float = 1.0, catalog_rebuild_s: float = 10.0, metrics=None):
         self.client = client
         self.catalog = catalog
         self.names = names  # () -> (item feature names, author feature names)
         self.interval_s = interval_s
+        self.catalog_rebuild_s = catalog_rebuild_s
         self.metrics = metrics
-        self.current: FeatureSnapshot | None = None
+        self.current: ItemSnapshot | None = None
+        self._built_at = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="feature-snapshot",
                                         daemon=True)
@@ -49,33 +69,50 @@ class SnapshotKeeper:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
 
-    def matching(self, end: int, names: tuple[str, ...]) -> FeatureSnapshot | None:
+    def matching(self, end: int, names: tuple[str, ...]) -> ItemSnapshot | None:
         """The snapshot, if it holds exactly ``names`` at exactly ``end``."""
-        snap = self.current
-        if snap is not None and snap.end == end and snap.names == names:
-            return snap
+        cur = self.current
+        if cur is not None and cur.features.end == end and cur.features.names == names:
+            return cur
         return None
 
-    def refresh(self) -> FeatureSnapshot | None:
-        """Build a new snapshot if the end or the names moved; return the current one."""
+    def rows(self, snap: ItemSnapshot, ids: list[str]) -> np.ndarray:
+        """Row of each of ``ids`` in ``snap``; -1 where it has none or the item's author
+        changed after it was built (those are read from the store)."""
+        rows = snap.features.rows(ids)
+        changed = self.catalog.changed_since(snap.catalog_version)
+        if changed and len(ids):
+            rows[np.isin(np.asarray(ids, dtype=str), np.asarray(changed, dtype=str))] = -1
+        return rows
+
+    def refresh(self) -> ItemSnapshot | None:
+        """Build a new snapshot if the end or the names moved, or the catalog's authors did
+        (at most every ``catalog_rebuild_s``); return the current one."""
         item_names, author_names = self.names()
         if not item_names and not author_names:
             return self.current
         end = self.client.snapshot_end([("item", item_names), ("author", author_names)])
         if end == NO_WATERMARK:
             return self.current
-        if self.matching(end, item_names + author_names) is not None:
-            return self.current
+        cur = self.matching(end, item_names + author_names)
+        if cur is not None and (cur.catalog_version == self.catalog.version
+                                or time.monotonic() - self._built_at < self.catalog_rebuild_s):
+            return cur
+        version = self.catalog.version  # before the authors are read: later changes count
         ids = self.catalog.item_ids()
         if not ids:
             return self.current
-        snap = build_snapshot(self.client, "item", ids, item_names, end,
-                              joined=("author", self.catalog.authors(ids), author_names))
-        self.current = snap
-        log.info("feature_snapshot_built", end=end, items=len(snap.ids),
-                 columns=len(snap.names), build_s=round(snap.build_s, 3),
-                 mb=round(snap.nbytes / 2**20, 2))
-        return snap
+        feats = build_snapshot(self.client, "item", ids, item_names, end,
+                               joined=("author", self.catalog.authors(ids), author_names))
+        old = self.current
+        self.current = ItemSnapshot(feats, version)
+        self._built_at = time.monotonic()
+        if old is not None:  # requests holding the old snapshot may still ask; keep its log
+            self.catalog.forget_before(min(old.catalog_version, version))
+        log.info("feature_snapshot_built", end=end, items=len(feats.ids),
+                 columns=len(feats.names), build_s=round(feats.build_s, 3),
+                 mb=round(feats.nbytes / 2**20, 2), catalog_version=version)
+        return self.current
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -114,15 +114,17 @@ def test_features_endpoint_and_metrics(stack):
 
 def test_hydration_gathers_from_the_snapshot_what_the_store_read_returns(stack):
     """The serving process builds its item snapshot at the request end; hydrating from it
-    gives exactly the store read's values, items it lacks included (read from the store)."""
+    gives exactly the store read's values, items it lacks included (read from the store),
+    and items whose author changed after it was built (their author's features)."""
     import numpy as np
 
     st = stack.server.config.app.state.serving
     deadline = time.monotonic() + 60
     while st.snapshots.current is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    snap = st.snapshots.current
-    assert snap is not None and len(snap.ids) > 100
+    assert st.snapshots.current is not None
+    snap = st.snapshots.current.features
+    assert len(snap.ids) > 100
     pipe = st.pipeline
     item_names = pipe.models.item_feature_names()
     author_names = pipe.models.author_feature_names()
@@ -135,6 +137,39 @@ def test_hydration_gathers_from_the_snapshot_what_the_store_read_returns(stack):
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     assert np.count_nonzero(got["item_views_1d"]) > 0
+
+    # an item moves to another author after a snapshot was built: the keeper sends it to
+    # the store (row -1) until it rebuilds, and the rebuilt snapshot has the new author's
+    # values. The stack's models read no author feature, so this keeper reads them all
+    # (and only them: its end is the author family's own).
+    from serving.snapshots import SnapshotKeeper
+
+    author_names = tuple(st.client.names_for("author"))
+    keeper = SnapshotKeeper(st.client, st.catalog, lambda: ((), author_names),
+                            catalog_rebuild_s=0.0)
+    cur = keeper.refresh()
+    feats = cur.features
+    ids = [str(i) for i in feats.ids[:400]]
+    authors = st.catalog.authors(ids)
+    cols = feats.columns(keeper.rows(cur, ids))
+    assert (keeper.rows(cur, ids) >= 0).all()
+    j = next(i for i, a in enumerate(authors) if a)
+    other = next(i for i, a in enumerate(authors)
+                 if a and a != authors[j] and any(cols[n][i] != cols[n][j] for n in author_names))
+    item, (old_author, topic, created) = ids[j], st.catalog.meta(ids[j])
+    st.catalog.upsert(item, authors[other], topic, created)
+    try:
+        rows = keeper.rows(cur, ids)
+        assert rows[j] == -1 and np.count_nonzero(rows < 0) == 1
+        rebuilt = keeper.refresh()
+        assert rebuilt is not cur and rebuilt.features.end == feats.end
+        moved = rebuilt.features.columns(keeper.rows(rebuilt, ids))
+        want = st.client.get_features("author", [authors[other]], list(author_names),
+                                      end=feats.end)
+        for k, n in enumerate(author_names):
+            assert moved[n][j] == want.values[0, k] == cols[n][other], n
+    finally:
+        st.catalog.upsert(item, old_author, topic, created)
 
     r = httpx.post(f"{stack.base_url}/v1/feed", json={"user_id": "u2", "limit": 5}, timeout=30)
     assert r.status_code == 200, r.text
