@@ -115,11 +115,17 @@ class SnapshotKeeper:
         return self.current
 
     def _run(self) -> None:
+        failures = 0  # in a row: logged at the first and then every minute, not every tick
+        every = max(1, int(60 / max(self.interval_s, 1e-3)))
         while not self._stop.is_set():
             try:
                 self.refresh()
+                failures = 0
             except (TesseraError, ValueError) as exc:  # keep serving from the store
-                log.warning("feature_snapshot_failed", error=str(exc)[:300])
+                if failures % every == 0:
+                    log.warning("feature_snapshot_failed", error=str(exc)[:300],
+                                failures_in_a_row=failures + 1)
+                failures += 1
             except Exception as exc:  # a bug must not kill the thread silently
                 log.exception("feature_snapshot_failed", error=str(exc)[:300])
             self._stop.wait(self.interval_s)
