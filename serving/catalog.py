@@ -36,6 +36,9 @@ class CatalogSnapshot:
 class ItemCatalog:
     """Item metadata (author, topic, creation time) and the generator lists."""
 
+    #: the author change log keeps at most this many entries (or one per known item)
+    MAX_CHANGES = 10_000
+
     def __init__(self) -> None:
         self._meta: dict[str, tuple[str, str, int]] = {}
         self._lock = threading.Lock()
@@ -76,6 +79,12 @@ class ItemCatalog:
                 self._meta[item_id] = (author_id, topic, int(created_ts))
             if ("" if deleted else author_id) != before:
                 self._changes.append(item_id)
+                # bounded whether or not a snapshot keeper trims it: a reader older than
+                # the dropped part gets every item (``changed_since``), never a wrong answer
+                excess = len(self._changes) - max(len(self._meta), self.MAX_CHANGES)
+                if excess > 0:
+                    del self._changes[:excess]
+                    self._changes_base += excess
 
     def meta(self, item_id: str) -> tuple[str, str, int] | None:
         """(author, topic, created_ts) of an item, or None."""

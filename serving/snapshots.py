@@ -108,7 +108,7 @@ class SnapshotKeeper:
         self.current = ItemSnapshot(feats, version)
         self._built_at = time.monotonic()
         if old is not None:  # requests holding the old snapshot may still ask; keep its log
-            self.catalog.forget_before(min(old.catalog_version, version))
+            self.catalog.forget_before(old.catalog_version)
         log.info("feature_snapshot_built", end=end, items=len(feats.ids),
                  columns=len(feats.names), build_s=round(feats.build_s, 3),
                  mb=round(feats.nbytes / 2**20, 2), catalog_version=version)
