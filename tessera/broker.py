@@ -150,6 +150,31 @@ def is_ready(bootstrap: str, *, timeout_s: float = 2.0) -> bool:
     return bool(metadata.brokers)
 
 
+def _pid_running(pid: int) -> bool:
+    """Return whether ``pid`` exists and is not a zombie, whatever program it runs.
+
+    A process that is exiting has already dropped its command line but is not yet a
+    zombie; a stop waits on this, not on :func:`_pid_alive`, so it returns only once the
+    process has really ended.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc") / str(pid)
+    if not Path("/proc/self").is_dir():  # not Linux: trust kill(0)
+        return True
+    try:
+        stat = (proc / "stat").read_text()
+    except FileNotFoundError:
+        return False  # reaped between the two looks
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 def _pid_alive(pid: int) -> bool:
     """Return whether ``pid`` is a live (not zombie) process that looks like tansu."""
     try:
@@ -423,7 +448,7 @@ class EmbeddedBroker:
                     self._proc.wait(timeout=0.05)  # reap our own child
                 if self._proc.poll() is not None:
                     return True
-            elif not _pid_alive(pid):
+            elif not _pid_running(pid):
                 return True
             time.sleep(0.05)
         return False
