@@ -216,7 +216,7 @@ def run_batch_blocks(
                     if online and s + size > oldest_end:
                         store_rows.append((e, spec.key, s, size, r))
             # replace this feature's blocks of the range in one commit (idempotent)
-            tables.replace_blocks(spec.key, from_ts, to_ts, rows)
+            tables.replace_blocks(spec.key, from_ts, to_ts, rows, sizes=spec.block_sizes)
             if store is not None and store_rows:
                 store.put_block_batch(spec.entity_type, spec.source,
                                       BlockBatch.from_rows(store_rows))

@@ -53,6 +53,8 @@ from pyiceberg.expressions import (
     GreaterThanOrEqual,
     In,
     LessThan,
+    LessThanOrEqual,
+    Or,
 )
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
@@ -441,20 +443,45 @@ class OfflineTables:
         start_to: int,
         rows: Sequence[BlockRow | tuple[str, str, str, int, int, bytes]],
         written_ms: int | None = None,
+        *,
+        sizes: Sequence[int],
     ) -> int:
-        """Replace the blocks of ``feature_key`` starting in ``[start_from, start_to)`` by
-        ``rows``, in one Iceberg commit (readers never see the range empty); return the rows
-        written.
+        """Replace the blocks of ``feature_key`` of the given ``sizes`` that lie inside
+        ``[start_from, start_to)`` (``start >= start_from`` and ``start + size <= start_to``)
+        by ``rows``, in one Iceberg commit (readers never see the range empty); return the
+        rows written.
 
+        A block that starts inside the range but ends after it (a roll-up the range cuts)
+        is kept: a range's job cannot recompute it, and a live flow may have sealed it.
         A concurrent writer (a live blocks flow appending what it seals) can add files the
         delete must cover; the whole replacement is then retried on the new snapshot.
         """
         from pyiceberg.exceptions import ValidationException
 
         data = self._block_data(rows, written_ms) if rows else None
-        where = And(EqualTo("feature_key", feature_key),
-                    And(GreaterThanOrEqual("start_ms", int(start_from)),
-                        LessThan("start_ms", int(start_to))))
+        if data is not None:
+            start = data.column("start_ms")
+            size = data.column("size_ms")
+            ok = pc.and_(pc.is_in(size, pa.array([int(s) for s in sizes], pa.int64())),
+                         pc.and_(pc.greater_equal(start, int(start_from)),
+                                 pc.less_equal(pc.add(start, size), int(start_to))))
+            if not pc.all(ok).as_py():
+                i = pc.index(ok, False).as_py()
+                raise OfflineTableError(
+                    f"block ({data.column('entity_id')[i].as_py()!r}, start "
+                    f"{start[i].as_py()}, size {size[i].as_py()}) is not a block of sizes "
+                    f"{list(sizes)} inside [{start_from}, {start_to}); the replacement would "
+                    "not cover it"
+                )
+        inside: BooleanExpression | None = None
+        for size in sorted({int(s) for s in sizes}):
+            one = And(EqualTo("size_ms", size),
+                      And(GreaterThanOrEqual("start_ms", int(start_from)),
+                          LessThanOrEqual("start_ms", int(start_to) - size)))
+            inside = one if inside is None else Or(inside, one)
+        if inside is None:
+            raise OfflineTableError("replace_blocks needs at least one block size")
+        where = And(EqualTo("feature_key", feature_key), inside)
         table = self._tables["blocks"]
         with _commit_lock(self._catalog_key, self._identifier("blocks")):
             table.refresh()

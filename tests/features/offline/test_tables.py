@@ -234,7 +234,7 @@ def test_commit_retry_then_give_up(tables: OfflineTables, monkeypatch: pytest.Mo
 def test_replace_blocks_swaps_one_feature_range_in_one_commit(tables: OfflineTables) -> None:
     tables.append_blocks(_blocks(), written_ms=100)
     n = tables.replace_blocks("views", T0, T0 + H1, [("user", "u1", "views", T0, M5, b"new")],
-                              written_ms=200)
+                              written_ms=200, sizes=(M5, H1))
     assert n == 1
     got = tables.scan_blocks()
     by_key = dict(zip(_keys(got), got.column("rep").to_pylist(), strict=True))
@@ -244,9 +244,24 @@ def test_replace_blocks_swaps_one_feature_range_in_one_commit(tables: OfflineTab
         ("item", "i1", "views", T0 + DAY, M5), ("user", "u1", "views", T0, M5)]
     assert by_key[("user", "u1", "views", T0, M5)] == b"new"
     assert sum(1 for k in by_key if k[2] == "clicks") == 6
-    assert tables.replace_blocks("views", T0, T0 + H1, []) == 0
+    assert tables.replace_blocks("views", T0, T0 + H1, [], sizes=(M5, H1)) == 0
     assert [k for k in _keys(tables.scan_blocks()) if k[2] == "views"] == [
         ("item", "i1", "views", T0 + DAY, M5)]
+
+
+def test_replace_blocks_keeps_roll_ups_the_range_cuts(tables: OfflineTables) -> None:
+    """A range ending inside an hour cannot recompute that hour's block, so it keeps it: a
+    live flow that sealed it before the batch ran must not lose it to the replacement."""
+    tables.append_blocks(_blocks(), written_ms=100)
+    cut = T0 + H1 - M5  # ends inside the 1h block [T0, T0 + H1)
+    tables.replace_blocks("views", T0, cut, [("user", "u1", "views", T0, M5, b"new")],
+                          written_ms=200, sizes=(M5, H1))
+    views = {k for k in _keys(tables.scan_blocks()) if k[2] == "views"}
+    assert views == {("user", "u1", "views", T0, M5), ("user", "u1", "views", T0, H1),
+                     ("item", "i1", "views", T0 + DAY, M5)}
+    with pytest.raises(OfflineTableError, match="not a block of sizes"):
+        tables.replace_blocks("views", T0, cut, [("user", "u1", "views", T0, H1, b"x")],
+                              sizes=(M5, H1))
 
 
 def test_replace_blocks_retries_when_a_live_writer_adds_to_the_range(
@@ -271,7 +286,7 @@ def test_replace_blocks_retries_when_a_live_writer_adds_to_the_range(
     Transaction.commit_transaction = racing_commit
     try:
         batch.replace_blocks("views", T0, T0 + H1, [("user", "u1", "views", T0, M5, b"b")],
-                             written_ms=200)
+                             written_ms=200, sizes=(M5, H1))
     finally:
         Transaction.commit_transaction = real_commit
     assert raced["n"] == 1
