@@ -94,6 +94,14 @@ def family_bin(family: str) -> str:
     return _hashed_bin("b_", family)
 
 
+# Keys of META_SET. Aerospike user keys are C strings to the client: a NUL ends them, so
+# every key that once began with one was the same empty key. Internal records and the
+# users' meta keys get prefixes that keep them apart.
+_INTERNAL = "tessera:"
+_BIN_NAMES_KEY = f"{_INTERNAL}bins"
+_META_PREFIX = "meta:"
+
+
 def values_bin(table: str) -> str:
     """Return the bin holding a value table's row: ``"v_" + 8 hex of sha1(table)``."""
     return _hashed_bin("v_", table)
@@ -339,7 +347,7 @@ class AerospikeStore(OnlineStore):
         }
         with self._errors("put_blocks"):
             _, _, bins = self.client.operate(
-                self._key(META_SET, "\x00bins"),
+                self._key(META_SET, _BIN_NAMES_KEY),
                 [
                     map_operations.map_put("names", name, family, map_policy=policy),
                     map_operations.map_get_by_key("names", name, aerospike.MAP_RETURN_VALUE),
@@ -493,7 +501,8 @@ class AerospikeStore(OnlineStore):
     # ------------------------------------------------------------------ values
 
     def _columns_record(self, entity_type: str, table: str) -> tuple:
-        return self._key(META_SET, f"\x00values\x00{entity_type}\x00{table}")
+        # length-prefixed: no two (entity type, table) pairs give the same key
+        return self._key(META_SET, f"{_INTERNAL}values:{len(entity_type)}:{entity_type}:{table}")
 
     def put_values(
         self, entity_type: str, table: str, rows: Sequence[ValueRow], columns: Sequence[str]
@@ -593,7 +602,7 @@ class AerospikeStore(OnlineStore):
         self._check_writable("put_meta")
         with self._errors("put_meta"):
             self.client.put(
-                self._key(META_SET, check_part("meta key", key)),
+                self._key(META_SET, _META_PREFIX + check_part("meta key", key)),
                 {"v": bytes(value)},
                 meta={"ttl": aerospike.TTL_NEVER_EXPIRE},
             )
@@ -601,7 +610,7 @@ class AerospikeStore(OnlineStore):
     def get_meta(self, key: str) -> bytes | None:
         with self._errors("get_meta"):
             try:
-                _, _, bins = self.client.get(self._key(META_SET, key))
+                _, _, bins = self.client.get(self._key(META_SET, _META_PREFIX + key))
             except aerospike_exception.RecordNotFound:
                 return None
         value = bins.get("v")
