@@ -1,26 +1,57 @@
-"""Benchmark: the online feature read for a feed request, against a naive baseline.
+"""Benchmark: the online feature read for a feed request, against Feast and a naive baseline.
 
 One run, one machine:
 
 1. A seeded world (>= 100,000 items) goes to the embedded broker; the real blocks flow
    (every feature of features.yaml, windows up to 30d) fills an LMDB store; the
    pre-assembly job writes the hot item values.
-2. Tessera: each request reads 1 user's features (assembled from blocks) and 2,000 random
-   items x 10 windowed item features (pre-assembled values, exact for the logged watermark)
-   with ``FeatureClient.get_features``; no cache, so every request goes to the store.
-3. Naive baseline, same data: each entity's blocks stored as one JSON document of
-   ``{feature: [{"start", "size", "rep": {...}}]}`` in the same LMDB; per request, a read and
-   a ``json.loads`` per entity and the window assembled in Python loops.
-4. Both return the same values (checked on every naive request).
+2. The requests: each is 1 user and 2,000 random items (drawn with replacement), the same
+   requests (and warm-up requests) for every engine below.
+3. Tessera, store path: each request reads 1 user's features (assembled from blocks) and the
+   2,000 items x 10 windowed item features (pre-assembled values, exact for the logged
+   watermark) with ``FeatureClient.get_features``; no cache, so every request goes to the
+   store. This is ``p50_ms``/``p99_ms``.
+4. Tessera, snapshot path: the serving process's in-memory item snapshot
+   (``serving.snapshots.SnapshotKeeper`` over an ``ItemCatalog`` of every item, built at the
+   snapshot end), read as ``serving.pipeline``'s ``_hydrate_items`` does on a hit:
+   ``matching`` + ``rows`` (id -> row) + the gather into the columns the ranker gets, for
+   the same 2,000 items x 10 features (items only: the pipeline reads the user from the
+   store). Values checked equal to the store path's on every request.
+5. Feast (``bench/feast_online_peer.py``, in its own process, possibly another venv): a
+   local-provider ``FeatureStore`` with a SQLite online store, an ``item_id`` feature view
+   holding the same 10 values Tessera returns at its watermark for every item and a
+   ``user_id`` view holding every user's features (7 numbers, 4 ``last_n`` string lists),
+   written with ``write_to_online_store``; per request ``get_online_features(...).to_dict()``
+   for the user (1 row) and for the items (2,000 rows). Values checked equal to Tessera's on
+   every request.
+6. Naive baseline, same data, on the first ``--naive-requests`` requests: each entity's
+   blocks stored as one JSON document of ``{feature: [{"start", "size", "rep": {...}}]}`` in
+   the same LMDB; per request, a read and a ``json.loads`` per entity and the window
+   assembled in Python loops (values checked on every naive request).
 
-Usage: python bench/online.py [--quick] [--requests N]
-Last line: RESULT online p50_ms=<a> p99_ms=<b> naive_p99_ms=<c> ratio=<r> ...
+Feast 0.67 pins ``prometheus_client<0.25`` and ``tenacity<9``, older than the project's
+lock, so it may live in its own venv: ``--feast-python`` (or ``TESSERA_FEAST_PYTHON``) names
+its interpreter; by default this one if it imports ``feast``, else
+``~/.venvs/tessera-feast/bin/python`` (``python3.11 -m venv ~/.venvs/tessera-feast &&
+~/.venvs/tessera-feast/bin/pip install 'feast[duckdb]'``). ``--skip-feast`` runs without it.
+
+Time (2 cores): ``--quick`` ~1.5 minutes; the full run (100k items, 1M views, 1,000 requests)
+~6 minutes, 4 of them Feast's reads (~0.25 s a request).
+
+Usage: python bench/online.py [--quick] [--requests N] [--feast-python PATH] [--skip-feast]
+Last line: RESULT online p50_ms=<a> p99_ms=<store path> snapshot_p99_ms=<b>
+feast_p99_ms=<c> ratio_vs_feast=<c/p99> naive_p99_ms=<d> ratio=<d/p99> ...
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +60,8 @@ import lmdb
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":
+    sys.path[0] = str(REPO)  # bench/serving.py would shadow the serving package
 ITEM_NAMES = [
     "item_views_1h", "item_views_6h", "item_views_1d", "item_views_7d", "item_views_30d",
     "item_impressions_1d", "item_clicks_1d", "item_clicks_7d", "item_dwell_mean_1d",
@@ -69,7 +102,8 @@ def build_store(tmp: Path, n_items: int, views: int):
     return url, fs
 
 
-def build_naive(tmp: Path, store_url: str, fs, items: list[str], user: str) -> lmdb.Environment:
+def build_naive(tmp: Path, store_url: str, fs, items: list[str],
+                users: list[str]) -> lmdb.Environment:
     """Copy the blocks into a dict-per-block JSON document per entity."""
     from features.aggregations import build_aggregation
     from features.store import open_store
@@ -77,7 +111,7 @@ def build_naive(tmp: Path, store_url: str, fs, items: list[str], user: str) -> l
     env = lmdb.open(str(tmp / "naive"), map_size=1 << 36, max_dbs=2)
     specs = {f.key: f for f in fs.features}
     with open_store(store_url, readonly=True) as store, env.begin(write=True) as txn:
-        for etype, ids in (("item", items), ("user", [user])):
+        for etype, ids in (("item", items), ("user", users)):
             docs: dict[str, dict] = {e: {} for e in ids}
             for family in sorted({f.source for f in fs.features}):
                 for e, table in zip(ids, store.get_block_tables(etype, family, ids)):
@@ -133,9 +167,84 @@ def naive_read(env, fs, etype: str, ids: list[str], names: list[str], end: int):
     return out
 
 
-def percentiles(samples: list[float]) -> tuple[float, float]:
+def percentiles(samples) -> tuple[float, float]:
     arr = np.asarray(samples) * 1e3
     return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+def find_feast_python(arg: str | None) -> str | None:
+    """The interpreter that runs the Feast peer (see the module docstring), or None."""
+    if arg:
+        return arg
+    if os.environ.get("TESSERA_FEAST_PYTHON"):
+        return os.environ["TESSERA_FEAST_PYTHON"]
+    if importlib.util.find_spec("feast") is not None:
+        return sys.executable
+    default = Path.home() / ".venvs" / "tessera-feast" / "bin" / "python"
+    return str(default) if default.exists() else None
+
+
+def read_all(client, etype: str, ids: list[str], names: list[str], chunk: int = 10_000):
+    """``get_features`` of every id (in chunks): (values, lists, watermark)."""
+    vals, lists, marks = [], {}, set()
+    for lo in range(0, len(ids), chunk):
+        fv = client.get_features(etype, ids[lo:lo + chunk], names)
+        vals.append(fv.values)
+        for n, v in fv.lists.items():
+            lists.setdefault(n, []).extend(v)
+        marks.add(fv.watermark)
+    if len(marks) != 1:
+        raise SystemExit(f"{etype} watermark moved during the export: {sorted(marks)}")
+    return np.concatenate(vals), lists, marks.pop()
+
+
+def run_feast(feast_py: str, work: Path, client, items: list[str], users: list[str],
+              user_names: list[str], item_wm: int, req_items: np.ndarray,
+              req_users: np.ndarray, warmup: int) -> dict:
+    """Export Tessera's values to Feast's input files, run the peer, load what it read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    work.mkdir()
+    t = time.perf_counter()
+    ivals, _, wm = read_all(client, "item", items, ITEM_NAMES)
+    if wm != item_wm:
+        raise SystemExit(f"item export read at {wm}, the requests at {item_wm}")
+    ts = pa.array(np.full(len(items), wm, dtype=np.int64), pa.timestamp("ms", tz="UTC"))
+    cols = {"item_id": pa.array(items, pa.string()), "event_timestamp": ts}
+    cols.update({n: pa.array(ivals[:, j]) for j, n in enumerate(ITEM_NAMES)})
+    pq.write_table(pa.table(cols), work / "items.parquet")
+
+    numeric = [r.name for r in client.resolve("user", user_names) if r.numeric]
+    list_names = [n for n in user_names if n not in numeric]
+    uvals, ulists, uwm = read_all(client, "user", users, user_names)
+    for n in list_names:
+        if any(not isinstance(x, str) for lst in ulists[n] for x in lst):
+            raise SystemExit(f"{n}: list elements are not strings; the Feast view has "
+                             "Array(String)")
+    ts = pa.array(np.full(len(users), uwm, dtype=np.int64), pa.timestamp("ms", tz="UTC"))
+    cols = {"user_id": pa.array(users, pa.string()), "event_timestamp": ts}
+    cols.update({n: pa.array(uvals[:, user_names.index(n)]) for n in numeric})
+    cols.update({n: pa.array(ulists[n], pa.list_(pa.string())) for n in list_names})
+    pq.write_table(pa.table(cols), work / "users.parquet")
+    np.save(work / "request_items.npy", req_items)
+    np.save(work / "request_users.npy", req_users)
+    (work / "config.json").write_text(json.dumps({
+        "items": ITEM_NAMES, "user_numeric": numeric, "user_lists": list_names,
+        "warmup": warmup}))
+    print(f"feast input: {len(items):,} items, {len(users):,} users exported in "
+          f"{time.perf_counter() - t:.1f}s", flush=True)
+    env = {**os.environ, "FEAST_USAGE": "False", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    subprocess.run([feast_py, str(REPO / "bench" / "feast_online_peer.py"), str(work)],
+                   check=True, env=env)
+    return {
+        "timings": np.load(work / "timings.npy"),
+        "items": np.load(work / "item_values.npy"),
+        "user_values": np.load(work / "user_values.npy"),
+        "user_lists": json.loads((work / "user_lists.json").read_text()),
+        "numeric": numeric, "list_names": list_names,
+        **json.loads((work / "info.json").read_text()),
+    }
 
 
 def main() -> None:
@@ -145,64 +254,142 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--views", type=int, default=1_000_000)
     ap.add_argument("--naive-requests", type=int, default=30)
+    ap.add_argument("--feast-python", default=None,
+                    help="interpreter with Feast installed (default: see the docstring)")
+    ap.add_argument("--skip-feast", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.items, args.views, args.requests, args.naive_requests = 20_000, 150_000, 200, 10
+    feast_py = None if args.skip_feast else find_feast_python(args.feast_python)
+    if not args.skip_feast and feast_py is None:
+        ap.error("no interpreter with Feast: pass --feast-python or --skip-feast")
 
     from features.client import FeatureClient
     from features.store import open_store
+    from serving.catalog import ItemCatalog
+    from serving.snapshots import SnapshotKeeper
     from tessera.logs import configure_logging
 
     configure_logging(level="WARNING")
+    warmup, per_request = 20, 2_000
+    load0 = os.getloadavg()[0]  # other work on the machine shows in the p99s
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         url, fs = build_store(tmp, args.items, args.views)
+        rss_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         store = open_store(url, readonly=True)
         client = FeatureClient(store, fs)
         items = list(store.list_entity_ids("item", "views"))
         users = list(store.list_entity_ids("user", "views"))
-        user_names = [n for n in client.names_for("user")]
+        user_names = list(client.names_for("user"))
         print(f"store: {len(items):,} items with blocks, {len(users):,} users")
         rng = np.random.default_rng(5)
+        # the requests every engine reads: warm-up ones first, then the timed ones
+        req_items = rng.choice(np.asarray(items), (warmup + args.requests, per_request))
+        req_users = np.asarray(users)[rng.integers(len(users), size=warmup + args.requests)]
+        req_ids = [row.tolist() for row in req_items]  # a request's ids: a list of str
+        timed = range(warmup, warmup + args.requests)
 
-        def request(ids, user):
-            u = client.get_features("user", [user], user_names)
-            r = client.get_features("item", ids, ITEM_NAMES)
-            return u, r
-
-        # warm up (imports, page cache)
-        for _ in range(20):
-            request(list(rng.choice(items, 2_000)), users[rng.integers(len(users))])
-        samples, sources = [], {"preassembled": 0, "blocks": 0}
-        for _ in range(args.requests):
-            ids = list(rng.choice(items, 2_000))
-            user = users[rng.integers(len(users))]
+        # --- Tessera, store path
+        store_vals = np.zeros((args.requests, per_request, len(ITEM_NAMES)), dtype=np.float32)
+        user_vals = np.zeros((args.requests, len(user_names)), dtype=np.float32)
+        user_lists: list[dict] = []
+        samples, item_samples, marks = [], [], set()
+        sources = {"preassembled": 0, "blocks": 0}
+        for k in range(warmup + args.requests):
+            user = str(req_users[k])
             t = time.perf_counter()
-            _, r = request(ids, user)
-            samples.append(time.perf_counter() - t)
-            for k in sources:
-                sources[k] += r.sources[k]
+            u = client.get_features("user", [user], user_names)
+            t1 = time.perf_counter()
+            r = client.get_features("item", req_ids[k], ITEM_NAMES)
+            t2 = time.perf_counter()
+            if k < warmup:
+                continue
+            samples.append(t2 - t)
+            item_samples.append(t2 - t1)
+            j = k - warmup
+            store_vals[j], user_vals[j] = r.values, u.values[0]
+            user_lists.append({n: v[0] for n, v in u.lists.items()})
+            marks.add(r.watermark)
+            for s in sources:
+                sources[s] += r.sources[s]
         p50, p99 = percentiles(samples)
+        i50, i99 = percentiles(item_samples)
+        if len(marks) != 1:
+            raise SystemExit(f"the item watermark moved during the run: {sorted(marks)}")
+        item_wm = marks.pop()
+
+        # --- Tessera, snapshot path (serving's in-memory item snapshot)
+        catalog = ItemCatalog()
+        for i in items:
+            catalog.upsert(i, "", "", 0)
+        names = tuple(ITEM_NAMES)
+        keeper = SnapshotKeeper(client, catalog, lambda: (names, ()))
+        t = time.perf_counter()
+        snap = keeper.refresh()
+        build_s = time.perf_counter() - t
+        if snap is None or snap.features.end != item_wm:
+            raise SystemExit(f"snapshot end {snap and snap.features.end} != the store path's "
+                             f"watermark {item_wm}")
+        end = snap.features.end
+        print(f"snapshot: {len(snap.features.ids):,} items x {len(names)} at {end} built in "
+              f"{build_s:.1f}s ({snap.features.nbytes / 2**20:.1f} MB)")
+        snap_samples = []
+        for k in range(warmup + args.requests):
+            ids = req_ids[k]
+            t = time.perf_counter()
+            hit = keeper.matching(end, names)
+            rows = keeper.rows(hit, ids)
+            absent = np.flatnonzero(rows < 0)
+            cols = hit.features.columns(rows) if not len(absent) else None
+            dt = time.perf_counter() - t
+            if cols is None:
+                raise SystemExit(f"{len(absent)} request items are not in the snapshot")
+            if k < warmup:
+                continue
+            snap_samples.append(dt)
+            got = np.column_stack([cols[n] for n in ITEM_NAMES])
+            if not np.array_equal(got, store_vals[k - warmup]):
+                raise SystemExit(f"request {k - warmup}: snapshot and store values differ")
+        s50, s99 = percentiles(snap_samples)
 
         # same reads assembled from blocks (no pre-assembled values), for context
         blk = []
-        for _ in range(max(20, args.requests // 10)):
-            ids = list(rng.choice(items, 2_000))
+        for k in list(timed)[:max(20, args.requests // 10)]:
             t = time.perf_counter()
-            client.get_features("item", ids, ITEM_NAMES, use_preassembled=False)
+            client.get_features("item", req_ids[k], ITEM_NAMES, use_preassembled=False)
             blk.append(time.perf_counter() - t)
         b50, b99 = percentiles(blk)
 
-        # naive baseline on a sample of the same items
-        sample_items = list(dict.fromkeys(rng.choice(items, 2_000 * args.naive_requests)))
-        user = users[0]
-        env = build_naive(tmp, url, fs, sample_items, user)
+        # --- Feast
+        feast = None
+        if feast_py is not None:
+            feast = run_feast(feast_py, tmp / "feast", client, items, users, user_names,
+                              item_wm, req_items, req_users, warmup)
+            bad = np.flatnonzero(~np.all(feast["items"] == store_vals, axis=(1, 2)))
+            if len(bad):
+                raise SystemExit(f"Feast item values differ from Tessera's on {len(bad)} "
+                                 f"requests (first: {bad[0]})")
+            ucols = [user_names.index(n) for n in feast["numeric"]]
+            if not np.array_equal(feast["user_values"], user_vals[:, ucols]):
+                raise SystemExit("Feast user values differ from Tessera's")
+            for j, lists in enumerate(feast["user_lists"]):
+                if lists != [list(user_lists[j][n]) for n in feast["list_names"]]:
+                    raise SystemExit(f"request {j}: Feast user lists differ from Tessera's")
+            f50, f99 = percentiles(feast["timings"].sum(axis=1))
+            fi50, fi99 = percentiles(feast["timings"][:, 1])
+
+        # --- naive baseline on the first requests
+        nk = list(timed)[:args.naive_requests]
+        env = build_naive(tmp, url, fs, list(dict.fromkeys(x for k in nk for x in req_ids[k])),
+                          list(dict.fromkeys(str(req_users[k]) for k in nk)))
         naive = []
-        for k in range(args.naive_requests):
-            ids = sample_items[k * 1_500:(k * 1_500) + 2_000] or sample_items[:2_000]
+        for k in nk:
+            ids = req_ids[k]
             end = client.get_features("item", ids[:1], ITEM_NAMES[:1]).watermark
             t = time.perf_counter()
-            naive_read(env, fs, "user", [user], ["user_views_1d", "user_clicks_7d"], end)
+            naive_read(env, fs, "user", [str(req_users[k])], ["user_views_1d", "user_clicks_7d"],
+                       end)
             got = naive_read(env, fs, "item", ids, ITEM_NAMES, end)
             naive.append(time.perf_counter() - t)
             ref = client.get_features("item", ids, ITEM_NAMES, use_preassembled=False,
@@ -210,17 +397,41 @@ def main() -> None:
             if not np.allclose(got, ref.values, rtol=1e-5):
                 raise SystemExit("naive and Tessera values differ")
         n50, n99 = percentiles(naive)
+        env.close()
         store.close()
 
-    print(f"\n{'path':<52} {'p50 ms':>8} {'p99 ms':>8}")
-    print(f"{'tessera: 1 user + 2,000 items x 10 (pre-assembled)':<52} {p50:>8.2f} {p99:>8.2f}")
-    print(f"{'tessera: 2,000 items x 10 assembled from blocks':<52} {b50:>8.2f} {b99:>8.2f}")
-    print(f"{'naive: per-entity JSON blocks, Python assembly':<52} {n50:>8.2f} {n99:>8.2f}")
-    print(f"requests: {args.requests} (naive {args.naive_requests}); item rows from "
-          f"pre-assembled {sources['preassembled']:,}, from blocks {sources['blocks']:,}; "
-          "naive values checked equal to Tessera's")
-    print(f"\nRESULT online p50_ms={p50:.2f} p99_ms={p99:.2f} naive_p99_ms={n99:.2f} "
-          f"ratio={n99 / p99:.1f} blocks_p99_ms={b99:.2f} items={args.items}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\n{'path':<56} {'p50 ms':>8} {'p99 ms':>8}")
+    rows_out = [
+        ("tessera store: 1 user + 2,000 items x 10 (pre-assembled)", p50, p99),
+        ("tessera store: the 2,000 items x 10 alone", i50, i99),
+        ("tessera snapshot: 2,000 items x 10 (id->row + gather)", s50, s99),
+        ("tessera store: 2,000 items x 10 assembled from blocks", b50, b99),
+    ]
+    if feast is not None:
+        rows_out += [("feast sqlite: 1 user + 2,000 items x 10", f50, f99),
+                     ("feast sqlite: the 2,000 items x 10 alone", fi50, fi99)]
+    rows_out.append(("naive: per-entity JSON blocks, Python assembly", n50, n99))
+    for label, a, b in rows_out:
+        print(f"{label:<56} {a:>8.2f} {b:>8.2f}")
+    print(f"requests: {args.requests} (+{warmup} warm-up; naive {args.naive_requests}), the "
+          f"same ids for every engine; item rows from pre-assembled "
+          f"{sources['preassembled']:,}, from blocks {sources['blocks']:,}; snapshot"
+          + (", Feast" if feast is not None else "") + " and naive values checked equal "
+          "to Tessera's on every request")
+    if feast is not None:
+        print(f"feast {feast['version']}: get_online_features(...).to_dict(), SQLite online "
+              f"store written in {feast['write_s']:.1f}s; peak RSS {feast['peak_rss_mb']:.0f} MB")
+    print(f"peak RSS (this process): {rss:.0f} MB ({rss_build:.0f} MB after the build, "
+          "which generates the world and runs the blocks flow in this process); load average "
+          f"at the start {load0:.2f}, at the end {os.getloadavg()[0]:.2f} (1 min; "
+          f"{os.cpu_count()} CPUs)")
+    fp99 = f"{f99:.2f}" if feast is not None else "nan"
+    fratio = f"{f99 / p99:.1f}" if feast is not None else "nan"
+    print(f"\nRESULT online p50_ms={p50:.2f} p99_ms={p99:.2f} snapshot_p99_ms={s99:.3f} "
+          f"feast_p99_ms={fp99} ratio_vs_feast={fratio} naive_p99_ms={n99:.2f} "
+          f"ratio={n99 / p99:.1f} items_p99_ms={i99:.2f} blocks_p99_ms={b99:.2f} "
+          f"items={args.items} peak_rss_mb={rss:.0f}")
 
 
 if __name__ == "__main__":
