@@ -98,6 +98,9 @@ def family_bin(family: str) -> str:
 # every key that once began with one was the same empty key. Internal records and the
 # users' meta keys get prefixes that keep them apart.
 _INTERNAL = "tessera:"
+# Entity records store their user key (the entity id): a scan (``list_entity_ids``, the
+# pre-assembly's entity list) returns only the digest of records written without it.
+_SEND_KEY = {"key": aerospike.POLICY_KEY_SEND} if aerospike is not None else {}
 _BIN_NAMES_KEY = f"{_INTERNAL}bins"
 _META_PREFIX = "meta:"
 
@@ -394,7 +397,7 @@ class AerospikeStore(OnlineStore):
                         bin_name, encode_block_key(feature_key, size, -(2**62)),
                         encode_block_key(feature_key, size, ts - size + 1), aerospike.MAP_RETURN_NONE))
             writes.append(Write(self._key(entity_type, check_part("entity_id", e)), ops,
-                                meta=self._meta_write()))
+                                meta=self._meta_write(), policy=_SEND_KEY))
         self._batch_write("put_blocks", writes)
 
     def get_block_tables(
@@ -487,6 +490,7 @@ class AerospikeStore(OnlineStore):
                     ),
                 ],
                 meta=self._meta_write(),
+                policy=_SEND_KEY,
             )
             for e, items in sequence_items(rows).items()
         ]
@@ -519,6 +523,7 @@ class AerospikeStore(OnlineStore):
                 self._key(entity_type, check_part("entity_id", e)),
                 [operations.write(bin_name, encode_value(v, wm, cid, len(cols)))],
                 meta=self._meta_write(),
+                policy=_SEND_KEY,
             )
             for e, v, wm in rows
         ]
