@@ -36,7 +36,7 @@ from features.expressions import CompiledExpr, parse_derived
 from features.pointintime import _finalize_fixed
 from features.spec import DerivedFeatureSpec, FeatureSet, FeatureSpec
 from features.store.base import NO_WATERMARK, OnlineStore
-from features.tiling import cover_window, window_bounds
+from features.tiling import READ_LAG_MS, cover_window, window_bounds
 from features.timeutil import align_down
 
 PREASSEMBLED_TABLE = "hot"
@@ -277,11 +277,12 @@ class FeatureClient:
                     "end from snapshot_end over every read of the request")
         else:
             end = align_down(min(wm, at), finest) if wm != NO_WATERMARK else NO_WATERMARK
-        if end != NO_WATERMARK and end < wm - finest:
+        if end != NO_WATERMARK and end < wm - finest - READ_LAG_MS:
             raise HistoricalReadError(
-                f"at={at} is {wm - end} ms before the store's watermark {wm}: the online store "
-                "keeps only the blocks that reads at its watermark need (per-size retention); "
-                "compute past values offline (the backfill) instead"
+                f"a read ending at {end} is {wm - end} ms before the {entity_type} features' "
+                f"watermark {wm}: the online store keeps the blocks of reads ending up to "
+                f"{finest + READ_LAG_MS} ms before it (per-size retention); compute past "
+                "values offline (the backfill) instead"
             )
 
         uniq = list(dict.fromkeys(ids))

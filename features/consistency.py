@@ -11,10 +11,14 @@ Each mismatch is attributed to one cause, checked in this order:
 
 ``late_data``
     A late event (from the ``late_events`` table) of the row's entity, of the feature's
-    source topic and passing its filter, falls in the row's window: the online read could
-    not have seen it, the batch-corrected offline blocks do. For counts and sums this is
-    checked exactly: the logged value must equal the offline value less the late events'
-    contribution (their number, or the sum of their values), else the row is ``other``.
+    source topic and passing its filter, falls in the row's window: the online read may
+    not have seen it, the batch-corrected offline blocks do. A batch run before the request
+    may already have corrected some of them into the online blocks (``tessera batch blocks``
+    writes online too), so for counts and sums the logged value must be the offline value
+    less the contribution of some of those late events: for a count, an integer between the
+    offline value less their number and the offline value; for a sum, between the offline
+    value less their positive values and less their negative ones. Else the row is
+    ``other``.
     For the other aggregations and for derived features (a late event in the window of any
     input) the late event is taken as the cause.
 ``missing_blocks``
@@ -44,6 +48,7 @@ import pyarrow as pa
 from features.backfill import backfill_columns
 from features.errors import TesseraError
 from features.expressions import parse_derived, parse_filter
+from features.fingerprint import fingerprint_name, list_fingerprint
 from features.pointintime import point_in_time, query_ends
 from features.spec import DerivedFeatureSpec, FeatureSet, FeatureSpec
 from features.tiling import tail_hop
@@ -282,6 +287,11 @@ def _canonical(row: dict[str, float], entity_type_of: Mapping[str, str]) -> dict
     return out
 
 
+def _list_windows(by_window: Mapping[str, tuple[FeatureSpec, int]]) -> set[str]:
+    """Names of the ``last_n`` window values: logged only by fingerprint, never as numbers."""
+    return {k for k, (f, _) in by_window.items() if f.aggregation == "last_n"}
+
+
 def _late_records(late_events: pa.Table | None) -> dict[str, list[Mapping[str, Any]]]:
     """Decode the late events into records per topic.
 
@@ -370,17 +380,31 @@ def _block_index(blocks: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def _late_in(index: dict[str, _LateEvents], ids: Sequence[str], lo: np.ndarray,
-             hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: how many late events of ``index[id]`` fall in ``[lo, hi)``, and their sum."""
+             hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: how many late events of ``index[id]`` fall in ``[lo, hi)``, and the sums of
+    their positive and of their negative values."""
     count = np.zeros(len(ids), dtype=np.int64)
-    total = np.zeros(len(ids), dtype=np.float64)
+    positive = np.zeros(len(ids), dtype=np.float64)
+    negative = np.zeros(len(ids), dtype=np.float64)
     for i, e in enumerate(ids):
         late = index.get(e)
         if late is not None and len(late.ts):
             a, b = np.searchsorted(late.ts, [lo[i], hi[i]], side="left").tolist()
             count[i] = b - a
-            total[i] = late.values[a:b].sum()
-    return count, total
+            vals = np.nan_to_num(late.values[a:b])
+            positive[i] = vals[vals > 0].sum()
+            negative[i] = vals[vals < 0].sum()
+    return count, positive, negative
+
+
+def _within(got: np.ndarray, lo: np.ndarray, hi: np.ndarray, *, integral: bool) -> np.ndarray:
+    """Where ``lo <= got <= hi`` up to float32 logging (and ``got`` whole, for counts)."""
+    tol = REL_TOLERANCE * np.maximum(1.0, np.abs(hi))
+    with np.errstate(invalid="ignore"):
+        ok = (got >= lo - tol) & (got <= hi + tol)
+        if integral:
+            ok &= np.abs(got - np.round(got)) <= tol
+    return ok
 
 
 def _has_blocks(index: dict[str, tuple[np.ndarray, np.ndarray]], ids: Sequence[str],
@@ -419,14 +443,14 @@ def _no_data_value(spec: FeatureSpec, window: int) -> float:
 class _Signals:
     """Per row of the sample, for one feature: late event in the window, blocks, no-data value.
 
-    ``without_late``: for counts and sums, the offline value less the late events' part
-    (what the online read could see); None where that cannot be computed exactly.
+    ``late_range``: for counts and sums, the ``(lowest, highest)`` value an online read
+    missing some of the window's late events could have given; None for the others.
     """
 
     late: np.ndarray
     blocks: np.ndarray
     no_data: float
-    without_late: np.ndarray | None = None
+    late_range: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def consistency_report(
@@ -490,11 +514,17 @@ def consistency_report(
     logged = logged_features(table.column(features_column))
     by_window = {f.window_name(w): (f, w) for f in features.features for w in f.windows}
     by_derived = {d.name: d for d in features.derived}
+    # list values are logged by fingerprint (features.fingerprint): "<name>#fp"
+    by_list = {fingerprint_name(k): k for k, (f, _) in by_window.items()
+               if f.aggregation == "last_n"}
     entity_type_of = {**{k: f.entity_type for k, (f, _) in by_window.items()},
-                      **{k: d.entity_type for k, d in by_derived.items()}}
+                      **{k: d.entity_type for k, d in by_derived.items()},
+                      **{k: by_window[v][0].entity_type for k, v in by_list.items()}}
     logged = [_canonical(row, entity_type_of) for row in logged]
-    names = sorted({k for row in logged for k in row if k in entity_type_of})
-    needed_entities = {by_window[k][0].entity for k in names if k in by_window}
+    names = sorted({k for row in logged for k in row if k in entity_type_of
+                    and (k in by_list or k not in _list_windows(by_window))})
+    needed_entities = {by_window[by_list.get(k, k)][0].entity for k in names
+                       if by_list.get(k, k) in by_window}
     for k in names:
         if k in by_derived:
             needed_entities |= {by_window[i][0].entity for i in by_derived[k].inputs}
@@ -515,7 +545,12 @@ def consistency_report(
             scanned[key] = blocks
         return blocks
 
-    offline = backfill_columns(table, features, names, capture)
+    offline = backfill_columns(table, features,
+                               list(dict.fromkeys(by_list.get(k, k) for k in names)), capture)
+    for fp_name, name in by_list.items():
+        if fp_name in names:  # the backfill gives lists as JSON text
+            offline[fp_name] = np.array([list_fingerprint(json.loads(v)) for v in offline[name]],
+                                        dtype=np.float64)
     wm = table.column("feature_watermark").to_numpy()
     ids = (table.column("impression_id").to_pylist() if "impression_id" in table.column_names
            else [str(i) for i in range(n)])
@@ -527,7 +562,7 @@ def consistency_report(
     def window_signals(name: str) -> _Signals:
         if name in signals:
             return signals[name]
-        spec, w = by_window[name]
+        spec, w = by_window[by_list.get(name, name)]
         if spec.key not in late_by_spec:
             late_by_spec[spec.key] = _late_index(spec, late_records.get(spec.source, ()))
             blocks_by_spec[spec.key] = _block_index(scanned.get(spec.key))
@@ -536,11 +571,17 @@ def consistency_report(
         lo = ends - w
         lo = lo - lo % hop
         ents = [None if e is None else str(e) for e in table.column(spec.entity).to_pylist()]
-        count, total = _late_in(late_by_spec[spec.key], ents, lo, ends)
-        want = np.asarray(offline[name], dtype=np.float64)
-        without = {"count": want - count, "sum": want - total}.get(spec.aggregation)
+        count, positive, negative = _late_in(late_by_spec[spec.key], ents, lo, ends)
+        late_range = None
+        if spec.aggregation in ("count", "sum"):
+            want = np.asarray(offline[name], dtype=np.float64)
+            if spec.aggregation == "count":
+                late_range = (want - count, want)
+            else:
+                late_range = (want - positive, want - negative)
+        no_data = list_fingerprint([]) if name in by_list else _no_data_value(spec, w)
         sig = _Signals(count > 0, _has_blocks(blocks_by_spec[spec.key], ents, lo, ends),
-                       _no_data_value(spec, w), without)
+                       no_data, late_range)
         signals[name] = sig
         return sig
 
@@ -556,14 +597,16 @@ def consistency_report(
 
     results = []
     for name in names:
-        sig = window_signals(name) if name in by_window else derived_signals(by_derived[name])
+        sig = (window_signals(name) if name in by_window or name in by_list
+               else derived_signals(by_derived[name]))
         present = np.array([name in row for row in logged], dtype=bool)
         got = np.array([row.get(name, np.nan) for row in logged], dtype=np.float64)
         want = np.asarray(offline[name], dtype=np.float64)
         match = values_match(want, got)
         logged_no_data = values_match(np.full(n, sig.no_data), got)
-        late = sig.late if sig.without_late is None else \
-            sig.late & values_match(sig.without_late, got)
+        late = sig.late if sig.late_range is None else \
+            sig.late & _within(got, *sig.late_range, integral=name in by_window
+                               and by_window[name][0].aggregation == "count")
         cause = np.where(late, 0, np.where(sig.blocks == logged_no_data, 1, 2))
         bad = present & ~match
         counts = {c: int(np.sum(bad & (cause == k))) for k, c in enumerate(CAUSES)}

@@ -155,12 +155,21 @@ def window_bounds(t: int, window: int, watermark: int, sizes: Sequence[int] | in
     return WindowBounds(start=start, end=end)
 
 
+READ_LAG_MS = 15 * 60_000
+"""How far behind a family's watermark a read may end and still find every block it needs.
+
+One request reads every family at one end, the lowest of their watermarks; a family ahead
+of the others by up to this much (a quiet topic, a trailing snapshot) still serves that end.
+"""
+
+
 def retention(windows: Sequence[int], sizes: Sequence[int]) -> dict[int, int]:
     """How long blocks of each size must be kept so every window can be read: ``{size: ms}``.
 
     A block of size ``s`` is needed at the recent edge of any window (up to the next larger
-    size back from now) and at the old edge of windows whose tail hop is at most ``s``.
-    A block whose end is older than ``now - retention[size]`` is never read again.
+    size back from now) and at the old edge of windows whose tail hop is at most ``s``, by
+    reads ending up to one block plus ``READ_LAG_MS`` before the watermark. A block whose
+    end is older than ``now - retention[size]`` is never read again.
     """
     sizes = validate_block_sizes(sizes)
     out = {}
@@ -170,7 +179,7 @@ def retention(windows: Sequence[int], sizes: Sequence[int]) -> dict[int, int]:
             hop = tail_hop(w, sizes)
             if hop <= size:
                 need = max(need, w + hop)
-        out[size] = need + size
+        out[size] = need + size + READ_LAG_MS
     return out
 
 

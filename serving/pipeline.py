@@ -20,6 +20,7 @@ from cachetools import TTLCache
 
 from features.client import FeatureClient, FeatureVectors, HistoricalReadError
 from features.errors import TesseraError
+from features.fingerprint import fingerprint_name, list_fingerprint
 from serving.catalog import ItemCatalog
 from serving.config import ServingConfig
 from serving.forward_log import ImpressionLogger
@@ -138,23 +139,27 @@ class FeedPipeline:
         return result
 
     # ------------------------------------------------------------------ request
-    def _read(self, entity_type: str, ids: list[str], names: Any, end: int) -> FeatureVectors:
+    def _read(self, entity_type: str, ids: list[str], names: Any, end: int,
+              splits: set[str]) -> FeatureVectors:
         """Read at the request's snapshot end; a family too far ahead of it reads at its own.
 
-        A family more than a block ahead of the others (one topic's partitions idle, say)
-        may have dropped blocks the common end needs, so the client refuses that read; the
-        request is then served with that family at its own end (counted and logged), not
-        failed.
+        A family more than ``READ_LAG_MS`` ahead of the others (one topic idle for long,
+        say) may have dropped blocks the common end needs, so the client refuses that read;
+        the request is then served with that family at its own end (counted and logged), not
+        failed, and ``entity_type`` joins ``splits``: its values are not logged with the
+        request's end, which they do not belong to.
         """
         try:
             return self.client.get_features(entity_type, ids, list(names), end=end)
         except HistoricalReadError as exc:
             self.metrics.degraded.labels(reason="snapshot_split").inc()
             log.warning("snapshot_split", entity_type=entity_type, end=end, error=str(exc)[:200])
+            splits.add(entity_type)
             return self.client.get_features(entity_type, ids, list(names))
 
     def _hydrate_items(self, ids: list[str], item_names: tuple[str, ...],
-                       author_names: tuple[str, ...], end: int) -> dict[str, np.ndarray]:
+                       author_names: tuple[str, ...], end: int,
+                       splits: set[str] | None = None) -> dict[str, np.ndarray]:
         """Item and author feature columns of ``ids`` at ``end`` (one per name).
 
         From the process's feature snapshot when it is at ``end`` (a gather; the ids it
@@ -165,7 +170,7 @@ class FeedPipeline:
         if snap is None:
             if self.snapshots is not None:
                 self.metrics.cache.labels(cache="snapshot", result="miss").inc()
-            return self._read_items(ids, item_names, author_names, end)
+            return self._read_items(ids, item_names, author_names, end, splits)
         self.metrics.cache.labels(cache="snapshot", result="hit").inc()
         rows = self.snapshots.rows(snap, ids)
         feats = snap.features
@@ -175,7 +180,7 @@ class FeedPipeline:
         else:  # items newer than the snapshot, or re-authored: the store, at the same end
             values = feats.values[np.where(rows < 0, 0, rows)]
             rest = self._read_items([ids[i] for i in absent.tolist()], item_names,
-                                    author_names, end)
+                                    author_names, end, splits)
             for j, n in enumerate(feats.names):
                 values[absent, j] = rest[n]
             cols = {n: values[:, j] for j, n in enumerate(feats.names)}
@@ -183,11 +188,13 @@ class FeedPipeline:
         return cols
 
     def _read_items(self, ids: list[str], item_names: tuple[str, ...],
-                    author_names: tuple[str, ...], end: int) -> dict[str, np.ndarray]:
-        items_fv = self._read("item", ids, item_names, end)
+                    author_names: tuple[str, ...], end: int,
+                    splits: set[str] | None = None) -> dict[str, np.ndarray]:
+        splits = set() if splits is None else splits
+        items_fv = self._read("item", ids, item_names, end, splits)
         item_cols = {n: items_fv.values[:, j] for j, n in enumerate(items_fv.names)}
         if author_names and ids:  # each author read once, broadcast to its items
-            afv = self._read("author", self.catalog.authors(ids), author_names, end)
+            afv = self._read("author", self.catalog.authors(ids), author_names, end, splits)
             item_cols.update({n: afv.values[:, j] for j, n in enumerate(afv.names)})
         self.metrics.feature_lag.set(max(0, items_fv.lag_ms) / 1000)
         return item_cols
@@ -212,6 +219,7 @@ class FeedPipeline:
         author_names = models.author_feature_names()
         user_row: dict[str, Any] = {}
         watermark = 0
+        splits: set[str] = set()  # families read at their own end, not the request's
         with self._stage("hydrate_user", timings):
             try:
                 # One window end for every read of this request (user, item and author
@@ -220,7 +228,7 @@ class FeedPipeline:
                 watermark = self.client.snapshot_end(
                     [("user", user_names), ("item", item_names), ("author", author_names)])
                 if user_names:
-                    ufv = self._read("user", [req.user_id], user_names, watermark)
+                    ufv = self._read("user", [req.user_id], user_names, watermark, splits)
                     user_row = ufv.row(0)
             except TesseraError as exc:
                 degraded.append("store_unavailable")
@@ -237,7 +245,8 @@ class FeedPipeline:
             try:
                 if "store_unavailable" in degraded:
                     raise TesseraError("the store failed for the user read")
-                item_cols = self._hydrate_items(ids, item_names, author_names, watermark)
+                item_cols = self._hydrate_items(ids, item_names, author_names, watermark,
+                                                splits)
             except TesseraError as exc:
                 if "store_unavailable" not in degraded:
                     degraded.append("store_unavailable")
@@ -285,6 +294,17 @@ class FeedPipeline:
         now = int(time.time() * 1000)
         items, impressions = [], []
         feat_names = list(item_cols)
+        # what is logged is what belongs to the logged end: not a split family's values
+        unlogged = (set(item_names) if "item" in splits else set()) | \
+            (set(author_names) if "author" in splits else set())
+        logged_names = [n for n in feat_names if n not in unlogged]
+        # the user's values, once per request: numbers as they are, lists by fingerprint
+        user_logged = {} if "user" in splits else {
+            f"user:{k}": float(v) for k, v in user_row.items() if isinstance(v, float) and v == v}
+        if "user" not in splits:
+            user_logged.update({f"user:{fingerprint_name(k)}": list_fingerprint(v)
+                                for k, v in user_row.items()
+                                if v is None or isinstance(v, list)})
         for pos, idx in enumerate(page):
             item_id = ids[idx]
             author, topic, _ = self.catalog.meta(item_id) or ("", "", 0)
@@ -292,9 +312,9 @@ class FeedPipeline:
             score = float(l2_of[idx])
             items.append({"item_id": item_id, "author_id": author, "score": score,
                           "source": sources[idx], "position": pos, "impression_id": imp_id})
-            feats = {n: float(item_cols[n][idx]) for n in feat_names if item_cols[n][idx] == item_cols[n][idx]}
-            feats.update({f"user:{k}": float(v) for k, v in user_row.items()
-                          if isinstance(v, float) and v == v})
+            feats = {n: float(item_cols[n][idx]) for n in logged_names
+                     if item_cols[n][idx] == item_cols[n][idx]}
+            feats.update(user_logged)
             impressions.append({
                 "impression_id": imp_id, "event_id": imp_id, "event_ts": now,
                 "request_id": request_id, "user_id": req.user_id, "item_id": item_id,

@@ -151,7 +151,9 @@ def test_up_retrains_serves_and_down_stops_everything(tmp_path):
         assert data["rows"] > 10 * data["sampled"] > 0, data
         assert data["unexplained"] == 0, bad
         names = {f["name"] for f in data["features"]}
-        assert {"user_views_1d", "item_views_1d", "author_views_7d"} <= names, names
+        # the rankers' topic lists too, logged by fingerprint (features.fingerprint)
+        assert {"user_views_1d", "item_views_1d", "author_views_7d", "user_recent_topics_7d#fp",
+                "user_long_view_topics_7d#fp", "user_engaged_topics_7d#fp"} <= names, names
         # the platform's own periodic check (the dashboard's panel) compared real values
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:

@@ -120,8 +120,8 @@ def test_flush_leaves_out_exactly_the_blocks_past_retention():
     config = BlockShardConfig(topic="views", entity_field="item_id", features=feats)
     plain, pruned = config.build(), config.build()
     records = _views(4, 3000)
-    for r in records:  # stretch the six hours to three days: past the 1d windows' edge
-        r["event_ts"] = T0 + (r["event_ts"] - T0) * 12
+    for r in records:  # stretch the six hours to six days: past the 1d windows' edge
+        r["event_ts"] = T0 + (r["event_ts"] - T0) * 24
     prev_max, dropped, sent = -(2**62), 0, set()
     for i in range(0, len(records), 250):
         cols = records_to_columns("views", records[i:i + 250])

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from features.errors import TilingError
 from features.tiling import (
+    READ_LAG_MS,
     cover_window,
     retention,
     tail_hop,
@@ -109,14 +110,17 @@ def test_long_windows_step_their_oldest_edge_by_the_tail_hop():
 def test_retention_keeps_what_any_window_reads():
     windows = (HOUR, 6 * HOUR, DAY, 7 * DAY, 30 * DAY)
     keep = retention(windows, SIZES)
-    assert keep == {5 * MINUTE: 6 * HOUR + 10 * MINUTE, HOUR: 7 * DAY + 2 * HOUR,
-                    DAY: 32 * DAY}
-    # every block any window's cover uses at t is younger than its size's retention
-    t = parse_timestamp("2025-11-29T16:12:30Z")
-    for w in windows:
-        wb = window_bounds(t, w, t, SIZES)
-        for start, size in cover_window(wb.start, wb.end, SIZES).blocks():
-            assert start + size > t - keep[size]
+    assert keep == {5 * MINUTE: 6 * HOUR + 10 * MINUTE + READ_LAG_MS,
+                    HOUR: 7 * DAY + 2 * HOUR + READ_LAG_MS, DAY: 32 * DAY + READ_LAG_MS}
+    # every block that any window's cover uses, for a read ending up to one block plus
+    # READ_LAG_MS before the watermark wm, is younger than its size's retention at wm
+    wm = parse_timestamp("2025-11-29T16:12:30Z")
+    for lag in range(0, READ_LAG_MS + 5 * MINUTE + 1, MINUTE):
+        t = wm - lag
+        for w in windows:
+            wb = window_bounds(t, w, t, SIZES)
+            for start, size in cover_window(wb.start, wb.end, SIZES).blocks():
+                assert start + size > wm - keep[size], (lag, w, size)
 
 
 def test_bad_sizes_and_bounds_are_clear_errors():

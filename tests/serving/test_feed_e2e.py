@@ -175,3 +175,48 @@ def test_hydration_gathers_from_the_snapshot_what_the_store_read_returns(stack):
     assert r.status_code == 200, r.text
     if r.json()["feature_watermark"] == snap.end:  # unless the end moved meanwhile
         assert st.metrics.cache.labels(cache="snapshot", result="hit")._value.get() == hits + 2
+
+
+def test_a_family_read_at_its_own_end_is_not_logged_as_the_requests(stack):
+    """A family the client refuses at the request's end (more than READ_LAG_MS ahead of the
+    others) is served at its own end, counted, and left out of the logged features: they
+    do not belong to the logged end, so the backfill could never reproduce them."""
+    from features.client import HistoricalReadError
+    from serving.pipeline import FeedPipeline
+    from serving.requests import FeedRequest
+
+    st = stack.server.config.app.state.serving
+
+    class ItemsAhead:  # the real client, but item reads at a given end are refused
+        def __init__(self, client):
+            self.client = client
+
+        def get_features(self, entity_type, ids, names, **kw):
+            if entity_type == "item" and kw.get("end") is not None:
+                raise HistoricalReadError("item features far ahead of the request's end")
+            return self.client.get_features(entity_type, ids, names, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.client, name)
+
+    class Captured:
+        def __init__(self):
+            self.impressions = []
+
+        def log(self, impressions):
+            self.impressions += impressions
+
+    def serve(client):
+        logger = Captured()
+        pipe = FeedPipeline(st.pipeline.config, client, st.catalog, logger, st.metrics)
+        pipe.models = st.pipeline.models
+        result = pipe.feed(FeedRequest("u1", "EXPLORE", 10))
+        assert len(result.items) == 10 and not result.degraded
+        return logger.impressions
+
+    splits = st.metrics.degraded.labels(reason="snapshot_split")._value.get()
+    normal = serve(st.client)
+    assert all("item_views_1d" in i["features"] for i in normal)
+    split = serve(ItemsAhead(st.client))
+    assert st.metrics.degraded.labels(reason="snapshot_split")._value.get() == splits + 1
+    assert split and not any("item_views_1d" in i["features"] for i in split)
