@@ -38,7 +38,6 @@ import gc
 import os
 import sys
 import tempfile
-import textwrap
 import time
 import warnings
 from dataclasses import dataclass
@@ -256,23 +255,13 @@ def feast_precompute(h: History, spec: FeatureSpec, step: int, t_lo: int, t_hi: 
 
 def feast_repo(root: Path, paths: dict[str, Path], step: int):
     """A Feast repo with the DuckDB offline store and one feature view per feature."""
-    from feast import Entity, FeatureStore, FeatureView, Field, FileSource
+    from feast import Entity, FeatureView, Field, FileSource
     from feast.types import Int64
     from feast.value_type import ValueType
 
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    (root / "feature_store.yaml").write_text(textwrap.dedent(f"""\
-        project: tessera_bench
-        registry: {root / 'data' / 'registry.db'}
-        provider: local
-        offline_store:
-          type: duckdb
-        online_store:
-          type: sqlite
-          path: {root / 'data' / 'online.db'}
-        entity_key_serialization_version: 3
-        """))
-    store = FeatureStore(repo_path=str(root))
+    from bench.feast_repo import open_feature_store
+
+    store = open_feature_store(root, "tessera_bench", cache_registry=False)
     objects = []
     for spec in FEATURES:
         entity = Entity(name=spec.entity_type, join_keys=[spec.entity],

@@ -36,35 +36,23 @@ import json
 import os
 import resource
 import sys
-import textwrap
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, any venv
+from bench.feast_repo import open_feature_store
+
 
 def build_repo(root: Path, items_path: Path, users_path: Path, cfg: dict):
     """Feature repo (SQLite online store) with an item and a user feature view, applied."""
-    from feast import Entity, FeatureStore, FeatureView, Field, FileSource
+    from feast import Entity, FeatureView, Field, FileSource
     from feast.types import Array, Float32, String
     from feast.value_type import ValueType
 
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    (root / "feature_store.yaml").write_text(textwrap.dedent(f"""\
-        project: tessera_online
-        provider: local
-        registry:
-          path: {root / 'data' / 'registry.db'}
-          cache_ttl_seconds: 0
-        offline_store:
-          type: duckdb
-        online_store:
-          type: sqlite
-          path: {root / 'data' / 'online.db'}
-        entity_key_serialization_version: 3
-        """))
-    store = FeatureStore(repo_path=str(root))
+    store = open_feature_store(root, "tessera_online")
     item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING)
     user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING)
     items_fv = FeatureView(

@@ -1,30 +1,60 @@
-"""Benchmark: the full feed-serving stack under open-loop load, against a naive baseline.
+"""Benchmark: the full feed-serving stack under open-loop load, against Feast.
 
 One run, one machine (the load generator, the server, the broker and the workers share the
 same cores):
 
 1. A seeded world (>= 100,000 items) goes to the embedded broker; the real blocks and
    sequences flows (bounded, with a recovery directory) fill an LMDB store; the pre-assembly
-   job writes the hot item values.
+   job writes the hot item and author values.
 2. L1 and L2 rankers with the architecture and feature schema ``tessera train`` produces are
    trained for one epoch on a small synthetic labelled table (random feature values; model
    quality is not the point, inference cost is), exported to ONNX and published to a registry.
 3. Tessera: ``uvicorn serving.app:app_from_env`` in its own process, with candidate limits
    giving ~2,000 candidates per request to L1 and ``l1_keep=500``; the blocks and sequences
    workers keep tailing the broker (resumed from the bounded runs' snapshots; the blocks
-   worker aggregates the impressions the server logs).
-4. Naive baseline, same data and candidates, in its own process: a single-threaded
-   ``http.server``; per request, per-entity reads of dict-encoded JSON blocks from LMDB with
-   windows assembled in Python loops (the ``bench/online.py`` baseline), derived features row by
-   row, the same L1/L2 weights in torch eager, and synchronous logging (one Kafka message
-   per impression, ``flush`` per request).
-5. A separate load-generating process drives ``POST /v1/feed`` open-loop at fixed rates
-   (latency counted from each request's scheduled send time), raising the rate until p99
-   reaches 50 ms or a request fails (503 included).
+   worker aggregates the impressions the server logs). Item and author hydration reads the
+   in-memory feature snapshot (``--no-snapshot``: the store).
+4. Peer, Feast (``bench/feast_serving_peer.py``): the same serving stack (same config, same
+   candidates, same ONNX models from the same registry, same Kafka forward log) in its own
+   process, run by the Feast venv's interpreter with Tessera on ``PYTHONPATH``, except that
+   the ``hydrate`` stage (every candidate's item and author features) is one in-process
+   ``FeatureStore.get_online_features(...).to_dict()`` over Feast's SQLite online store,
+   loaded at startup (``write_to_online_store``) with the values Tessera serves at the
+   request end. No IPC hop: Feast runs inside the serving process. The user's features,
+   sequence and the request end still come from Tessera's store.
+5. Check: for a sample of users (``--check-users``), both servers (up at once) must return
+   the same 20 items with the same scores and the same watermark, in the same order up to
+   exactly tied scores, before the peer's ladder runs (no RESULT line otherwise). Both
+   servers run with one ``PYTHONHASHSEED`` and the ``items`` topic has one partition: the
+   catalog breaks popularity ties in set iteration order, which otherwise differs per
+   process and gives the servers different trending candidates at the 2,000 cut.
+6. A separate load-generating process drives ``POST /v1/feed`` open-loop from scheduled send
+   times (latency counted from each request's scheduled send time, so a slow server cannot
+   slow the offered load) up the rate ladder 10, 25, 50, 75, 100, 125, 150, 200, 250, 300,
+   400, ... requests/s, each step at least ``--step-s`` (20) seconds and ``--min-requests``
+   (1,000) requests, after a warm-up; it stops after the first step whose p99 reaches 50 ms
+   or that has an error (503 included). The peer's ladder starts lower (1, 2, 5 requests/s,
+   ``--step-s`` each, then the same ladder) and runs on until its p99 reaches
+   ``--feast-stop-p99-ms`` (its max rate is still counted at 50 ms), to show where it
+   saturates. ``hydrate_p99_ms`` is the server's hydrate stage p99 during the step at
+   Tessera's max rate (the upper bound of the stage histogram's bucket: 0.5, 1, 2, 5 ... ms),
+   from ``/metrics`` scraped before and after each step.
+7. Optional (``--naive``): the naive baseline of earlier versions, a single-threaded
+   ``http.server`` reading dict-encoded JSON blocks from LMDB, Python window assembly, torch
+   eager and a synchronous Kafka flush per request (steps of ``--step-s`` without the
+   1,000-request floor).
 
-Usage: python bench/serving.py [--quick]
-Last line: RESULT serving max_rps_p99_under_50ms=<n> p50_ms=<a> p99_ms=<b> naive_max_rps=<m>
-ratio=<r>
+Feast 0.67 pins ``prometheus_client<0.25`` and ``tenacity<9``, older than the project's lock,
+so it lives in its own venv (``--feast-python``, ``TESSERA_FEAST_PYTHON``, default
+``~/.venvs/tessera-feast/bin/python``; see ``bench/online.py``), which also needs the
+serving dependencies listed in ``bench/feast_serving_peer.py``. ``--skip-feast``: no peer.
+
+Time (2 cores, quiet): ``--quick`` (20k items, 3 s steps) ~1.5 minutes; the full run ~6-10
+minutes (~1.5 of setup, 100 s for the 10 requests/s step alone, ~1.5 for the peer).
+
+Usage: python bench/serving.py [--quick] [--feast-python PATH] [--skip-feast] [--naive]
+Last line: RESULT serving max_rps_p99_under_50ms=<n> p50_ms=<a> p99_ms=<b> feast_max_rps=<m>
+ratio=<n/m> hydrate_p99_ms=<c> ...
 """
 
 from __future__ import annotations
@@ -179,18 +209,45 @@ def metric_means(text: str, metric: str, label: str) -> dict[str, float]:
     return {k: sums[k] / counts[k] for k in sums if counts.get(k)}
 
 
-def metric_quantile(text: str, metric: str, label: str, key: str, q: float) -> float:
-    """Upper bound of the histogram bucket holding quantile ``q`` of one labelled series."""
+def stage_buckets(text: str, stage: str,
+                  metric: str = "tessera_stage_seconds") -> list[tuple[float, float]]:
+    """Cumulative ``(le, count)`` buckets of one stage of the stage histogram."""
     buckets = []
     for labels, value in re.findall(rf"^{metric}_bucket\{{([^}}]*)\}} (\S+)$", text, re.M):
         le = re.search(r'le="([^"]+)"', labels)
-        if f'{label}="{key}"' in labels and le:
+        if f'stage="{stage}"' in labels and le:
             buckets.append((float(le.group(1)), float(value)))
-    buckets.sort()
+    return sorted(buckets)
+
+
+def bucket_delta(after: list[tuple[float, float]],
+                 before: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The buckets of the observations between two scrapes."""
+    prev = dict(before)
+    return [(le, v - prev.get(le, 0.0)) for le, v in after]
+
+
+def bucket_quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """Upper bound of the bucket holding quantile ``q`` (NaN when empty)."""
     if not buckets or not buckets[-1][1]:
         return float("nan")
     total = buckets[-1][1]
     return next(le for le, v in buckets if v >= q * total)
+
+
+def stage_mean_delta(before: str, after: str, stage: str) -> float:
+    """Mean seconds of one stage between two scrapes (NaN when no observation)."""
+    def sum_count(text: str) -> tuple[float, float]:
+        out = [0.0, 0.0]
+        for kind, labels, value in re.findall(
+                r"^tessera_stage_seconds_(sum|count)\{([^}]*)\} (\S+)$", text, re.M):
+            if f'stage="{stage}"' in labels:
+                out[kind == "count"] = float(value)
+        return out[0], out[1]
+
+    s0, c0 = sum_count(before)
+    s1, c1 = sum_count(after)
+    return (s1 - s0) / (c1 - c0) if c1 > c0 else float("nan")
 
 
 def metric_total(text: str, metric: str, labels: str) -> float:
@@ -401,21 +458,53 @@ def naive_server(port: int, store_url: str, bootstrap: str, tmp: str, users: lis
 
 # ---------------------------------------------------------------------------- load generator
 
-def loadgen(url: str, users: list[str], rates: list[float], step_s: float, warmup_rps: float,
-            conn: mp.connection.Connection) -> None:
-    """Open-loop rate ladder; stop after the first rate with p99 >= SLO or any failure."""
+def step_requests(rate: float, plan: dict) -> int:
+    """Requests of one step: ``step_s`` worth, and at least ``min_requests`` from
+    ``floor_from_rps`` up (the peers' extra low steps last ``step_s`` only)."""
+    n = max(1, int(np.ceil(rate * plan["step_s"])))
+    return max(n, plan["min_requests"]) if rate >= plan["floor_from_rps"] else n
+
+
+def proc_cpu(pid: int | None) -> float:
+    """CPU seconds a process (all its threads) used so far; 0 without a pid."""
+    if not pid:
+        return 0.0
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = raw[raw.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loadgen(plan: dict, conn: mp.connection.Connection) -> None:
+    """Open-loop rate ladder; stop after the first rate with p99 >= ``stop_p99_ms`` or any
+    failure. Scrapes the server's stage histogram before and after each step."""
     import asyncio
 
     import httpx
 
-    async def step(client: httpx.AsyncClient, rate: float, duration: float, seed: int) -> dict:
+    url, users, metrics_url = plan["url"], plan["users"], plan.get("metrics_url")
+
+    async def scrape(client: httpx.AsyncClient) -> str:
+        if not metrics_url:
+            return ""
+        try:
+            return (await client.get(metrics_url)).text
+        except httpx.HTTPError:
+            return ""
+
+    async def step(client: httpx.AsyncClient, rate: float, n: int, seed: int) -> dict:
         rng = np.random.default_rng(seed)
-        n = max(1, int(rate * duration))
         bodies = [json.dumps({"user_id": u, "feed_type": "EXPLORE", "limit": 20}).encode()
                   for u in rng.choice(users, n)]
+        before = await scrape(client)
+        cpu0 = proc_cpu(plan.get("server_pid"))
         loop = asyncio.get_running_loop()
         t0 = loop.time() + 0.05
+        wall0 = time.time() + 0.05  # the step's start on the wall clock (server logs)
         lat: list[float] = []
+        slow: list[float] = []  # scheduled send (s into the step) of requests over the SLO
         errors: dict[str, int] = {}
         done_at = [t0]
 
@@ -433,24 +522,41 @@ def loadgen(url: str, users: list[str], rates: list[float], step_s: float, warmu
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
             now = loop.time()
             lat.append((now - sched) * 1000)  # from the scheduled send: no coordinated omission
+            if lat[-1] >= SLO_MS:
+                slow.append(sched - t0)
             done_at[0] = max(done_at[0], now)
 
         await asyncio.gather(*(one(i) for i in range(n)))
+        cpu = proc_cpu(plan.get("server_pid")) - cpu0
+        wall = max(done_at[0] - t0, 1e-9)
+        after = await scrape(client)
         arr = np.asarray(lat)
         ok = n - sum(errors.values())
-        return {"rate": rate, "requests": n, "achieved": ok / max(done_at[0] - t0, 1e-9),
+        hyd = bucket_delta(stage_buckets(after, "hydrate"), stage_buckets(before, "hydrate"))
+        return {"rate": rate, "requests": n, "duration_s": n / rate,
+                "achieved": ok / wall, "server_cores": cpu / wall,
+                "server_cpu_ms": cpu / n * 1000,
                 "p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)),
-                "max": float(arr.max()), "errors": errors}
+                "max": float(arr.max()), "errors": errors, "start": wall0,
+                "slow_at": sorted(slow),
+                "hydrate_p99_ms": bucket_quantile(hyd, 0.99) * 1000,
+                "hydrate_le_1ms": (dict(hyd).get(0.001, 0.0) / hyd[-1][1]
+                                   if hyd and hyd[-1][1] else float("nan")),
+                "hydrate_mean_ms": stage_mean_delta(before, after, "hydrate") * 1000}
 
     async def main() -> list[dict]:
         limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
         async with httpx.AsyncClient(limits=limits, timeout=10.0) as client:
-            await step(client, warmup_rps, 3.0, 0)  # warm-up, not recorded
+            wr, ws = plan["warmup_rps"], plan["warmup_s"]
+            await step(client, wr, max(1, int(wr * ws)), 0)  # warm-up, not recorded
             out = []
-            for k, rate in enumerate(rates):
-                res = await step(client, rate, step_s, k + 1)
+            for k, rate in enumerate(plan["rates"]):
+                res = await step(client, rate, step_requests(rate, plan), k + 1)
                 out.append(res)
-                if res["p99"] >= SLO_MS or res["errors"]:
+                print(f"  {plan['name']}: {rate:g} rps, {res['requests']} requests: p50 "
+                      f"{res['p50']:.1f} ms, p99 {res['p99']:.1f} ms, errors "
+                      f"{res['errors'] or '-'}", flush=True)
+                if res["p99"] >= plan["stop_p99_ms"] or res["errors"]:
                     break
                 await asyncio.sleep(1.0)
             return out
@@ -459,29 +565,246 @@ def loadgen(url: str, users: list[str], rates: list[float], step_s: float, warmu
     conn.close()
 
 
-def run_ladder(url: str, users: list[str], rates: list[float], step_s: float,
-               warmup_rps: float) -> list[dict]:
+def run_ladder(plan: dict, roles: dict[str, list[int]] | None = None) -> list[dict]:
+    """Run the ladder in its own process; print the cores each role used meanwhile."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=loadgen, args=(url, users, rates, step_s, warmup_rps, child))
+    p = ctx.Process(target=loadgen, args=(plan, child))
     p.start()
     child.close()
+    roles = {**(roles or {}), "load generator": [p.pid], "bench": [os.getpid()]}
+    t, c0 = time.perf_counter(), cpu_by_role(roles)
     res = parent.recv()
+    c1 = cpu_by_role(roles)
+    print(f"  cores used during the {plan['name']} ladder (warm-up included): "
+          f"{cpu_line(c0, c1, time.perf_counter() - t)}", flush=True)
     p.join()
     return res
 
 
+def hydrate_bound(ms: float) -> str:
+    """A stage p99 bucket bound as text: '<= 2', '> 2000' (past the last bucket), '-'."""
+    if ms != ms:
+        return "-"
+    return f"> {STAGE_TOP_MS:g}" if ms == float("inf") else f"<= {ms:g}"
+
+
+STAGE_TOP_MS = 2_000.0  # serving.metrics.STAGE_BUCKETS ends at 2 s
+
+
 def summarize(name: str, steps: list[dict]) -> tuple[float, dict | None]:
+    """Print the ladder; the highest rate with p99 < SLO and no error, and its step."""
     print(f"\n{name}")
-    print(f"{'offered rps':>11} {'achieved':>9} {'requests':>9} {'p50 ms':>9} {'p99 ms':>9} "
-          f"{'max ms':>9}  errors")
+    print(f"{'offered rps':>11} {'achieved':>9} {'requests':>9} {'secs':>5} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'max ms':>8} {'hydrate p99':>11} {'mean':>6} {'srv cores':>9} "
+          f"{'cpu/req':>7}  errors")
     best, best_step = 0.0, None
     for s in steps:
-        print(f"{s['rate']:>11g} {s['achieved']:>9.1f} {s['requests']:>9} {s['p50']:>9.1f} "
-              f"{s['p99']:>9.1f} {s['max']:>9.1f}  {s['errors'] or '-'}")
+        hp = s["hydrate_p99_ms"]
+        print(f"{s['rate']:>11g} {s['achieved']:>9.1f} {s['requests']:>9} "
+              f"{s['duration_s']:>5.0f} {s['p50']:>8.1f} {s['p99']:>8.1f} {s['max']:>8.1f} "
+              f"{hydrate_bound(hp):>11} "
+              f"{s['hydrate_mean_ms']:>6.2f} {s['server_cores']:>9.2f} "
+              f"{s['server_cpu_ms']:>7.1f}  {s['errors'] or '-'}")
         if s["p99"] < SLO_MS and not s["errors"]:
             best, best_step = s["rate"], s
+    for s in steps:  # where the slow requests fell (stalls show as short runs)
+        if s["slow_at"] and len(s["slow_at"]) <= s["requests"] // 2:
+            print(f"  {s['rate']:g} requests/s: {len(s['slow_at'])} requests over {SLO_MS:g} ms, "
+                  f"sent at (s into the step) {clusters(s['slow_at'])}")
     return best, best_step
+
+
+def clusters(times: list[float], gap: float = 0.5) -> str:
+    """Sorted times as runs: '3.1-3.4 (5), 33.0 (1)'; at most 12 runs."""
+    runs: list[list[float]] = []
+    for t in times:
+        if runs and t - runs[-1][-1] <= gap:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    out = [f"{r[0]:.1f}" + (f"-{r[-1]:.1f}" if len(r) > 1 else "") + f" ({len(r)})"
+           for r in runs[:12]]
+    return ", ".join(out) + (f", ... ({len(runs) - 12} more runs)" if len(runs) > 12 else "")
+
+
+def snapshot_builds(log_path: Path, steps: list[dict]) -> str:
+    """The server's feature snapshot builds (INFO log), placed in the ladder's steps."""
+    from datetime import datetime
+
+    out = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "feature_snapshot_built" not in line:
+            continue
+        ts = re.search(r"(\d{4}-\d\d-\d\dT[\d:.]+Z)", line)
+        build = re.search(r"build_s=([\d.]+)", line)
+        if not ts:
+            continue
+        t = datetime.fromisoformat(ts.group(1).replace("Z", "+00:00")).timestamp()
+        where = "before the ladder"
+        for st in steps:
+            if t >= st["start"]:
+                where = f"{st['rate']:g} requests/s step +{t - st['start']:.1f} s"
+        out.append(f"{where} ({build.group(1) if build else '?'} s)")
+    return "; ".join(out) or "none logged"
+
+
+# ---------------------------------------------------------------------------- Feast peer
+
+def feast_python(arg: str | None) -> str | None:
+    """The Feast interpreter, found as ``bench/online.py`` finds it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_online", REPO / "bench" / "online.py")
+    online = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(online)
+    return online.find_feast_python(arg)
+
+
+def check_feast_python(py: str) -> None:
+    """The peer imports Feast and Tessera's serving stack in one interpreter."""
+    probe = ("import feast, onnxruntime, serving.app, serving.models, features.store; "
+             "from models.onnx_runtime import check_runtime; check_runtime()")
+    r = subprocess.run([py, "-c", probe], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode:
+        raise SystemExit(f"{py} cannot run the Feast peer (Feast + Tessera's serving imports): "
+                         f"{r.stderr.strip().splitlines()[-1:]}; see bench/feast_serving_peer.py "
+                         "for the packages to install into the Feast venv, or pass --skip-feast")
+
+
+def feed_top(base: str, user: str) -> dict:
+    import httpx
+
+    r = httpx.post(f"{base}/v1/feed", json={"user_id": user, "feed_type": "EXPLORE",
+                                            "limit": 20}, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def tie_groups(items: list[dict]) -> list[tuple[float, set[str]]]:
+    """A page as runs of equal scores: (score, its items), best first."""
+    out: list[tuple[float, set[str]]] = []
+    for it in items:
+        if out and out[-1][0] == it["score"]:
+            out[-1][1].add(it["item_id"])
+        else:
+            out.append((it["score"], {it["item_id"]}))
+    return out
+
+
+def same_page(a: list[dict], b: list[dict]) -> bool:
+    """The same items with the same scores, up to the order of exactly tied scores (the
+    ranking keeps candidate order among ties, and the catalog orders popularity ties by
+    set iteration order, per process); the last run may be cut by the page size, so only
+    its size must match there."""
+    ga, gb = tie_groups(a), tie_groups(b)
+    if len(ga) != len(gb) or not ga:
+        return False
+    for k, ((sa, ia), (sb, ib)) in enumerate(zip(ga, gb)):
+        if sa != sb or len(ia) != len(ib) or (ia != ib and k < len(ga) - 1):
+            return False
+    return True
+
+
+def same_top_items(a: str, b: str, users: list[str]) -> tuple[int, int, list[str]]:
+    """Ask both servers for each user's page: (users with the same page and watermark, of
+    them in exactly the same order, descriptions of the first mismatches)."""
+    same, exact, bad = 0, 0, []
+    for u in users:
+        ra, rb = feed_top(a, u), feed_top(b, u)
+        ia = [i["item_id"] for i in ra["items"]]
+        ib = [i["item_id"] for i in rb["items"]]
+        ok = ra["feature_watermark"] == rb["feature_watermark"] and not ra.get("degraded") \
+            and not rb.get("degraded")
+        if ok and same_page(ra["items"], rb["items"]):
+            same += 1
+            exact += ia == ib and [i["score"] for i in ra["items"]] == \
+                [i["score"] for i in rb["items"]]
+        elif len(bad) < 3:
+            k = next((j for j, (x, y) in enumerate(zip(ia, ib)) if x != y), min(len(ia), len(ib)))
+            sa = [round(i["score"], 9) for i in ra["items"][k:k + 3]]
+            sb = [round(i["score"], 9) for i in rb["items"][k:k + 3]]
+            bad.append(f"user {u}: first difference at position {k} (tessera {ia[k:k + 3]} "
+                       f"{sa} wm {ra['feature_watermark']} {ra.get('degraded', '')}; feast "
+                       f"{ib[k:k + 3]} {sb} wm {rb['feature_watermark']} "
+                       f"{rb.get('degraded', '')}; {len(set(ia) & set(ib))} items in common)")
+    return same, exact, bad
+
+
+def stop(proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def ready_models(base: str, user: str, timeout_s: float, proc: subprocess.Popen) -> dict:
+    """Wait for /readyz and a feed ranked by the registry's models, not degraded."""
+    import httpx
+
+    wait_http(f"{base}/readyz", timeout_s, proc=proc)
+    probe = json.dumps({"user_id": user}).encode()
+    wait_http(f"{base}/v1/feed", 90, "POST", probe, proc=proc,
+              check=lambda r: "popularity" not in r.json()["model_versions"].values()
+              and not r.json().get("degraded"))
+    return httpx.post(f"{base}/v1/feed", content=probe).json()["model_versions"]
+
+
+# ---------------------------------------------------------------------------- CPU use
+
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds so far) of every process (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2:].split()
+        out[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_by_role(roles: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds so far of each role's processes and their descendants (``bench``: that
+    process alone), and of the machine (``machine``: every core's busy time, other work on
+    it included)."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out = {}
+    for role, pids in roles.items():
+        todo, seen = list(pids), set()
+        while todo:
+            p = todo.pop()
+            if p in seen or p not in table:
+                continue
+            seen.add(p)
+            if role != "bench":  # the bench's children are the other roles
+                todo.extend(children.get(p, ()))
+        out[role] = sum(table[p][1] for p in seen)
+    cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    busy = sum(int(v) for v in cpu[:8]) - int(cpu[3]) - int(cpu[4])  # less idle, iowait
+    out["machine"] = busy / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def cpu_line(before: dict[str, float], after: dict[str, float], wall: float) -> str:
+    """Cores used per role between two ``cpu_by_role`` readings."""
+    used = {k: (after[k] - before.get(k, 0.0)) / wall for k in after}
+    ours = sum(v for k, v in used.items() if k != "machine")
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in used.items() if k != "machine")
+    return (f"{parts}; all of these {ours:.2f}; the machine {used['machine']:.2f} of "
+            f"{os.cpu_count()} (other work {max(0.0, used['machine'] - ours):.2f})")
 
 
 # ---------------------------------------------------------------------------- main
@@ -492,24 +815,43 @@ BOOTSTRAP = ""
 def main() -> None:
     global BOOTSTRAP
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="20k items, short steps")
+    ap.add_argument("--quick", action="store_true", help="20k items, 3 s steps")
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--views", type=int, default=600_000)
     ap.add_argument("--users", type=int, default=20_000)
-    ap.add_argument("--step-s", type=float, default=10.0)
-    ap.add_argument("--rates", default="5,10,25,50,75,100,150,200,250")
+    ap.add_argument("--step-s", type=float, default=20.0, help="seconds per step (at least)")
+    ap.add_argument("--min-requests", type=int, default=1_000,
+                    help="requests per step (at least), from 10 requests/s up")
+    ap.add_argument("--warmup-s", type=float, default=15.0,
+                    help="Tessera's warm-up at 10 requests/s before the ladder (the item "
+                         "snapshot rebuilds once the catalog has caught up: <= 10 s)")
+    ap.add_argument("--rates", default="10,25,50,75,100,125,150,200,250,300,400,500,600,800")
+    ap.add_argument("--feast-rates", default="1,2,5,10,25,50,75,100,125,150,200,250,300")
+    ap.add_argument("--feast-stop-p99-ms", type=float, default=1_000.0,
+                    help="the peer's ladder goes on past the SLO until its p99 reaches this")
+    ap.add_argument("--check-users", type=int, default=100,
+                    help="users whose pages both servers must agree on")
+    ap.add_argument("--feast-python", default=None,
+                    help="interpreter with Feast (default: see bench/online.py)")
+    ap.add_argument("--skip-feast", action="store_true", help="no Feast peer (no RESULT line)")
+    ap.add_argument("--naive", action="store_true", help="also run the naive baseline")
     ap.add_argument("--naive-rates", default="1,2,5,10")
     ap.add_argument("--no-snapshot", action="store_true",
                     help="serve without the in-memory item feature snapshot (A/B)")
-    ap.add_argument("--skip-naive", action="store_true", help="do not run the naive baseline")
     args = ap.parse_args()
     if args.quick:
-        args.items, args.views, args.users, args.step_s = 20_000, 150_000, 5_000, 4.0
-        args.rates, args.naive_rates = "5,25,50,100,150", "1,2,5"
+        args.items, args.views, args.users = 20_000, 150_000, 5_000
+        args.step_s, args.min_requests, args.warmup_s = 3.0, 0, 12.0
+        args.check_users = min(args.check_users, 20)
+        args.naive_rates = "1,2,5"
     rates = [float(r) for r in args.rates.split(",")]
+    feast_rates = [float(r) for r in args.feast_rates.split(",")]
     naive_rates = [float(r) for r in args.naive_rates.split(",")]
-
-    import httpx
+    feast_py = None if args.skip_feast else feast_python(args.feast_python)
+    if not args.skip_feast:
+        if feast_py is None:
+            ap.error("no interpreter with Feast: pass --feast-python or --skip-feast")
+        check_feast_python(feast_py)
 
     from features.store import open_store
     from tessera.broker import EmbeddedBroker, find_free_port
@@ -518,12 +860,22 @@ def main() -> None:
 
     configure_logging(level="WARNING")
     t_start = time.perf_counter()
+    load0 = os.getloadavg()[0]
     print(f"machine: {os.cpu_count()} cores, shared by the load generator, the server, the "
-          "embedded broker and the workers (numbers are for that shared setup)", flush=True)
+          "embedded broker and the workers (numbers are for that shared setup); load average "
+          f"at the start {load0:.2f}", flush=True)
     procs: list[subprocess.Popen] = []
+    server = peer = None
+    fsteps: list[dict] = []
+    nsteps: list[dict] = []
+    fmetrics, finfo, check = "", {}, None
     with tempfile.TemporaryDirectory() as d, EmbeddedBroker(state_dir=Path(d) / "broker") as info:
         tmp = Path(d)
         BOOTSTRAP = info.bootstrap
+        # items: one partition, so every server's catalog reads the items in the same order
+        # (with one hash seed, the catalog then breaks popularity ties the same way: both
+        # servers get the same trending candidates; see same_page)
+        create_topics(BOOTSTRAP, ["items"], partitions=1)
         create_topics(BOOTSTRAP, PLATFORM_TOPICS, partitions=2)
         url, fs = build_store(tmp, args.items, args.views, args.users)
         with open_store(url, readonly=True) as store:
@@ -536,7 +888,9 @@ def main() -> None:
         registry = tmp / "registry"
         train_and_publish(tmp, registry, items, users)
         try:
-            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            # both servers: the catalog orders popularity ties by set iteration order, which
+            # depends on the string hash seed; one seed gives both the same trending list
+            env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0"}
             for kind, rec in (("blocks", "recovery-blocks"), ("sequences", "recovery-sequences")):
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "tessera.cli", "--log-level", "WARNING", "worker", kind,
@@ -554,32 +908,75 @@ def main() -> None:
                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
                  "--no-access-log"], cwd=REPO,
                 env={**env, "TESSERA_SERVE_CONFIG": json.dumps(cfg),
-                     "TESSERA_LOG_LEVEL": "WARNING"},
+                     "TESSERA_LOG_LEVEL": "INFO"},  # no per-request INFO lines
                 stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "wb"))
-            procs.append(server)
             base = f"http://127.0.0.1:{port}"
-            wait_http(f"{base}/readyz", 180, proc=server)
-            probe = json.dumps({"user_id": users[0]}).encode()
-            wait_http(f"{base}/v1/feed", 60, "POST", probe, proc=server,
-                      check=lambda r: "popularity" not in r.json()["model_versions"].values()
-                      and not r.json().get("degraded"))
-            print(f"server ready (models {httpx.post(f'{base}/v1/feed', content=probe).json()['model_versions']}); "
-                  f"setup took {time.perf_counter() - t_start:.0f}s", flush=True)
+            versions = ready_models(base, users[0], 180, server)
+            print(f"server ready (models {versions}); setup took "
+                  f"{time.perf_counter() - t_start:.0f}s", flush=True)
             for p in procs[:2]:
                 if p.poll() is not None:
                     raise SystemExit(f"a worker exited: {(tmp / 'worker-blocks.log').read_text()[-2000:]}")
 
-            steps = run_ladder(f"{base}/v1/feed", users, rates, args.step_s, 20.0)
-            metrics = httpx.get(f"{base}/metrics").text
+            plan = {"name": "tessera", "url": f"{base}/v1/feed", "metrics_url": f"{base}/metrics",
+                    "users": users, "rates": rates, "step_s": args.step_s,
+                    "min_requests": args.min_requests, "floor_from_rps": 10.0,
+                    "stop_p99_ms": SLO_MS, "warmup_rps": 10.0, "warmup_s": args.warmup_s,
+                    "server_pid": server.pid}
+            broker_pid = [int((tmp / "broker" / "broker.pid").read_text().split()[0])] \
+                if (tmp / "broker" / "broker.pid").exists() else []
+            roles = {"server": [server.pid], "blocks worker": [procs[0].pid],
+                     "sequences worker": [procs[1].pid], "broker": broker_pid}
+            steps = run_ladder(plan, roles)
+            metrics = httpx_get(f"{base}/metrics")
+            builds = snapshot_builds(tmp / "server.log", steps)
+
+            if feast_py is not None:
+                fport = find_free_port()
+                fcfg = {**cfg, "port": fport, "spool_dir": str(tmp / "spool-feast"),
+                        "feature_snapshot": False}
+                t = time.perf_counter()
+                peer = subprocess.Popen(
+                    [feast_py, str(REPO / "bench" / "feast_serving_peer.py"), str(tmp / "feast"),
+                     str(fport)], cwd=REPO,
+                    env={**env, "TESSERA_SERVE_CONFIG": json.dumps(fcfg),
+                         "TESSERA_LOG_LEVEL": "WARNING"},
+                    stdout=(plog := open(tmp / "feast-peer.log", "wb")), stderr=plog)
+                fbase = f"http://127.0.0.1:{fport}"
+                try:
+                    ready_models(fbase, users[0], 900, peer)
+                except SystemExit:
+                    print((tmp / "feast-peer.log").read_text()[-3000:])
+                    raise
+                finfo = json.loads((tmp / "feast" / "info.json").read_text())
+                print(f"feast peer ready in {time.perf_counter() - t:.0f}s: Feast "
+                      f"{finfo['feast']}, {finfo['items']:,} items x {len(finfo['item_names'])} "
+                      f"+ {finfo['authors']:,} authors x {len(finfo['author_names'])} values "
+                      f"written to its SQLite online store in {finfo['write_s']}s", flush=True)
+                sample = [str(u) for u in
+                          np.random.default_rng(11).choice(users, args.check_users, replace=False)]
+                same, exact, bad = same_top_items(base, fbase, sample)
+                check = (same, len(sample), exact)
+                print(f"check: {same}/{len(sample)} users get the same page (20 items, same "
+                      f"scores, same watermark) from both servers; {exact} of them in exactly "
+                      "the same order, the others up to the order of exactly tied scores",
+                      flush=True)
+                if same != len(sample):
+                    print("the servers disagree (no RESULT line): " + "; ".join(bad), flush=True)
+            stop(server)  # the peer's ladder runs alone
+            if feast_py is not None:
+                fplan = {**plan, "name": "feast", "url": f"{fbase}/v1/feed",
+                         "metrics_url": f"{fbase}/metrics", "rates": feast_rates,
+                         "stop_p99_ms": max(SLO_MS, args.feast_stop_p99_ms),
+                         "warmup_rps": 1.0, "warmup_s": 5.0, "server_pid": peer.pid}
+                fsteps = run_ladder(fplan, {**roles, "server": [peer.pid]})
+                fmetrics = httpx_get(f"{fbase}/metrics")
+                stop(peer)
             for p in procs[:2]:
                 if p.poll() is not None:
                     print(f"warning: a worker exited during the run (rc {p.returncode})")
-            server.send_signal(signal.SIGINT)
-            server.wait(30)
 
-            nsteps = []
-            if not args.skip_naive:
-                # naive baseline
+            if args.naive:
                 nport = find_free_port()
                 ctx = mp.get_context("spawn")
                 ready = ctx.Event()
@@ -591,57 +988,104 @@ def main() -> None:
                     raise SystemExit("the naive server did not start")
                 print(f"naive server ready in {time.perf_counter() - t:.0f}s (JSON docs built)",
                       flush=True)
-                nsteps = run_ladder(f"http://127.0.0.1:{nport}/v1/feed", users, naive_rates,
-                                    args.step_s, 1.0)
+                nsteps = run_ladder({**plan, "name": "naive", "metrics_url": None,
+                                     "server_pid": naive.pid,
+                                     "url": f"http://127.0.0.1:{nport}/v1/feed",
+                                     "rates": naive_rates, "min_requests": 0,
+                                     "warmup_rps": 1.0, "warmup_s": 3.0})
                 naive.terminate()
                 naive.join(10)
         finally:
-            for p in procs:
-                if p.poll() is None:
+            for p in (server, peer, *procs):
+                if p is not None and p.poll() is None:
                     p.send_signal(signal.SIGINT)
-            for p in procs:
+            for p in (server, peer, *procs):
+                if p is None:
+                    continue
                 try:
                     p.wait(15)
                 except subprocess.TimeoutExpired:
                     p.kill()
 
     cands = metric_means(metrics, "tessera_candidates", "stage")
-    degraded = sum(float(v) for v in re.findall(r"^tessera_degraded_total\{[^}]*\} (\S+)$",
-                                                  metrics, re.M))
+    degraded = metric_total(metrics, "tessera_degraded_total", "")
     stages = metric_means(metrics, "tessera_stage_seconds", "stage")
-    best, bs = summarize("tessera (uvicorn + FeedPipeline: pre-assembled reads, ONNX, async log)",
-                         steps)
+    best, bs = summarize("tessera (uvicorn + FeedPipeline: in-memory item snapshot, ONNX, "
+                         "async log)" if not args.no_snapshot else
+                         "tessera (uvicorn + FeedPipeline: store reads, ONNX, async log)", steps)
+    fbest, fbs = summarize("feast peer (the same uvicorn + FeedPipeline; hydrate = Feast "
+                           "get_online_features over SQLite, in process)", fsteps) \
+        if fsteps else (0.0, None)
     nbest, nbs = summarize("naive (sync http.server: JSON blocks, Python assembly, torch eager, "
-                           "sync Kafka flush)", nsteps) if nsteps else (0, None)
-    print("\ncandidates per request (server histogram means): "
+                           "sync Kafka flush)", nsteps) if nsteps else (0.0, None)
+    print("\nladder: " + ", ".join(f"{r:g}" for r in rates) + f" requests/s; steps of >= "
+          f"{args.step_s:g} s and >= {args.min_requests:,} requests (the peer's 1, 2, 5 "
+          f"requests/s steps: {args.step_s:g} s); warm-up {args.warmup_s:g} s at 10 requests/s "
+          "(the peer: 5 s at 1 request/s); a ladder stops after the first step with p99 >= "
+          f"{SLO_MS:g} ms or an error (the peer's at p99 >= "
+          f"{max(SLO_MS, args.feast_stop_p99_ms):g} ms)")
+    print("candidates per request (server histogram means): "
           + ", ".join(f"{k}={v:.0f}" for k, v in cands.items()))
-    print("server stage means (ms): " + ", ".join(f"{k}={v * 1000:.2f}" for k, v in stages.items()))
+    print("tessera stage means over the run (ms): "
+          + ", ".join(f"{k}={v * 1000:.2f}" for k, v in stages.items()))
+    if fmetrics:
+        fstages = metric_means(fmetrics, "tessera_stage_seconds", "stage")
+        print("feast peer stage means over the run (ms): "
+              + ", ".join(f"{k}={v * 1000:.2f}" for k, v in fstages.items()))
+        via = metric_total(fmetrics, "bench_feast_hydrate_total", 'result="feast"')
+        fell = metric_total(fmetrics, "bench_feast_hydrate_total", 'result="fallback"')
+        print(f"feast peer hydrations: {via:g} through Feast, {fell:g} "
+              "fell back to Tessera's store (request end moved); degraded requests "
+              f"{metric_total(fmetrics, 'tessera_degraded_total', ''):g}")
     print(f"latency is client-side, from each request's scheduled send time; the load "
-          f"generator, server, broker and blocks/sequences workers share {os.cpu_count()} cores; "
+          f"generator, server, broker and blocks/sequences workers share {os.cpu_count()} cores "
+          f"(load average at the start {load0:.2f}, at the end {os.getloadavg()[0]:.2f}); "
           "rankers: trained 1 epoch on synthetic rows (inference cost only)")
-    print(f"degraded requests on the server: {degraded:g}")
-    hydrate_p99 = metric_quantile(metrics, "tessera_stage_seconds", "stage", "hydrate", 0.99)
+    hydrate_all = bucket_quantile(stage_buckets(metrics, "hydrate"), 0.99) * 1000
     snap_hits = metric_total(metrics, "tessera_cache_total", 'cache="snapshot",result="hit"')
     snap_miss = metric_total(metrics, "tessera_cache_total", 'cache="snapshot",result="miss"')
-    print(f"hydrate p99 (histogram bucket bound): <= {hydrate_p99 * 1000:g} ms; feature "
-          f"snapshot {'off' if args.no_snapshot else 'on'}: {snap_hits:g} hits, "
-          f"{snap_miss:g} misses")
+    print(f"tessera: degraded requests {degraded:g}; hydrate p99 over the whole run (warm-up "
+          f"included) {hydrate_bound(hydrate_all)} ms; feature snapshot "
+          f"{'off' if args.no_snapshot else 'on'}: {snap_hits:g} hits, {snap_miss:g} misses")
+    print(f"tessera feature snapshot builds (build seconds): {builds}")
     print(f"total run time {time.perf_counter() - t_start:.0f}s")
     # p50/p99 at the highest passing rate, else at the lowest rate tried (at_rps says which)
     ref = bs or steps[0]
-    if not nsteps:
-        print(f"\n(no naive baseline: no RESULT line) tessera max_rps_p99_under_50ms={best:g} "
+    hydrate_p99 = ref["hydrate_p99_ms"]
+    print(f"tessera at {ref['rate']:g} requests/s: hydrate p99 {hydrate_bound(hydrate_p99)} ms (stage "
+          f"histogram bucket bound), {ref['hydrate_le_1ms']:.1%} of the hydrations <= 1 ms, "
+          f"mean {ref['hydrate_mean_ms']:.2f} ms")
+    extra = ""
+    if nsteps:
+        nref = nbs or nsteps[0]
+        extra = (f" naive_max_rps={nbest:g} naive_p50_ms={nref['p50']:.1f} "
+                 f"naive_p99_ms={nref['p99']:.1f} naive_at_rps={nref['rate']:g}")
+    if not fsteps:
+        print(f"\n(no Feast peer: no RESULT line) tessera max_rps_p99_under_50ms={best:g} "
               f"p50_ms={ref['p50']:.1f} p99_ms={ref['p99']:.1f} at_rps={ref['rate']:g} "
-              f"hydrate_p99_ms<={hydrate_p99 * 1000:g}")
+              f"hydrate_p99_ms={hydrate_p99:g}{extra}")
         return
-    nref = nbs or nsteps[0]
-    ratio = best / nbest if nbest else (float("inf") if best else 0.0)
+    if check is None or check[0] != check[1]:
+        print(f"\n(no RESULT line: the servers disagreed on {check and check[1] - check[0]} of "
+              f"{check and check[1]} users) tessera max_rps_p99_under_50ms={best:g} "
+              f"hydrate_p99_ms={hydrate_p99:g} feast_max_rps={fbest:g}")
+        return
+    fref = fbs or fsteps[0]
+    ratio = f"{best / fbest:.1f}" if fbest else ("inf" if best else "nan")
     print(f"\nRESULT serving max_rps_p99_under_50ms={best:g} p50_ms={ref['p50']:.1f} "
-          f"p99_ms={ref['p99']:.1f} naive_max_rps={nbest:g} ratio={ratio:.1f} "
-          f"at_rps={ref['rate']:g} naive_p50_ms={nref['p50']:.1f} naive_p99_ms={nref['p99']:.1f} "
-          f"naive_at_rps={nref['rate']:g} p50_ratio={nref['p50'] / ref['p50']:.1f} "
-          f"items={args.items} candidates={cands.get('retrieved', 0):.0f} "
-          f"hydrate_p99_ms<={hydrate_p99 * 1000:g} snapshot={'off' if args.no_snapshot else 'on'}")
+          f"p99_ms={ref['p99']:.1f} feast_max_rps={fbest:g} ratio={ratio} "
+          f"hydrate_p99_ms={hydrate_p99:g} at_rps={ref['rate']:g} "
+          f"feast_p50_ms={fref['p50']:.1f} feast_p99_ms={fref['p99']:.1f} "
+          f"feast_at_rps={fref['rate']:g} feast_hydrate_p99_ms={fref['hydrate_p99_ms']:g} "
+          f"checked={check[0]}/{check[1]} items={args.items} "
+          f"candidates={cands.get('retrieved', 0):.0f} "
+          f"snapshot={'off' if args.no_snapshot else 'on'}{extra}")
+
+
+def httpx_get(url: str) -> str:
+    import httpx
+
+    return httpx.get(url, timeout=30).text
 
 
 if __name__ == "__main__":

@@ -111,24 +111,39 @@ class ItemCatalog:
 
     def rebuild(self, popularity: dict[str, float], *, top: int = 2_000,
                 per_topic: int = 1_000) -> CatalogSnapshot:
-        """Recompute the lists from ``popularity`` (item -> score) and swap them in."""
+        """Recompute the lists from ``popularity`` (item -> score) and swap them in.
+
+        Columnar (a few numpy passes, no Python loop over the items), so a rebuild of a
+        large catalog holds the interpreter for milliseconds, not the request threads for a
+        stall. Ties rank by item id, the same in every serving process.
+        """
         with self._lock:
             meta = dict(self._meta)
-        ids = list(set(meta) | set(popularity))
-        pop = np.array([popularity.get(i, 0.0) for i in ids], dtype=np.float64)
-        order = np.argsort(-pop, kind="stable")
-        trending = tuple(ids[i] for i in order[:top] if pop[i] > 0)
-        created = np.array([meta.get(i, ("", "", 0))[2] for i in ids], dtype=np.int64)
-        fresh = tuple(ids[i] for i in np.argsort(-created, kind="stable")[:top])
-        by_topic: dict[str, list[str]] = {}
-        for i in order.tolist():
-            t = meta.get(ids[i], ("", "", 0))[1]
-            if t:
-                lst = by_topic.setdefault(t, [])
-                if len(lst) < per_topic:
-                    lst.append(ids[i])
-        snap = CatalogSnapshot(trending, fresh, {t: tuple(v) for t, v in by_topic.items()},
-                               {i: float(p) for i, p in zip(ids, pop.tolist())}, time.time())
+        ids = np.array(sorted(meta.keys() | popularity.keys()), dtype=object)
+        n = len(ids)
+        get_pop = popularity.get
+        pop = np.fromiter((get_pop(i, 0.0) for i in ids), dtype=np.float64, count=n)
+        none = ("", "", 0)
+        rows = [meta.get(i, none) for i in ids]
+        topics = np.array([r[1] for r in rows], dtype=object)
+        created = np.fromiter((r[2] for r in rows), dtype=np.int64, count=n)
+        order = np.argsort(-pop, kind="stable")  # ids are sorted: ties by id
+        trending = tuple(ids[order[:top]][pop[order[:top]] > 0].tolist())
+        fresh = tuple(ids[np.argsort(-created, kind="stable")[:top]].tolist())
+        # each topic's items in popularity order, at most per_topic of them
+        t_sorted = topics[order]
+        named = np.flatnonzero(t_sorted != "")
+        by_topic: dict[str, tuple[str, ...]] = {}
+        if len(named):
+            names, codes = np.unique(t_sorted[named].astype(str), return_inverse=True)
+            grouped = np.argsort(codes, kind="stable")  # by topic, popularity order kept
+            starts = np.searchsorted(codes[grouped], np.arange(len(names)))
+            ends = np.append(starts[1:], len(grouped))
+            item_of = ids[order[named[grouped]]]
+            by_topic = {str(t): tuple(item_of[a:min(b, a + per_topic)].tolist())
+                        for t, a, b in zip(names.tolist(), starts.tolist(), ends.tolist())}
+        snap = CatalogSnapshot(trending, fresh, by_topic, dict(zip(ids.tolist(), pop.tolist())),
+                               time.time())
         self.snapshot = snap
         return snap
 
