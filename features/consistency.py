@@ -287,11 +287,6 @@ def _canonical(row: dict[str, float], entity_type_of: Mapping[str, str]) -> dict
     return out
 
 
-def _list_windows(by_window: Mapping[str, tuple[FeatureSpec, int]]) -> set[str]:
-    """Names of the ``last_n`` window values: logged only by fingerprint, never as numbers."""
-    return {k for k, (f, _) in by_window.items() if f.aggregation == "last_n"}
-
-
 def _late_records(late_events: pa.Table | None) -> dict[str, list[Mapping[str, Any]]]:
     """Decode the late events into records per topic.
 
@@ -521,8 +516,9 @@ def consistency_report(
                       **{k: d.entity_type for k, d in by_derived.items()},
                       **{k: by_window[v][0].entity_type for k, v in by_list.items()}}
     logged = [_canonical(row, entity_type_of) for row in logged]
-    names = sorted({k for row in logged for k in row if k in entity_type_of
-                    and (k in by_list or k not in _list_windows(by_window))})
+    as_numbers = set(by_list.values())  # a list is compared by fingerprint, never as a number
+    names = sorted({k for row in logged for k in row
+                    if k in entity_type_of and k not in as_numbers})
     needed_entities = {by_window[by_list.get(k, k)][0].entity for k in names
                        if by_list.get(k, k) in by_window}
     for k in names:

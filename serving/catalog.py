@@ -113,9 +113,9 @@ class ItemCatalog:
                 per_topic: int = 1_000) -> CatalogSnapshot:
         """Recompute the lists from ``popularity`` (item -> score) and swap them in.
 
-        Columnar (a few numpy passes, no Python loop over the items), so a rebuild of a
-        large catalog holds the interpreter for milliseconds, not the request threads for a
-        stall. Ties rank by item id, the same in every serving process.
+        The ranking and the per-topic lists are numpy passes; only gathering the inputs
+        (popularity, topic, creation time per item) walks the items in Python. Ties rank by
+        item id, the same in every serving process.
         """
         with self._lock:
             meta = dict(self._meta)

@@ -177,22 +177,17 @@ def _pid_running(pid: int) -> bool:
 
 def _pid_alive(pid: int) -> bool:
     """Return whether ``pid`` is a live (not zombie) process that looks like tansu."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not _pid_running(pid):
         return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    proc = Path("/proc") / str(pid)
-    if not proc.is_dir():  # not Linux: trust kill(0)
+    cmdline = Path("/proc") / str(pid) / "cmdline"
+    if not Path("/proc/self").is_dir():  # not Linux: trust kill(0)
         return True
     try:
-        stat = (proc / "stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-            return False
         # A recycled pid that now belongs to another program is not our broker.
-        return b"tansu" in (proc / "cmdline").read_bytes()
-    except (OSError, IndexError):
+        return b"tansu" in cmdline.read_bytes()
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
         return False
 
 
