@@ -261,7 +261,7 @@ def kill9_sequences(tmp: Path, sz: Sizes) -> Row:
         store_url = f"lmdb://{tmp}/store"
         cmd = [*TESSERA, "worker", "sequences", "--bootstrap", bs, "--store", store_url,
                "--bounded", "--max-len", str(max_len), "--recovery-dir", str(tmp / "recovery"),
-               "--epoch-interval", "0.2"]
+               "--epoch-interval", "0.2", "--batch-messages", "2"]
 
         def started() -> bool:
             with open_store(store_url, readonly=True) as store:

@@ -246,6 +246,9 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         self._tail = not source.bounded
         self._eof = False
         self._idle_since = time.monotonic()
+        #: an idle partition is polled again at this time (``next_awake``), never blocking
+        #: the worker's other partitions in ``consume``
+        self._awake_at: datetime | None = None
         # tail mode: the log is checked (and the consumer replaced) when this is set
         self._suspect = False
         self._retry_at = 0.0
@@ -441,7 +444,11 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             raise StopIteration()
         msgs: list[Any] = []  # stays empty while the broker is away (heartbeats still go out)
         if not self._suspect or self._recover():
-            msgs = self._consumer.consume(self._poll_size(), timeout=self._source.poll_s)
+            # Never wait in ``consume``: a wait on one partition (its first fetch, a drained
+            # queue) would stall every other partition of this worker. A partition that
+            # had nothing sleeps ``poll_s`` through ``next_awake`` instead.
+            msgs = self._consumer.consume(self._poll_size(), timeout=0)
+            self._awake_at = None if msgs else after(int(self._source.poll_s * 1000))
             if self._suspect:
                 # error_cb fired during this call: the broker went away; what came back may
                 # come from a restarted log, so check first (the cursor covers none of it)
@@ -553,7 +560,7 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         return decoded.columns, offsets[src], dead, messages
 
     def next_awake(self) -> datetime | None:
-        return None
+        return self._awake_at
 
     def snapshot(self) -> PartitionCursor:
         return self._cursor

@@ -380,6 +380,13 @@ def blocks(
     show_default=True,
     help="Actions kept per user: the newest by event time.",
 )
+@click.option(
+    "--batch-messages",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Kafka messages read per source batch (smaller: finer progress, slower).",
+)
 def sequences(
     bootstrap: str | None,
     store_url: str,
@@ -390,6 +397,7 @@ def sequences(
     bounded: bool,
     epoch_interval: float,
     max_len: int,
+    batch_messages: int,
 ) -> None:
     """Keep each user's most recent actions in the online store.
 
@@ -402,7 +410,8 @@ def sequences(
     cluster = _cluster(process_id, addresses)
     try:
         config = SequencesFlowConfig(
-            bootstrap=_bootstrap(bootstrap), store_url=store_url, max_len=max_len, bounded=bounded
+            bootstrap=_bootstrap(bootstrap), store_url=store_url, max_len=max_len, bounded=bounded,
+            batch_messages=batch_messages,
         )
     except ValueError as exc:
         raise _fail(str(exc)) from exc
