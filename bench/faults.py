@@ -909,6 +909,140 @@ def broker_restart(tmp: Path, sz: Sizes) -> Row:
     return row
 
 
+# ---------------------------------------------------------------------------- aerospike restart
+
+
+def aerospike_restart(tmp: Path, sz: Sizes) -> Row:
+    """Stop the Aerospike server under serving and a tail blocks worker; start it again."""
+    from confluent_kafka import Producer
+
+    from features.aggregations import build_aggregation
+    from features.store import open_store
+    from schemas.codec import encode
+    from tessera.aerospike_local import LocalAerospike, available, server_dir
+    from tessera.topics import producer_config
+
+    row = Row("aerospike_restart", f"Aerospike server stopped for {sz.pause_s:.0f}s under "
+              "serving and a tail blocks worker, then started again (file-backed namespace)")
+    if not available():
+        row.note(f"no Aerospike server build at {server_dir()}: not run")
+        return row
+    feats = features()
+    spec = next(f for f in feats.features if f.name == "item_views")
+    agg = build_aggregation(spec)
+    items = [f"f-as-{uuid.uuid4().hex[:6]}-{k}" for k in range(20)]
+
+    def counted() -> int:
+        """item_views events in the store over the fault items (finest blocks)."""
+        with open_store(store_url, readonly=True) as store:
+            tables = store.get_block_tables("item", "views", items)
+        total = 0
+        for t in tables:
+            if t is None:
+                continue
+            rows = [r for r in t.to_rows() if r[0] == spec.key]
+            finest = min((r[2] for r in rows), default=0)
+            total += sum(int(agg.finalize(agg.from_bytes(r[3]))) for r in rows
+                         if r[2] == finest)
+        return total
+
+    server = LocalAerospike(tmp / "aerospike", persistent=True, size_mb=512).start()
+    worker = None
+    try:
+        store_url = server.store_url
+        with platform_broker(tmp, partitions=2) as broker:
+            bs = bootstrap_of(broker)
+            build_store(bs, store_url)
+            def day_blocks() -> list:
+                """The sample's 1d item_views blocks. The tail worker re-reads the world
+                (the same counts), but its retention drops old 5m and 1h blocks as time
+                moves on, and sketch bytes depend on the order values arrived in."""
+                with open_store(store_url, readonly=True) as store:
+                    tables = store.get_block_tables("item", "views", sample)
+                return [t and [r for r in t.to_rows()
+                               if r[0] == spec.key and r[2] == 86_400_000] for t in tables]
+
+            with open_store(store_url, readonly=True) as store:
+                sample = sorted(store.list_entity_ids("item", "views"))[:200]
+            kept = day_blocks()
+            worker = spawn([*TESSERA, "worker", "blocks", "--bootstrap", bs, "--store", store_url,
+                            "--tail", "--shards", "2", "--flush-interval", "200ms"],
+                           tmp / "worker.log")
+            produced = [0]
+            stop_producing = threading.Event()
+
+            def produce() -> None:  # one view a message, what producers send, 50 a second
+                producer = Producer(producer_config(bs))
+                base = int(time.time() * 1000) + 600_000  # ahead of the world's sessions
+                j = 0
+                while not stop_producing.is_set():
+                    rec = {"event_id": f"fa-{j}", "event_ts": base + 20 * j,
+                           "user_id": f"f-u{j % 40}", "item_id": items[j % len(items)],
+                           "author_id": "a", "topic": "t", "dwell_ms": 100,
+                           "request_id": None}
+                    producer.produce("views", encode("views", rec), partition=j % 2)
+                    producer.poll(0)
+                    produced[0] += 1
+                    j += 1
+                    time.sleep(0.02)
+                producer.flush(30)
+
+            with serving(tmp, bs, store_url) as stack:
+                t = threading.Thread(target=produce, daemon=True)
+                t.start()
+                healthy_before = wait_for(lambda: _healthy(stack.base_url), 30, 0.2)
+                wait_for(lambda: counted() > 0, 60, 0.2)
+                server.stop()
+                t_down = time.monotonic()
+                codes: Counter = Counter()
+                degraded_ok = 0
+                m0 = metric(stack.base_url, "tessera_degraded_total", reason="store_unavailable")
+                while time.monotonic() - t_down < sz.pause_s:
+                    r = feed(stack.base_url, f"f-u{codes.total() % 40}")
+                    codes[r.status_code] += 1
+                    if r.status_code == 200 and r.json()["items"] and \
+                            "store_unavailable" in r.json().get("degraded", []):
+                        degraded_ok += 1
+                    time.sleep(0.1)
+                m1 = metric(stack.base_url, "tessera_degraded_total", reason="store_unavailable")
+                worker_alive_down = worker.poll() is None
+                server.start()
+                t_up = time.monotonic()
+                time.sleep(2.0)  # a little more traffic after the restart
+                stop_producing.set()
+                t.join(60)
+                total = produced[0]
+                caught_up = wait_for(lambda: counted() == total, 120, 0.5)
+                healthy_after = wait_for(lambda: _healthy(stack.base_url), 60, 0.2)
+                row.recovery_s = time.monotonic() - t_up if caught_up and healthy_after else None
+                got = counted()
+                after = day_blocks()
+            worker_alive = worker.poll() is None
+    finally:
+        if worker is not None:
+            stop_proc(worker)
+        server.stop()
+    retries = (tmp / "worker.log").read_text(errors="replace").count("store.unavailable")
+    row.events_in, row.events_out = total, got
+    row.lost = max(0, total - got)
+    row.double_counted = max(0, got - total)
+    pages = codes.total()
+    row.note(f"{total} single-event views of {len(items)} new items produced across the "
+             f"outage; item_views in the store after the restart: {got}")
+    row.note(f"during the outage: {pages} feed requests, status codes {dict(codes)}, "
+             f"{degraded_ok} pages with items and degraded=['store_unavailable'], "
+             f"tessera_degraded_total +{m1 - m0:.0f}; healthy before: {healthy_before}")
+    row.note(f"worker alive during the outage: {worker_alive_down}, after: {worker_alive}; "
+             f"store.unavailable retries logged: {retries}")
+    row.note(f"1d item_views blocks written before the outage survived the restart: "
+             f"{after == kept} "
+             f"({sum(1 for k in kept if k)} items compared)")
+    row.passed = (healthy_before and caught_up and healthy_after and row.lost == 0
+                  and row.double_counted == 0 and pages > 0 and degraded_ok == pages
+                  and worker_alive_down and worker_alive and after == kept and retries > 0)
+    return row
+
+
 # ---------------------------------------------------------------------------- disk full
 
 
@@ -1088,6 +1222,7 @@ SCENARIOS: dict[str, Callable[[Path, Sizes], Row]] = {
     "sigstop_broker": sigstop_broker,
     "broker_restart": broker_restart,
     "store_unavailable": store_unavailable,
+    "aerospike_restart": aerospike_restart,
     "corrupt_model": corrupt_model,
     "spool_disk_full": spool_disk_full,
     "warehouse_disk_full": warehouse_disk_full,
@@ -1162,6 +1297,15 @@ EXPLAIN = {
     "`degraded: [\"store_unavailable\"]`, and `tessera_degraded_total{reason=\"store_"
     "unavailable\"}` must rise; events in/out are requests; lost = pages not served degraded. "
     "recovery = fault cleared until a page is served undegraded.",
+    "aerospike_restart": "The same serving stack and a tail blocks worker run on a real "
+    "Aerospike server (`tessera.aerospike_local`, the namespace backed by a file as a "
+    "production node is by its device). A producer sends single-event views of new items, 50 "
+    "a second, while the server is stopped for the pause and started again. Every feed request "
+    "during the outage must answer 200 with items and `degraded: [\"store_unavailable\"]`; "
+    "the worker must stay up, retrying its writes (`store.unavailable` in its log) with the "
+    "source stalled behind them; after the restart the store must count every produced view "
+    "once and keep the blocks written before the outage. recovery = server start until "
+    "caught up and a page is served undegraded.",
     "corrupt_model": "A real tiny ONNX L2 is published and served; then a version whose "
     ".onnx is garbage (manifest hash right, the load probe fails) and a version whose file "
     "is changed after publishing (hash mismatch) are promoted. Serving must keep answering "

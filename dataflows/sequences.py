@@ -25,7 +25,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from dataflows.kafka_source import KafkaBatchSource, SourceBatch
-from dataflows.sinks import DeadLetterSink
+from dataflows.sinks import DeadLetterSink, write_until_stored
 from features.store.base import SequenceRow
 from schemas.codec import DeadLetter, encode
 from schemas.columnar import DictColumn, EventColumns, columns_to_records
@@ -176,7 +176,8 @@ class _SequencePartition(StatelessSinkPartition[list[SequenceRow]]):
     def write_batch(self, items: list[list[SequenceRow]]) -> None:
         rows = [r for chunk in items for r in chunk]
         if rows:
-            self.store.append_sequence(ENTITY_TYPE, rows, self.max_len)
+            write_until_stored(
+                "sequences", lambda: self.store.append_sequence(ENTITY_TYPE, rows, self.max_len))
             self.rows_written += len(rows)
 
     def close(self) -> None:

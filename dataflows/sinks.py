@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,41 @@ log = get_logger("dataflows.sinks")
 
 WRITE_CHUNK_ENTITIES = 20_000
 """Entities written per store transaction (a large flush is written in several)."""
+
+#: seconds between tries of a store write while the store is unreachable (doubling up to
+#: the last)
+STORE_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def write_until_stored(what: str, write: Callable[[], None]) -> None:
+    """Call ``write`` until it succeeds, waiting out ``StoreUnavailableError``.
+
+    A store that is down (an Aerospike node restarting, a network partition) stalls the
+    flow here instead of crashing the worker: the source stops being polled, so nothing is
+    read that could be lost, and the write is repeated when the store is back. Every store
+    write of the flows is idempotent (blocks are upserts, sequence appends dedupe on event
+    id, watermarks only rise), so a write that was partly applied is safe to repeat. Each
+    failed try is logged (``store.unavailable``) with the attempt and the error.
+    """
+    from features.store.errors import StoreUnavailableError
+
+    attempt = 0
+    down_since = None
+    while True:
+        try:
+            write()
+        except StoreUnavailableError as exc:
+            down_since = down_since or time.monotonic()
+            wait = STORE_RETRY_S[min(attempt, len(STORE_RETRY_S) - 1)]
+            attempt += 1
+            log.warning("store.unavailable", write=what, attempt=attempt, retry_in_s=wait,
+                        down_s=round(time.monotonic() - down_since, 1), error=str(exc)[:300])
+            time.sleep(wait)
+            continue
+        if attempt:
+            log.info("store.available", write=what, attempts=attempt,
+                     down_s=round(time.monotonic() - down_since, 1))
+        return
 
 
 @dataclass
@@ -76,7 +112,7 @@ class _StorePartition(StatelessSinkPartition[Any]):
                 writes.extend(BlockBatchWrite(entity_type, family, chunk, keep_after)
                               for chunk in batch.chunks(WRITE_CHUNK_ENTITIES))
         # one call: few transactions, and the watermarks only after the blocks they vouch for
-        self.store.put_block_batches(writes, watermarks)
+        write_until_stored("blocks", lambda: self.store.put_block_batches(writes, watermarks))
         written = sum(len(w.batch) for w in writes)
         self.blocks_written += written
         if self.progress is not None:

@@ -81,7 +81,8 @@ def open_store(url: str, *, readonly: bool = False) -> OnlineStore:
     Args:
         url: ``lmdb:///abs/path`` or ``lmdb://relative/path`` (options ``map_size``, ``sync``),
             or ``aerospike://host:3000[,host2:3000]/namespace`` (options ``ttl`` in seconds,
-            ``timeout_ms``).
+            ``timeout_ms``, ``socket_timeout_ms``, ``retries``, ``connect_timeout_ms``,
+            ``max_conns``: see ``AerospikeStore``).
         readonly: open for reading only; writes raise ``ReadOnlyStoreError``.
 
     Raises:
@@ -107,14 +108,12 @@ def open_store(url: str, *, readonly: bool = False) -> OnlineStore:
         hosts_text, _, namespace = rest.partition("/")
         if not hosts_text or not namespace or "/" in namespace:
             raise StoreError(f"store URL {url!r} needs hosts and one namespace; {_USAGE}")
-        opts = _options(url, query, {"ttl": int, "timeout_ms": int})
-        return AerospikeStore(
-            parse_hosts(hosts_text),
-            namespace,
-            readonly=readonly,
-            ttl_s=opts.get("ttl"),
-            timeout_ms=opts.get("timeout_ms", 1000),
-        )
+        opts = _options(url, query, {"ttl": int, "timeout_ms": int, "socket_timeout_ms": int,
+                                     "retries": int, "connect_timeout_ms": int,
+                                     "max_conns": int})
+        ttl = opts.pop("ttl", None)
+        return AerospikeStore(parse_hosts(hosts_text), namespace, readonly=readonly, ttl_s=ttl,
+                              **opts)
     raise StoreError(
         f"store URL {url!r}: unsupported scheme {scheme!r}; supported schemes: "
         f"{', '.join(SUPPORTED_SCHEMES)}; {_USAGE}"

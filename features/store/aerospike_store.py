@@ -28,8 +28,16 @@ set, which is a batch job, not a request-path call.
 
 Entity types named ``tessera_wm`` or ``tessera_meta`` are reserved.
 
-No server runs in this repository's CI: the pure helpers below are unit-tested, and the
-contract suite runs against a live server when ``TESSERA_AEROSPIKE_HOSTS`` is set.
+Errors: every Aerospike failure becomes a ``StoreError`` through ``store_error``; the
+codes that mean "unreachable now" (connection, timeout, node gone, a batch that failed as a
+whole) become ``StoreUnavailableError``, which serving answers with degraded pages and the
+workers' sinks wait out (``dataflows.sinks.write_until_stored``). The client reconnects by
+itself once the cluster is back.
+
+Tests: the pure helpers are unit-tested; CI starts a real server (``.ci/run``) for the
+contract suite (``TESSERA_AEROSPIKE_HOSTS``), and ``tessera.aerospike_local`` starts servers
+of their own for the LMDB parity test, the down/restart and record-too-big tests, and the
+``aerospike_restart`` fault scenario.
 """
 
 from __future__ import annotations
@@ -191,6 +199,37 @@ def sequence_from_map(
     return sequence_from_tuples(items).head(max_len)
 
 
+#: result codes that mean the cluster cannot be reached now (the client reconnects by itself
+#: when it is back): no response (-15), max retries (-12), connection (-10), invalid node (-8),
+#: no more connections (-7), async connection (-6), timeout (9), cluster changing (11),
+#: device overload (18)
+UNAVAILABLE_CODES = frozenset({-15, -12, -10, -8, -7, -6, 9, 11, 18})
+RECORD_TOO_BIG = 13
+
+
+def store_error(operation: str, code: int, detail: str, *, whole_batch: bool = False
+                ) -> StoreError:
+    """Map an Aerospike result code to the store's error, with a message that names the fix.
+
+    Codes of ``UNAVAILABLE_CODES``, and a batch that failed as a whole (``whole_batch``: no
+    record says why; with the node gone the client reports code 1), give
+    ``StoreUnavailableError``: callers retry or degrade. Code 13 (record too
+    big) names the record size limit. Anything else is a ``StoreError`` with the code.
+    """
+    if code in UNAVAILABLE_CODES or whole_batch:
+        return StoreUnavailableError(
+            f"{operation}: Aerospike is unavailable (result code {code}: {detail}); the "
+            "client reconnects when the cluster is back; check that the server is up and "
+            "that the store URL's hosts are right")
+    if code == RECORD_TOO_BIG:
+        return StoreError(
+            f"{operation}: an entity record is larger than the namespace allows (result code "
+            f"13, record too big: {detail}); raise the namespace's max-record-size (1 MiB by "
+            "default), or keep fewer blocks per entity (shorter windows or coarser block "
+            "sizes) or shorter last_n lists")
+    return StoreError(f"{operation}: Aerospike error (result code {code}): {detail}")
+
+
 def parse_hosts(text: str) -> list[tuple[str, int]]:
     """Parse ``host:3000,host2:3000`` (port defaults to 3000)."""
     hosts = []
@@ -230,7 +269,14 @@ class AerospikeStore(OnlineStore):
         namespace: Aerospike namespace.
         readonly: refuse writes.
         ttl_s: TTL of entity records in seconds (default ``DEFAULT_TTL_S``).
-        timeout_ms: total timeout of each command.
+        timeout_ms: total time a command may take, retries included (default 1000).
+        socket_timeout_ms: idle time on one attempt's socket before it is retried
+            (default 0: bounded by ``timeout_ms`` only).
+        retries: retries of a failed attempt within ``timeout_ms`` (default 2; every write
+            this store makes is idempotent, so writes retry too).
+        connect_timeout_ms: time to open the first connection to the seeds (default 1000).
+        max_conns: connections per server node the client may open (default 100; each
+            serving process and worker has its own client).
         client: an already connected client (tests, shared connections).
 
     Raises:
@@ -245,6 +291,10 @@ class AerospikeStore(OnlineStore):
         readonly: bool = False,
         ttl_s: int | None = None,
         timeout_ms: int = 1000,
+        socket_timeout_ms: int = 0,
+        retries: int = 2,
+        connect_timeout_ms: int = 1000,
+        max_conns: int = 100,
         client=None,
     ):
         if aerospike is None:  # pragma: no cover
@@ -256,9 +306,12 @@ class AerospikeStore(OnlineStore):
         self.ttl_s = DEFAULT_TTL_S if ttl_s is None else int(ttl_s)
         self._bins: dict[str, str] = {}
         if client is None:
-            timeouts = {"total_timeout": timeout_ms}
+            timeouts = {"total_timeout": timeout_ms, "socket_timeout": socket_timeout_ms,
+                        "max_retries": retries, "sleep_between_retries": 0}
             config = {
                 "hosts": list(hosts),
+                "connect_timeout": connect_timeout_ms,
+                "max_conns_per_node": max_conns,
                 "policies": {
                     "read": timeouts,
                     "write": timeouts,
@@ -292,17 +345,12 @@ class AerospikeStore(OnlineStore):
     def _errors(self, operation: str) -> Iterator[None]:
         try:
             yield
-        except (
-            aerospike_exception.TimeoutError,
-            aerospike_exception.ConnectionError,
-            aerospike_exception.ClusterError,
-        ) as exc:
-            raise StoreUnavailableError(f"{operation}: Aerospike is unavailable: {exc}") from exc
         except aerospike_exception.AerospikeError as exc:
-            raise StoreError(f"{operation}: Aerospike error: {exc}") from exc
+            raise store_error(operation, exc.code, str(exc)) from exc
 
-    def _meta_write(self) -> dict:
-        return {"ttl": self.ttl_s}
+    def _entity_write(self) -> dict:
+        """Write policy of entity records: the store's TTL, and the user key sent."""
+        return {"ttl": self.ttl_s, **_SEND_KEY}
 
     def _key(self, set_name: str, user_key: str) -> tuple:
         return (self.namespace, set_name, user_key)
@@ -312,12 +360,18 @@ class AerospikeStore(OnlineStore):
             records = BatchRecords(writes[lo : lo + _BATCH])
             with self._errors(operation):
                 self.client.batch_write(records)
+            # The client does not raise for a failed batch: the status is on the batch and on
+            # each record. With the node gone, records can even say 0 while the batch says 1.
             failed = [br for br in records.batch_records if br.result != 0]
+            if records.result != 0 and not failed:
+                raise store_error(operation, records.result,
+                                  f"the batch of {len(records.batch_records)} writes failed",
+                                  whole_batch=True)
             if failed:
-                raise StoreError(
-                    f"{operation}: {len(failed)} of {len(records.batch_records)} records failed, "
-                    f"first {failed[0].key!r} with result code {failed[0].result}"
-                )
+                raise store_error(
+                    operation, failed[0].result,
+                    f"{len(failed)} of {len(records.batch_records)} records failed, first "
+                    f"{failed[0].key[:3]!r}")
 
     def _batch_read(
         self, operation: str, set_name: str, ids: Sequence[str], bins: list[str]
@@ -327,15 +381,17 @@ class AerospikeStore(OnlineStore):
             keys = [self._key(set_name, e) for e in ids[lo : lo + _BATCH]]
             with self._errors(operation):
                 result = self.client.batch_read(keys, bins)
+            if len(result.batch_records) != len(keys):  # the batch as a whole failed
+                raise store_error(operation, result.result,
+                                  f"{len(result.batch_records)} of {len(keys)} records came back",
+                                  whole_batch=True)
             for br in result.batch_records:
                 if br.result == 0 and br.record is not None:
                     out.append(br.record[2] or {})
                 elif br.result in (_KEY_NOT_FOUND, _BIN_NOT_FOUND):
                     out.append(None)
                 else:
-                    raise StoreError(
-                        f"{operation}: reading {br.key!r} failed with result code {br.result}"
-                    )
+                    raise store_error(operation, br.result, f"reading {br.key[:3]!r} failed")
         return out
 
     def _family_bin(self, family: str) -> str:
@@ -355,7 +411,7 @@ class AerospikeStore(OnlineStore):
                     map_operations.map_put("names", name, family, map_policy=policy),
                     map_operations.map_get_by_key("names", name, aerospike.MAP_RETURN_VALUE),
                 ],
-                meta={"ttl": aerospike.TTL_NEVER_EXPIRE},
+                policy={"ttl": aerospike.TTL_NEVER_EXPIRE},
             )
         owner = bins.get("names")
         if owner != family:
@@ -397,7 +453,7 @@ class AerospikeStore(OnlineStore):
                         bin_name, encode_block_key(feature_key, size, -(2**62)),
                         encode_block_key(feature_key, size, ts - size + 1), aerospike.MAP_RETURN_NONE))
             writes.append(Write(self._key(entity_type, check_part("entity_id", e)), ops,
-                                meta=self._meta_write(), policy=_SEND_KEY))
+                                policy=self._entity_write()))
         self._batch_write("put_blocks", writes)
 
     def get_block_tables(
@@ -489,8 +545,7 @@ class AerospikeStore(OnlineStore):
                         SEQUENCE_BIN, -max_len, max_len, aerospike.MAP_RETURN_NONE, inverted=True
                     ),
                 ],
-                meta=self._meta_write(),
-                policy=_SEND_KEY,
+                policy=self._entity_write(),
             )
             for e, items in sequence_items(rows).items()
         ]
@@ -522,8 +577,7 @@ class AerospikeStore(OnlineStore):
             Write(
                 self._key(entity_type, check_part("entity_id", e)),
                 [operations.write(bin_name, encode_value(v, wm, cid, len(cols)))],
-                meta=self._meta_write(),
-                policy=_SEND_KEY,
+                policy=self._entity_write(),
             )
             for e, v, wm in rows
         ]
@@ -535,7 +589,7 @@ class AerospikeStore(OnlineStore):
                     operations.write("current", cols_json),
                     map_operations.map_put("lists", cid, cols_json),
                 ],
-                meta={"ttl": aerospike.TTL_NEVER_EXPIRE},
+                policy={"ttl": aerospike.TTL_NEVER_EXPIRE},
             )
         self._batch_write("put_values", writes)
 
@@ -567,8 +621,8 @@ class AerospikeStore(OnlineStore):
                         self.client.put(
                             key,
                             {"name": name, "ts": ts},
-                            meta={"ttl": aerospike.TTL_NEVER_EXPIRE},
-                            policy={"exists": aerospike.POLICY_EXISTS_CREATE},
+                            policy={"exists": aerospike.POLICY_EXISTS_CREATE,
+                                    "ttl": aerospike.TTL_NEVER_EXPIRE},
                         )
                         return ts
                     except aerospike_exception.RecordExistsError:
@@ -579,8 +633,9 @@ class AerospikeStore(OnlineStore):
                     self.client.put(
                         key,
                         {"name": name, "ts": ts},
-                        meta={"gen": meta["gen"], "ttl": aerospike.TTL_NEVER_EXPIRE},
-                        policy={"gen": aerospike.POLICY_GEN_EQ},
+                        meta={"gen": meta["gen"]},
+                        policy={"gen": aerospike.POLICY_GEN_EQ,
+                                "ttl": aerospike.TTL_NEVER_EXPIRE},
                     )
                     return ts
                 except aerospike_exception.RecordGenerationError:
@@ -609,7 +664,7 @@ class AerospikeStore(OnlineStore):
             self.client.put(
                 self._key(META_SET, _META_PREFIX + check_part("meta key", key)),
                 {"v": bytes(value)},
-                meta={"ttl": aerospike.TTL_NEVER_EXPIRE},
+                policy={"ttl": aerospike.TTL_NEVER_EXPIRE},
             )
 
     def get_meta(self, key: str) -> bytes | None:

@@ -6,6 +6,8 @@ kill -9 of the blocks and archive workers is tested in ``tests/dataflows``; here
 * kill -9 of the sequences worker and of the label-join worker, restart from recovery;
 * the broker frozen (SIGSTOP) under load, then resumed (SIGCONT);
 * the online store unavailable: serving degrades to popularity and says so, then recovers;
+* the Aerospike server stopped and restarted under serving and a tailing blocks worker:
+  degraded pages while it is down, every event counted once after;
 * a corrupt model version (garbage ONNX; hash mismatch) is refused, the old one serves;
 * the broker stopped and restarted empty: serving's impressions arrive once, a tailing
   blocks worker reads the new log;
@@ -69,6 +71,16 @@ def test_store_unavailable_degrades_to_popularity_then_recovers(serving_stack, t
 def test_corrupt_model_versions_are_refused_and_the_old_one_keeps_serving(serving_stack,
                                                                          tmp_path):
     _check(faults.corrupt_model(tmp_path, SIZES, stack=serving_stack))
+
+
+@pytest.mark.slow
+def test_aerospike_stopped_and_restarted_under_serving_and_a_tailing_worker(tmp_path):
+    from tessera import aerospike_local
+
+    if not aerospike_local.available():
+        pytest.skip(f"no Aerospike server build at {aerospike_local.server_dir()} "
+                    "(set TESSERA_AEROSPIKE_DIR)")
+    _check(faults.aerospike_restart(tmp_path, SIZES))
 
 
 @pytest.mark.slow

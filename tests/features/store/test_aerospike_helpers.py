@@ -152,3 +152,17 @@ def test_ttl_for_specs_is_longest_window_plus_slack():
     )
     assert ttl_for_specs([spec], slack_ms=DAY) == (30 * DAY + DAY + DAY) // 1000
     assert ttl_for_specs([spec], slack_ms=10 * MINUTE) > 30 * DAY // 1000
+
+
+def test_store_error_maps_unreachable_codes_to_unavailable():
+    from features.store.aerospike_store import store_error
+    from features.store.errors import StoreError, StoreUnavailableError
+
+    for code in (-15, -12, -10, -8, 9, 11):
+        assert isinstance(store_error("get_values", code, "x"), StoreUnavailableError)
+    whole = store_error("put_blocks", 1, "the batch failed", whole_batch=True)
+    assert isinstance(whole, StoreUnavailableError)
+    big = store_error("put_blocks", 13, "record too big")
+    assert type(big) is StoreError and "max-record-size" in str(big)
+    other = store_error("put_blocks", 4, "parameter error")
+    assert type(other) is StoreError and "result code 4" in str(other)

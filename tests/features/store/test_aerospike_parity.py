@@ -1,7 +1,7 @@
 """The workers on Aerospike give what they give on LMDB: same events, same reads.
 
-A fresh single-node Aerospike server (the Community Edition build in
-``../shared/aerospike/``, or ``TESSERA_AEROSPIKE_DIR``) is started on free ports for this
+A fresh single-node Aerospike server (``tessera.aerospike_local``: the Community Edition
+build in ``../shared/aerospike/``, or ``TESSERA_AEROSPIKE_DIR``) is started on free ports for this
 module, so the records come from this run only. The blocks and sequences flows run bounded
 over the same events into an LMDB store and into the server; pre-assembly runs on both; then
 every read the serving path makes (block tables, feature vectors with lists, pre-assembled
@@ -11,8 +11,6 @@ is present.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -27,34 +25,25 @@ from features.client import FeatureClient
 from features.preassembled import PREASSEMBLED_TABLE, refresh_preassembled
 from features.spec_loader import load_features
 from features.store import open_store
-from tessera.broker import EmbeddedBroker, find_free_port
+from tessera import aerospike_local
+from tessera.aerospike_local import LocalAerospike
+from tessera.broker import EmbeddedBroker
 from tessera.synth import WorldConfig, generate_records, write_to_kafka
 from tessera.topics import PLATFORM_TOPICS, create_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[3]
-SERVER_DIR = Path(os.environ.get("TESSERA_AEROSPIKE_DIR", REPO.parent / "shared" / "aerospike"))
 
 
 @pytest.fixture(scope="module")
 def aerospike_hosts(tmp_path_factory):
     """A fresh server of its own: ``host:port``."""
-    start = SERVER_DIR / "start.sh"
-    if not start.exists():
-        pytest.skip(f"no Aerospike server build at {SERVER_DIR} (set TESSERA_AEROSPIKE_DIR)")
-    state = tmp_path_factory.mktemp("aerospike")
-    for _ in range(5):  # the server takes port, port + 1 and port + 2
-        port = find_free_port()
-        started = subprocess.run([str(start), str(state), str(port)], capture_output=True,
-                                 text=True, timeout=60)
-        if started.returncode == 0:
-            break
-        subprocess.run([str(SERVER_DIR / "stop.sh"), str(state)], capture_output=True)
-    else:
-        raise AssertionError(f"aerospike did not start: {started.stderr[-1000:]}")
-    yield started.stdout.strip().splitlines()[-1]
-    subprocess.run([str(SERVER_DIR / "stop.sh"), str(state)], capture_output=True, timeout=30)
+    if not aerospike_local.available():
+        pytest.skip(f"no Aerospike server build at {aerospike_local.server_dir()} "
+                    "(set TESSERA_AEROSPIKE_DIR)")
+    with LocalAerospike(tmp_path_factory.mktemp("aerospike"), size_mb=512) as server:
+        yield server.hosts
 
 
 _AGGS = {f.key: build_aggregation(f) for f in load_features(REPO / "features.yaml").features}
