@@ -17,6 +17,11 @@ One run, one machine:
    ``matching`` + ``rows`` (id -> row) + the gather into the columns the ranker gets, for
    the same 2,000 items x 10 features (items only: the pipeline reads the user from the
    store). Values checked equal to the store path's on every request.
+4b. Tessera, store path on Aerospike: where a server build exists (``tessera.aerospike_local``,
+   ``../shared/aerospike``), a local single-node server gets the same blocks flow over the
+   same events and the same pre-assembly; the same requests are read through
+   ``FeatureClient`` and checked equal to LMDB's on every request. Also printed: both flows'
+   times and the server's bytes per record (data + primary index over its record count).
 5. Feast (``bench/feast_online_peer.py``, in its own process, possibly another venv): a
    local-provider ``FeatureStore`` with a SQLite online store, an ``item_id`` feature view
    holding the same 10 values Tessera returns at its watermark for every item and a
@@ -41,6 +46,7 @@ Time (2 cores): ``--quick`` ~1.5 minutes; the full run (100k items, 1M views, 1,
 Usage: python bench/online.py [--quick] [--requests N] [--feast-python PATH] [--skip-feast]
 Last line: RESULT online p50_ms=<a> p99_ms=<store path> snapshot_p99_ms=<b>
 feast_p99_ms=<c> ratio_vs_feast=<c/p99> naive_p99_ms=<d> ratio=<d/p99> ...
+aerospike_p99_ms=<store path on Aerospike> aerospike_bytes_per_record=<e>
 """
 
 from __future__ import annotations
@@ -69,8 +75,12 @@ ITEM_NAMES = [
 ]
 
 
-def build_store(tmp: Path, n_items: int, views: int):
-    """World -> broker -> blocks flow -> LMDB store; then pre-assemble items."""
+def build_store(tmp: Path, n_items: int, views: int, aerospike_url: str | None = None):
+    """World -> broker -> blocks flow -> LMDB store; then pre-assemble items.
+
+    With ``aerospike_url``, the same flow runs again over the same events into that store
+    (and pre-assembles there): the two stores hold the same blocks and values. Returns the
+    LMDB URL, the feature set and each store's flow seconds."""
     from dataflows.blocks import BlocksFlowConfig, build_blocks_flow
     from dataflows.runner import run_flow
     from features.preassembled import refresh_preassembled
@@ -82,6 +92,8 @@ def build_store(tmp: Path, n_items: int, views: int):
 
     fs = load_features(REPO / "features.yaml")
     url = f"lmdb://{tmp}/store"
+    urls = [url] + ([aerospike_url] if aerospike_url else [])
+    flow_s: dict[str, float] = {}
     with EmbeddedBroker(state_dir=tmp / "broker") as info:
         create_topics(info.bootstrap, PLATFORM_TOPICS, partitions=4)
         world = WorldConfig(seed=21, n_users=50_000, n_items=n_items, n_authors=5_000,
@@ -90,16 +102,48 @@ def build_store(tmp: Path, n_items: int, views: int):
         t = time.perf_counter()
         summary = write_to_kafka(world, info.bootstrap, batch_events=1000)
         print(f"produced {sum(summary.counts.values()):,} events in {time.perf_counter() - t:.1f}s")
-        t = time.perf_counter()
-        run_flow(build_blocks_flow(BlocksFlowConfig(
-            bootstrap=info.bootstrap, store_url=url, features=fs, bounded=True, shards=4)))
-        print(f"blocks flow (all features) done in {time.perf_counter() - t:.1f}s")
-    with open_store(url) as store:
-        t = time.perf_counter()
-        rep = refresh_preassembled(store, fs, "item")
-        print(f"pre-assembled {rep.entities:,} items x {len(rep.columns)} values in "
-              f"{time.perf_counter() - t:.1f}s")
-    return url, fs
+        for u in urls:
+            t = time.perf_counter()
+            run_flow(build_blocks_flow(BlocksFlowConfig(
+                bootstrap=info.bootstrap, store_url=u, features=fs, bounded=True, shards=4)))
+            flow_s[u] = time.perf_counter() - t
+            print(f"blocks flow (all features) into {u.split(':')[0]} done in {flow_s[u]:.1f}s")
+    for u in urls:
+        with open_store(u) as store:
+            t = time.perf_counter()
+            rep = refresh_preassembled(store, fs, "item")
+            print(f"pre-assembled {rep.entities:,} items x {len(rep.columns)} values in "
+                  f"{u.split(':')[0]} in {time.perf_counter() - t:.1f}s")
+    return url, fs, flow_s
+
+
+def read_aerospike(url: str, fs, req_users, req_ids, user_names, warmup: int,
+                   store_vals: np.ndarray, user_vals: np.ndarray):
+    """The store path on Aerospike: the same requests; values checked equal to LMDB's."""
+    from features.client import FeatureClient
+    from features.store import open_store
+
+    store = open_store(url, readonly=True)
+    client = FeatureClient(store, fs)
+    samples, item_samples = [], []
+    try:
+        for k in range(len(req_ids)):
+            t = time.perf_counter()
+            u = client.get_features("user", [str(req_users[k])], user_names)
+            t1 = time.perf_counter()
+            r = client.get_features("item", req_ids[k], ITEM_NAMES)
+            t2 = time.perf_counter()
+            if k < warmup:
+                continue
+            samples.append(t2 - t)
+            item_samples.append(t2 - t1)
+            j = k - warmup
+            if not (np.array_equal(r.values, store_vals[j])
+                    and np.array_equal(u.values[0], user_vals[j], equal_nan=True)):
+                raise SystemExit(f"request {j}: Aerospike values differ from LMDB's")
+    finally:
+        store.close()
+    return percentiles(samples), percentiles(item_samples)
 
 
 def build_naive(tmp: Path, store_url: str, fs, items: list[str],
@@ -257,6 +301,9 @@ def main() -> None:
     ap.add_argument("--feast-python", default=None,
                     help="interpreter with Feast installed (default: see the docstring)")
     ap.add_argument("--skip-feast", action="store_true")
+    ap.add_argument("--skip-aerospike", action="store_true",
+                    help="no Aerospike store path (default: run it when a server build is "
+                    "in ../shared/aerospike or $TESSERA_AEROSPIKE_DIR)")
     args = ap.parse_args()
     if args.quick:
         args.items, args.views, args.requests, args.naive_requests = 20_000, 150_000, 200, 10
@@ -273,9 +320,22 @@ def main() -> None:
     configure_logging(level="WARNING")
     warmup, per_request = 20, 2_000
     load0 = os.getloadavg()[0]  # other work on the machine shows in the p99s
+    from tessera import aerospike_local
+
+    aero = None
+    if not args.skip_aerospike and aerospike_local.available():
+        aero = aerospike_local.LocalAerospike(Path(tempfile.mkdtemp(prefix="online-as-")),
+                                              size_mb=4096).start()
+        import atexit
+
+        atexit.register(aero.stop)
+    elif not args.skip_aerospike:
+        print(f"no Aerospike server build at {aerospike_local.server_dir()}: store path on "
+              "LMDB only")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        url, fs = build_store(tmp, args.items, args.views)
+        url, fs, flow_s = build_store(tmp, args.items, args.views,
+                                      aero.store_url if aero else None)
         rss_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         store = open_store(url, readonly=True)
         client = FeatureClient(store, fs)
@@ -379,6 +439,16 @@ def main() -> None:
             f50, f99 = percentiles(feast["timings"].sum(axis=1))
             fi50, fi99 = percentiles(feast["timings"][:, 1])
 
+        # --- Tessera, store path on Aerospike (same data, same requests)
+        if aero is not None:
+            (a50, a99), (ai50, ai99) = read_aerospike(
+                aero.store_url, fs, req_users, req_ids, user_names, warmup, store_vals,
+                user_vals)
+            stats = aero.namespace_stats()
+            aero.stop()
+            objects = int(stats.get("objects", 0))
+            used = int(stats.get("data_used_bytes", 0)) + int(stats.get("index_used_bytes", 0))
+
         # --- naive baseline on the first requests
         nk = list(timed)[:args.naive_requests]
         env = build_naive(tmp, url, fs, list(dict.fromkeys(x for k in nk for x in req_ids[k])),
@@ -408,6 +478,9 @@ def main() -> None:
         ("tessera snapshot: 2,000 items x 10 (id->row + gather)", s50, s99),
         ("tessera store: 2,000 items x 10 assembled from blocks", b50, b99),
     ]
+    if aero is not None:
+        rows_out += [("tessera store on aerospike: 1 user + 2,000 items x 10", a50, a99),
+                     ("tessera store on aerospike: the 2,000 items x 10 alone", ai50, ai99)]
     if feast is not None:
         rows_out += [("feast sqlite: 1 user + 2,000 items x 10", f50, f99),
                      ("feast sqlite: the 2,000 items x 10 alone", fi50, fi99)]
@@ -419,6 +492,12 @@ def main() -> None:
           f"{sources['preassembled']:,}, from blocks {sources['blocks']:,}; snapshot"
           + (", Feast" if feast is not None else "") + " and naive values checked equal "
           "to Tessera's on every request")
+    if aero is not None:
+        print(f"aerospike (CE 8.1, one local node, in memory): {objects:,} records, "
+              f"{used / 2**20:.0f} MB data + primary index, {used / max(objects, 1):.0f} "
+              f"bytes a record; blocks flow (all features, same events) "
+              f"{flow_s[aero.store_url]:.1f}s into Aerospike vs {flow_s[url]:.1f}s into LMDB; "
+              "values checked equal to LMDB's on every request")
     if feast is not None:
         print(f"feast {feast['version']}: get_online_features(...).to_dict(), SQLite online "
               f"store written in {feast['write_s']:.1f}s; peak RSS {feast['peak_rss_mb']:.0f} MB")
@@ -427,11 +506,14 @@ def main() -> None:
           f"at the start {load0:.2f}, at the end {os.getloadavg()[0]:.2f} (1 min; "
           f"{os.cpu_count()} CPUs)")
     fp99 = f"{f99:.2f}" if feast is not None else "nan"
+    ap99 = f"{a99:.2f}" if aero is not None else "nan"
+    per_rec = f"{used / max(objects, 1):.0f}" if aero is not None else "nan"
     fratio = f"{f99 / p99:.1f}" if feast is not None else "nan"
     print(f"\nRESULT online p50_ms={p50:.2f} p99_ms={p99:.2f} snapshot_p99_ms={s99:.3f} "
           f"feast_p99_ms={fp99} ratio_vs_feast={fratio} naive_p99_ms={n99:.2f} "
           f"ratio={n99 / p99:.1f} items_p99_ms={i99:.2f} blocks_p99_ms={b99:.2f} "
-          f"items={args.items} peak_rss_mb={rss:.0f}")
+          f"items={args.items} peak_rss_mb={rss:.0f} aerospike_p99_ms={ap99} "
+          f"aerospike_bytes_per_record={per_rec}")
 
 
 if __name__ == "__main__":

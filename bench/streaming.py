@@ -32,6 +32,9 @@ each, on a fresh embedded broker (Tansu):
   feature at every block size); the stored 1d ``item_views`` counts of all items must add up
   to N. If anything differs, the differences are printed and the bench exits 1 without a
   RESULT line.
+* Aerospike (with a server build, ``tessera.aerospike_local``): the same per-event messages,
+  every feature, into a fresh local single-node server; the stored 1d ``item_views`` must add
+  up to N; bytes per record from the server's namespace statistics.
 * Batched (secondary): the same N views as batch envelopes (1,000 events a message, the
   Tessera fast path) on a second broker, every ``views`` feature.
 * Freshness: on a third broker, the flow tails ``views`` (every ``views`` feature, flush
@@ -51,6 +54,8 @@ Last line:
          quix_rss_mb=<Quix peak RSS, every feature>
          anon_mb=<Tessera peak anonymous RSS: without the store's mapped file pages>
          quix_anon_mb=<Quix peak anonymous RSS>
+         aerospike_events_per_s=<Tessera, every feature, into Aerospike> (with a server build)
+         aerospike_bytes_per_record=<server data + index bytes / records>
 """
 
 from __future__ import annotations
@@ -273,18 +278,20 @@ def steady_rate(r: dict) -> float:
     return r["events"] / (r["wall_s"] - first) if first is not None else float("nan")
 
 
-def run_tessera(bootstrap: str, features: Path, tmp: Path, name: str, n: int) -> dict:
-    """Run the bounded blocks flow on ``views`` into a fresh store; check it read all ``n``."""
-    store = tmp / f"store-{name}"
+def run_tessera(bootstrap: str, features: Path, tmp: Path, name: str, n: int,
+                store_url: str | None = None) -> dict:
+    """Run the bounded blocks flow on ``views`` into a fresh store (a new LMDB unless
+    ``store_url``); check it read all ``n``."""
+    store_url = store_url or f"lmdb://{tmp / f'store-{name}'}"
     log_path = tmp / f"tessera-{name}.log"
-    proc = _launch("tessera", {"bootstrap": bootstrap, "store_url": f"lmdb://{store}",
+    proc = _launch("tessera", {"bootstrap": bootstrap, "store_url": store_url,
                                "features": str(features), "bounded": True, "flush_ms": 1000},
                    log_path)
     res = _result(proc, log_path, timeout=1800)
     if res["events"] != n:
         raise RuntimeError(f"tessera ({name}) decoded {res['events']} events, produced {n}; "
                            f"see {log_path}")
-    res["store_url"] = f"lmdb://{store}"
+    res["store_url"] = store_url
     print(f"tessera {name}: {steady_rate(res):,.0f} events/s steady, "
           f"wall {res['wall_s']:.1f}s", flush=True)
     return res
@@ -489,12 +496,13 @@ class Runs:
     fresh: dict
     quix: dict | None = None
     quix_count: dict | None = None
+    aerospike: dict | None = None  # every feature into a local Aerospike server
     check: Any = None  # streaming_check.CheckReport; None without a peer run
     stored_total: int = 0
 
 
 def run_per_event(tmp: Path, v: Views, sample: dict[str, list[str]], skip_quix: bool
-                  ) -> tuple[dict, dict, dict | None, dict | None]:
+                  ) -> tuple[dict, dict, dict | None, dict | None, dict | None]:
     """Produce the views once as single-event Avro messages; run both engines on them."""
     from tessera.broker import EmbeddedBroker
     from tessera.topics import create_topics
@@ -514,10 +522,34 @@ def run_per_event(tmp: Path, v: Views, sample: dict[str, list[str]], skip_quix: 
         print(f"produced {n:,} single-event Avro messages in {produce_s:.1f}s", flush=True)
         full = run_tessera(info.bootstrap, ALL_FEATURES, tmp, "full", n)
         count = run_tessera(info.bootstrap, count_features, tmp, "count", n)
+        aero = run_aerospike(info.bootstrap, tmp, n)
         if not skip_quix:
             quix = run_quix(info.bootstrap, ALL_FEATURES, tmp, "full", n, sample)
             quix_count = run_quix(info.bootstrap, count_features, tmp, "count", n, {})
-    return full, count, quix, quix_count
+    return full, count, quix, quix_count, aero
+
+
+def run_aerospike(bootstrap: str, tmp: Path, n: int) -> dict | None:
+    """Every feature, the same per-event messages, into a local Aerospike server (when a
+    build exists): the store write path on the production store. The stored 1d item_views
+    must add up to ``n``; the server's bytes per record come from its namespace stats."""
+    from bench.streaming_check import count_total
+    from tessera import aerospike_local
+
+    if not aerospike_local.available():
+        print(f"no Aerospike server build at {aerospike_local.server_dir()}: no Aerospike run")
+        return None
+    with aerospike_local.LocalAerospike(tmp / "aerospike", size_mb=8192) as server:
+        res = run_tessera(bootstrap, ALL_FEATURES, tmp, "aerospike", n,
+                          store_url=server.store_url)
+        stats = server.namespace_stats()
+        res["stored_total"] = count_total(server.store_url)
+    res["records"] = int(stats.get("objects", 0))
+    res["bytes"] = int(stats.get("data_used_bytes", 0)) + int(stats.get("index_used_bytes", 0))
+    if res["stored_total"] != n:
+        raise RuntimeError(f"Aerospike: stored 1d item_views add up to {res['stored_total']:,}, "
+                           f"produced {n:,}")
+    return res
 
 
 def run_batched(tmp: Path, v: Views) -> dict:
@@ -555,7 +587,7 @@ def run_all(n: int, rate: int, seconds: float, skip_quix: bool) -> Runs:
         print(f"generated {n:,} views ({len(np.unique(v.item)):,} items, event time "
               "2025-11-01 22:30 to 01:30 UTC)", flush=True)
         sample = pick_sample(v)
-        full, count, quix, quix_count = run_per_event(tmp, v, sample, skip_quix)
+        full, count, quix, quix_count, aero = run_per_event(tmp, v, sample, skip_quix)
         check, total = (check_outputs(v, ALL_FEATURES, full, quix, sample, count["store_url"])
                         if quix else (None, 0))
         if check is not None:
@@ -564,7 +596,7 @@ def run_all(n: int, rate: int, seconds: float, skip_quix: bool) -> Runs:
         batched = run_batched(tmp, v)
         quiet_disk(tmp)
         fresh = measure_freshness(tmp, ALL_FEATURES, rate, seconds)
-    return Runs(n, full, count, batched, fresh, quix, quix_count, check, total)
+    return Runs(n, full, count, batched, fresh, quix, quix_count, aero, check, total)
 
 
 # -- report ------------------------------------------------------------------------------
@@ -612,7 +644,14 @@ def print_summary(r: Runs, rate: int, seconds: float) -> None:
         (f"quix streams, all {n_views} views features", r.quix),
         ("quix streams, item_views count", r.quix_count),
         (f"tessera, all {n_views} features, 1000-event envelopes", r.batched),
+        (f"tessera, all {n_views} features, Aerospike store", r.aerospike),
     ])
+    if r.aerospike:
+        a = r.aerospike
+        print(f"aerospike (CE 8.1, one local node, in memory): {a['records']:,} records, "
+              f"{a['bytes'] / 2**20:,.0f} MB data + primary index, "
+              f"{a['bytes'] / max(a['records'], 1):,.0f} bytes a record; stored 1d item_views "
+              f"add up to {a['stored_total']:,}")
     if r.quix and r.quix_count:
         print(f"ratio tessera / quix, steady: every views feature "
               f"{steady_rate(r.full) / steady_rate(r.quix):.2f}x, item_views count "
@@ -648,7 +687,10 @@ def result_line(r: Runs) -> str:
             f"quix_events_per_s={steady_rate(r.quix):.0f} "
             f"quix_count_events_per_s={steady_rate(r.quix_count):.0f} "
             f"quix_rss_mb={r.quix['peak_rss_mb']:.0f} "
-            f"anon_mb={r.full['peak_anon_mb']:.0f} quix_anon_mb={r.quix['peak_anon_mb']:.0f}")
+            f"anon_mb={r.full['peak_anon_mb']:.0f} quix_anon_mb={r.quix['peak_anon_mb']:.0f}"
+            + (f" aerospike_events_per_s={steady_rate(r.aerospike):.0f} aerospike_bytes_per_record="
+               f"{r.aerospike['bytes'] / max(r.aerospike['records'], 1):.0f}"
+               if r.aerospike else ""))
 
 
 # -- main ------------------------------------------------------------------------------

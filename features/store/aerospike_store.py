@@ -18,8 +18,10 @@ Data model (namespace from the URL):
   same total order the LMDB backend uses.
 * Values: bin ``"v_" + 8 hex`` of the table name holding ``records.encode_value`` bytes; the
   column lists live in the meta record ``\\0values\\0<entity_type>\\0<table>``.
-* Watermarks: set ``tessera_wm``, one record per name (bins ``name``, ``ts``); raised with a
-  read-compare-write under a generation check, retried on conflict, so it never goes back.
+* Watermarks: one record (set ``tessera_wm``, key ``tessera:watermarks``) with a map bin
+  ``m`` of name -> ts: a read of every watermark is one ``get`` (a feature request reads
+  them three times; a set query per read cost milliseconds), and a flush's raises are one
+  ``map_put_items`` under a generation check, retried on conflict, so none goes back.
 * Meta: set ``tessera_meta``, bin ``v``.
 
 Entity records get a TTL (``ttl_s``, default ``DEFAULT_TTL_S``, or ``ttl_for_specs``) that
@@ -61,6 +63,7 @@ from features.store.base import (
     check_part,
     sequence_from_tuples,
 )
+from features.store.blockbatch import BlockBatch
 from features.store.blocktable import BlockTable
 from features.store.errors import StoreError, StoreUnavailableError
 from features.store.records import columns_id, decode_values, encode_value
@@ -110,6 +113,8 @@ _INTERNAL = "tessera:"
 # pre-assembly's entity list) returns only the digest of records written without it.
 _SEND_KEY = {"key": aerospike.POLICY_KEY_SEND} if aerospike is not None else {}
 _BIN_NAMES_KEY = f"{_INTERNAL}bins"
+_MARKS_KEY = f"{_INTERNAL}watermarks"
+_MARKS_BIN = "m"
 _META_PREFIX = "meta:"
 
 
@@ -132,6 +137,21 @@ def encode_block_key(feature_key: str, size: int, start: int) -> bytes:
         + int(size).to_bytes(8, "big")
         + ((int(start) + _SIGN) % (1 << 64)).to_bytes(8, "big")
     )
+
+
+def _block_keys(batch: BlockBatch) -> list[bytes]:
+    """``encode_block_key`` of every row of ``batch``: the 16 bytes of size and start for
+    all rows in one numpy pass, then one concatenation per row."""
+    for fk in batch.feature_keys:
+        if "\x00" in fk:
+            raise StoreError(f"feature key must not contain NUL, got {fk!r}")
+    tail = np.empty((len(batch), 2), dtype=">u8")
+    tail[:, 0] = batch.sizes.astype(np.uint64)
+    tail[:, 1] = (batch.starts.astype(np.int64).view(np.uint64) + np.uint64(_SIGN))
+    raw = tail.tobytes()
+    heads = [fk.encode("utf-8") + b"\x00" for fk in batch.feature_keys]
+    fid = batch.feature_idx.tolist()
+    return [heads[f] + raw[16 * i:16 * i + 16] for i, f in enumerate(fid)]
 
 
 def decode_block_key(key: bytes) -> tuple[str, int, int]:
@@ -432,28 +452,55 @@ class AerospikeStore(OnlineStore):
         keep_after: Mapping[int, int] | None = None,
     ) -> None:
         self._check_writable("put_blocks")
+        for row in rows:
+            if row[3] <= 0:
+                raise StoreError(f"block size must be a positive number of ms, got {row[3]}")
+        self.put_block_batch(entity_type, family, BlockBatch.from_rows(list(rows)),
+                             keep_after=keep_after)
+
+    def put_block_batch(
+        self,
+        entity_type: str,
+        family: str,
+        batch: BlockBatch,
+        *,
+        keep_after: Mapping[int, int] | None = None,
+    ) -> None:
+        """One ``map_put_items`` per entity, all in one ``batch_write``; map keys built for
+        the whole batch at once. Retention: the same range removals for every entity (built
+        once), for the features of the batch."""
+        self._check_writable("put_block_batch")
         check_part("entity_type", entity_type)
-        by_entity: dict[str, dict[bytes, bytes]] = defaultdict(dict)
-        for entity_id, feature_key, start, size, rep in rows:
-            if size <= 0:
-                raise StoreError(f"block size must be a positive number of ms, got {size}")
-            by_entity[entity_id][encode_block_key(feature_key, size, start)] = bytes(rep)
-        if not by_entity:
+        if not len(batch):
             return
+        if (batch.sizes <= 0).any():
+            bad = int(batch.sizes[batch.sizes <= 0][0])
+            raise StoreError(f"block size must be a positive number of ms, got {bad}")
         bin_name = self._family_bin(check_part("family", family))
-        written = sorted({row[1] for row in rows})  # retention covers these features only
+        keys = _block_keys(batch)
+        off = batch.offsets.tolist()
+        blob = bytes(batch.blob)
+        reps = [blob[a:b] for a, b in zip(off[:-1], off[1:])]
+        order = np.argsort(batch.entity_idx, kind="stable")
+        ent_sorted = batch.entity_idx[order]
+        bounds = np.searchsorted(ent_sorted, np.arange(len(batch.entity_ids) + 1)).tolist()
+        order_list = order.tolist()
         policy = {"map_order": aerospike.MAP_KEY_ORDERED}
+        retention = [  # per (feature, size): one range removal, the same for every entity
+            map_operations.map_remove_by_key_range(
+                bin_name, encode_block_key(fk, size, -(2**62)),
+                encode_block_key(fk, size, ts - size + 1), aerospike.MAP_RETURN_NONE)
+            for fk in sorted(batch.feature_keys) for size, ts in (keep_after or {}).items()]
+        write_policy = self._entity_write()
         writes = []
-        for e, items in by_entity.items():
-            ops = [map_operations.map_put_items(bin_name, items, map_policy=policy)]
-            # per-size retention: drop [key(f, size, -inf), key(f, size, ts - size + 1)) ranges
-            for feature_key in written if keep_after else ():
-                for size, ts in keep_after.items():
-                    ops.append(map_operations.map_remove_by_key_range(
-                        bin_name, encode_block_key(feature_key, size, -(2**62)),
-                        encode_block_key(feature_key, size, ts - size + 1), aerospike.MAP_RETURN_NONE))
-            writes.append(Write(self._key(entity_type, check_part("entity_id", e)), ops,
-                                policy=self._entity_write()))
+        for e, entity_id in enumerate(batch.entity_ids):
+            rows = order_list[bounds[e]:bounds[e + 1]]
+            if not rows:
+                continue
+            items = {keys[i]: reps[i] for i in rows}
+            ops = [map_operations.map_put_items(bin_name, items, map_policy=policy), *retention]
+            writes.append(Write(self._key(entity_type, check_part("entity_id", entity_id)), ops,
+                                policy=write_policy))
         self._batch_write("put_blocks", writes)
 
     def get_block_tables(
@@ -609,54 +656,53 @@ class AerospikeStore(OnlineStore):
     # ------------------------------------------------------------------ watermarks, meta
 
     def set_watermark(self, name: str, ts: int) -> int:
-        self._check_writable("set_watermark")
-        key = self._key(WATERMARK_SET, check_part("watermark name", name))
-        ts = int(ts)
+        return self.set_watermarks({name: ts})[name]
+
+    def set_watermarks(self, items: Mapping[str, int]) -> dict[str, int]:
+        """Raise many watermarks in one write of the watermark record (see ``_marks``)."""
+        self._check_writable("set_watermarks")
+        want = {check_part("watermark name", n): int(ts) for n, ts in items.items()}
+        if not want:
+            return {}
+        key = self._key(WATERMARK_SET, _MARKS_KEY)
         for _ in range(100):
-            with self._errors("set_watermark"):
+            with self._errors("set_watermarks"):
+                marks, gen = self._marks()
+                out = {n: max(ts, marks.get(n, ts)) for n, ts in want.items()}
+                rising = {n: ts for n, ts in out.items() if marks.get(n) != ts}
+                if not rising:
+                    return out
+                policy = ({"exists": aerospike.POLICY_EXISTS_CREATE} if gen is None else
+                          {"gen": aerospike.POLICY_GEN_EQ})
+                extra = {"meta": {"gen": gen}} if gen is not None else {}
                 try:
-                    _, meta, bins = self.client.get(key)
-                except aerospike_exception.RecordNotFound:
-                    try:
-                        self.client.put(
-                            key,
-                            {"name": name, "ts": ts},
-                            policy={"exists": aerospike.POLICY_EXISTS_CREATE,
-                                    "ttl": aerospike.TTL_NEVER_EXPIRE},
-                        )
-                        return ts
-                    except aerospike_exception.RecordExistsError:
-                        continue
-                if bins["ts"] >= ts:
-                    return int(bins["ts"])
-                try:
-                    self.client.put(
-                        key,
-                        {"name": name, "ts": ts},
-                        meta={"gen": meta["gen"]},
-                        policy={"gen": aerospike.POLICY_GEN_EQ,
-                                "ttl": aerospike.TTL_NEVER_EXPIRE},
-                    )
-                    return ts
-                except aerospike_exception.RecordGenerationError:
-                    continue
+                    self.client.operate(
+                        key, [map_operations.map_put_items(_MARKS_BIN, rising)],
+                        policy={**policy, "ttl": aerospike.TTL_NEVER_EXPIRE}, **extra)
+                    return out
+                except (aerospike_exception.RecordGenerationError,
+                        aerospike_exception.RecordExistsError):
+                    continue  # another writer raised some mark first: read again
         raise StoreError(
-            f"set_watermark {name!r}: gave up after 100 conflicting concurrent updates"
-        )
+            f"set_watermarks {sorted(want)[:3]!r}: gave up after 100 conflicting concurrent "
+            "updates")
+
+    def _marks(self) -> tuple[dict[str, int], int | None]:
+        """Every watermark and the record's generation (None: no record yet).
+
+        All watermarks live in one record (a map bin, name -> ts), so a read is one ``get``
+        (a request reads them several times) and a flush's raises are one atomic write,
+        made under a generation check so that a mark never goes back."""
+        try:
+            _, meta, bins = self.client.get(self._key(WATERMARK_SET, _MARKS_KEY))
+        except aerospike_exception.RecordNotFound:
+            return {}, None
+        return {str(k): int(v) for k, v in (bins.get(_MARKS_BIN) or {}).items()}, meta["gen"]
 
     def get_watermarks(self, prefix: str = "") -> dict[str, int]:
-        out: dict[str, int] = {}
-
-        def collect(record) -> None:
-            bins = record[2] or {}
-            name = bins.get("name")
-            if isinstance(name, str) and name.startswith(prefix):
-                out[name] = int(bins["ts"])
-
         with self._errors("get_watermarks"):
-            query = self.client.query(self.namespace, WATERMARK_SET)
-            query.foreach(collect)
-        return out
+            marks, _ = self._marks()
+        return {n: ts for n, ts in marks.items() if n.startswith(prefix)}
 
     def put_meta(self, key: str, value: bytes) -> None:
         self._check_writable("put_meta")
