@@ -183,7 +183,22 @@ def blocktable_from_map(blocks: Mapping[bytes, bytes]) -> BlockTable:
     starts = (tails[:, 1] ^ np.uint64(_SIGN)).view(np.int64)
     names = [k[:-17].decode("utf-8") for k in keys]
     reps = [bytes(v) for v in blocks.values()]
-    return BlockTable.from_arrays(names, starts, sizes, reps)
+    # A KEY_ORDERED map comes back sorted by its byte keys, which is the table's own order
+    # (feature, size, start): build the table directly. Otherwise sort and deduplicate.
+    pos: dict[str, int] = {}
+    fi = np.fromiter((pos.setdefault(name, len(pos)) for name in names), np.int32, n)
+    features = tuple(pos)
+    ordered = list(features) == sorted(features) and bool(np.all(np.diff(fi) >= 0))
+    if ordered and n > 1:
+        same = fi[1:] == fi[:-1]
+        later = (sizes[1:] > sizes[:-1]) | ((sizes[1:] == sizes[:-1]) & (starts[1:] > starts[:-1]))
+        ordered = bool(np.all(later | ~same))
+    if not ordered or (sizes <= 0).any():
+        return BlockTable.from_arrays(names, starts, sizes, reps)
+    offsets = np.zeros(n + 1, np.uint32)
+    offsets[1:] = np.cumsum(np.fromiter(map(len, reps), np.int64, n))
+    return BlockTable(features=features, feature_idx=fi, starts=starts.astype(np.int64),
+                      sizes=sizes, offsets=offsets, blob=b"".join(reps))
 
 
 def blocks_to_drop(blocks: Mapping[bytes, bytes], ts: int) -> list[bytes]:
