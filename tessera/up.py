@@ -95,6 +95,8 @@ class Platform:
     published: list[str] = field(default_factory=list)
     serving_since_ms: int | None = None
     checking: Child | None = None  # the running consistency check
+    #: messages written per topic by ``bootstrap_history`` (the archive must hold them all)
+    history_messages: dict[str, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ processes
     def _tessera(self, *args: str) -> list[str]:
@@ -170,6 +172,7 @@ class Platform:
                                  duration_ms=int(c.history_days * DAY) - 2 * MINUTE,
                                  id_namespace=f"h{now}-")
         summary = write_to_kafka(self.world, self.bootstrap, batch_events=1_000)
+        self.history_messages = dict(summary.messages)
         total = sum(summary.counts.values())
         (c.state_dir).mkdir(parents=True, exist_ok=True)
         (c.state_dir / "simulator_args.json").write_text(json.dumps(self.simulator_args()))
@@ -220,6 +223,35 @@ class Platform:
                     return low
             time.sleep(1.0)
         raise TimeoutError("the workers did not catch up with the history in time")
+
+    def wait_archived(self, timeout_s: float = 300) -> None:
+        """Wait until the raw archive has committed every history message.
+
+        The first training reads the history from the archive's Iceberg tables, and the
+        archive commits every few seconds on its own schedule: a blocks worker that catches
+        up first (as it does on a fast store) would otherwise leave the batch step reading an
+        empty or partial archive. A topic's committed offsets add up to its message count
+        once all of it is in (a fresh broker starts every partition at 0).
+        """
+        from dataflows.archive import committed_start_offsets
+
+        want = {t: n for t, n in self.history_messages.items() if n}
+        deadline = time.monotonic() + timeout_s
+        behind = want
+        while time.monotonic() < deadline:
+            self.check_children()
+            try:
+                done = committed_start_offsets(self.config.wh, tuple(want))
+            except Exception:  # the tables are not created yet
+                done = {}
+            behind = {t: n - sum(done.get(t, {}).values()) for t, n in want.items()
+                      if sum(done.get(t, {}).values()) < n}
+            if not behind:
+                self.say("archived   the history is in the raw tables")
+                return
+            time.sleep(1.0)
+        raise TimeoutError(f"the archive did not commit the history in {timeout_s:g}s "
+                           f"(messages still missing per topic: {behind})")
 
     def start_preassemble(self) -> None:
         self.spawn("preassemble", self._tessera("worker", "preassemble", "--store",
@@ -294,6 +326,7 @@ class Platform:
         history_end = self.bootstrap_history()
         self.start_workers()
         caught = self.wait_caught_up(history_end - 2 * MINUTE - 60_000)
+        self.wait_archived()
         self.start_preassemble()
         t0 = history_end - int(c.history_days * DAY)
         train_end = caught - caught % (5 * MINUTE)
