@@ -117,6 +117,21 @@ def build_store(tmp: Path, n_items: int, views: int, aerospike_url: str | None =
     return url, fs, flow_s
 
 
+def timed_requests(client, req_users, req_ids, user_names: list[str], warmup: int):
+    """The store path of every request: read the user, then the 2,000 items.
+
+    Yields ``(j, user vectors, item vectors, request s, items s)`` for each timed request
+    (``j`` counts from 0 after the ``warmup`` ones, which are read but not yielded)."""
+    for k in range(len(req_ids)):
+        t = time.perf_counter()
+        u = client.get_features("user", [str(req_users[k])], user_names)
+        t1 = time.perf_counter()
+        r = client.get_features("item", req_ids[k], ITEM_NAMES)
+        t2 = time.perf_counter()
+        if k >= warmup:
+            yield k - warmup, u, r, t2 - t, t2 - t1
+
+
 def read_aerospike(url: str, fs, req_users, req_ids, user_names, warmup: int,
                    store_vals: np.ndarray, user_vals: np.ndarray):
     """The store path on Aerospike: the same requests; values checked equal to LMDB's."""
@@ -124,20 +139,12 @@ def read_aerospike(url: str, fs, req_users, req_ids, user_names, warmup: int,
     from features.store import open_store
 
     store = open_store(url, readonly=True)
-    client = FeatureClient(store, fs)
     samples, item_samples = [], []
     try:
-        for k in range(len(req_ids)):
-            t = time.perf_counter()
-            u = client.get_features("user", [str(req_users[k])], user_names)
-            t1 = time.perf_counter()
-            r = client.get_features("item", req_ids[k], ITEM_NAMES)
-            t2 = time.perf_counter()
-            if k < warmup:
-                continue
-            samples.append(t2 - t)
-            item_samples.append(t2 - t1)
-            j = k - warmup
+        for j, u, r, total_s, items_s in timed_requests(FeatureClient(store, fs), req_users,
+                                                         req_ids, user_names, warmup):
+            samples.append(total_s)
+            item_samples.append(items_s)
             if not (np.array_equal(r.values, store_vals[j])
                     and np.array_equal(u.values[0], user_vals[j], equal_nan=True)):
                 raise SystemExit(f"request {j}: Aerospike values differ from LMDB's")
@@ -356,18 +363,10 @@ def main() -> None:
         user_lists: list[dict] = []
         samples, item_samples, marks = [], [], set()
         sources = {"preassembled": 0, "blocks": 0}
-        for k in range(warmup + args.requests):
-            user = str(req_users[k])
-            t = time.perf_counter()
-            u = client.get_features("user", [user], user_names)
-            t1 = time.perf_counter()
-            r = client.get_features("item", req_ids[k], ITEM_NAMES)
-            t2 = time.perf_counter()
-            if k < warmup:
-                continue
-            samples.append(t2 - t)
-            item_samples.append(t2 - t1)
-            j = k - warmup
+        for j, u, r, total_s, items_s in timed_requests(client, req_users, req_ids,
+                                                         user_names, warmup):
+            samples.append(total_s)
+            item_samples.append(items_s)
             store_vals[j], user_vals[j] = r.values, u.values[0]
             user_lists.append({n: v[0] for n, v in u.lists.items()})
             marks.add(r.watermark)

@@ -76,7 +76,7 @@ namespace {namespace} {{
 
 
 class LocalAerospike:
-    """Start, stop and restart one local server; ``hosts`` is ``127.0.0.1:port``.
+    """Start and stop one local server (start again after a stop: a restart); ``hosts`` is ``127.0.0.1:port``.
 
     Args:
         state_dir: configuration, logs and (when persistent) the data file.
@@ -163,10 +163,6 @@ class LocalAerospike:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
     def namespace_stats(self) -> dict[str, str]:
         """The server's ``namespace/test`` statistics (objects, used bytes, ...)."""

@@ -467,9 +467,6 @@ class AerospikeStore(OnlineStore):
         keep_after: Mapping[int, int] | None = None,
     ) -> None:
         self._check_writable("put_blocks")
-        for row in rows:
-            if row[3] <= 0:
-                raise StoreError(f"block size must be a positive number of ms, got {row[3]}")
         self.put_block_batch(entity_type, family, BlockBatch.from_rows(list(rows)),
                              keep_after=keep_after)
 
