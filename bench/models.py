@@ -32,14 +32,13 @@ sys.path.insert(0, str(_HERE.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from models.index import ItemIndex, exact_search  # noqa: E402
+from models.index import IndexParams, ItemIndex, exact_search  # noqa: E402
 from models.onnx_export import export_onnx, onnx_session  # noqa: E402
 from models.rankers import L1Ranker, L2Ranker  # noqa: E402
 
 L2_BUCKETS = (50_000, 100_000, 10_000, 1_000)  # user, item, author, topic
 TASKS = ("click", "like", "share", "save", "hide")
 N_DENSE = 20
-EF = 256  # HNSW search candidate list
 SEQ_LEN = 20
 
 
@@ -124,7 +123,9 @@ def main() -> None:
     ids = [f"i{k}" for k in range(items)]
     vectors = clustered_vectors(rng, items, args.dim, clusters=64)
     t = time.perf_counter()
-    index = ItemIndex.build(ids, vectors, M=32, ef_construction=200, ef=EF)
+    params = IndexParams()  # the defaults serving's index is built with
+    index = ItemIndex.build(ids, vectors, M=params.M,
+                            ef_construction=params.ef_construction, ef=params.ef)
     build_s = time.perf_counter() - t
     q = clustered_vectors(rng, queries, args.dim, clusters=64)
     exact, _ = exact_search(ids, vectors, q, 100)
@@ -144,7 +145,8 @@ def main() -> None:
 
     ratio = r2["torch_p99"] / r2["onnx_p99"]
     print(f"models benchmark: {runs} runs per model, 1 thread; HNSW over {items:,} items "
-          f"(dim {args.dim}, M=32, ef_construction=200, ef={EF}, built in {build_s:.1f} s), "
+          f"(dim {args.dim}, M={params.M}, ef_construction={params.ef_construction}, "
+          f"ef={params.ef}, built in {build_s:.1f} s), "
           f"{queries} queries")
     print(f"{'what':<38}{'p50 ms':>10}{'p99 ms':>10}")
     rows = [

@@ -44,17 +44,22 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 def masked_mean(emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``emb [n, L, d]`` over positions where ``mask [n, L]`` is 1 (0 when none)."""
-    m = mask.unsqueeze(-1)
-    return (emb * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+    # a batched matmul, not a broadcast multiply and sum: the same sums, and ONNX Runtime
+    # runs MatMul about twice as fast as Mul + ReduceSum over [n, L, d] (bench/models.py)
+    total = torch.matmul(mask.unsqueeze(1), emb).squeeze(1)
+    return total / mask.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
 def masked_attention(emb: torch.Tensor, mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """Softmax-attention pooling of ``emb [n, L, d]`` with ``query [n, d]`` or ``[d]``."""
     scale = float(emb.shape[-1]) ** -0.5
-    scores = (emb * query.unsqueeze(-2)).sum(dim=-1) * scale
+    if query.dim() == 1:
+        scores = torch.matmul(emb, query) * scale
+    else:
+        scores = torch.matmul(emb, query.unsqueeze(-1)).squeeze(-1) * scale
     scores = scores.masked_fill(mask == 0, _NEG)
     weights = torch.softmax(scores, dim=-1) * mask
-    return (emb * weights.unsqueeze(-1)).sum(dim=1)
+    return torch.matmul(weights.unsqueeze(1), emb).squeeze(1)
 
 
 class UserTower(nn.Module):
