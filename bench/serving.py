@@ -466,15 +466,11 @@ def step_requests(rate: float, plan: dict) -> int:
 
 
 def proc_cpu(pid: int | None) -> float:
-    """CPU seconds a process (all its threads) used so far; 0 without a pid."""
+    """CPU seconds a process and its descendants (``--workers``, the snapshot builder) used
+    so far; 0 without a pid."""
     if not pid:
         return 0.0
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = raw[raw.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_by_role({"server": [pid]})["server"]
 
 
 def loadgen(plan: dict, conn: mp.connection.Connection) -> None:
@@ -834,6 +830,12 @@ def main() -> None:
     ap.add_argument("--feast-python", default=None,
                     help="interpreter with Feast (default: see bench/online.py)")
     ap.add_argument("--skip-feast", action="store_true", help="no Feast peer (no RESULT line)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="serving processes on the port (tessera serve --workers); the stage "
+                         "histograms (hydrate p99) then come from whichever one answers "
+                         "/metrics")
+    ap.add_argument("--keep-logs", default=None, metavar="DIR",
+                    help="copy the server's and workers' logs and the steps there")
     ap.add_argument("--naive", action="store_true", help="also run the naive baseline")
     ap.add_argument("--naive-rates", default="1,2,5,10")
     ap.add_argument("--no-snapshot", action="store_true",
@@ -906,7 +908,7 @@ def main() -> None:
             server = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "serving.app:app_from_env", "--factory",
                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-                 "--no-access-log"], cwd=REPO,
+                 "--no-access-log", "--workers", str(args.workers)], cwd=REPO,
                 env={**env, "TESSERA_SERVE_CONFIG": json.dumps(cfg),
                      "TESSERA_LOG_LEVEL": "INFO"},  # no per-request INFO lines
                 stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "wb"))
@@ -930,6 +932,13 @@ def main() -> None:
             steps = run_ladder(plan, roles)
             metrics = httpx_get(f"{base}/metrics")
             builds = snapshot_builds(tmp / "server.log", steps)
+            if args.keep_logs:
+                import shutil
+                keep = Path(args.keep_logs)
+                keep.mkdir(parents=True, exist_ok=True)
+                for log_file in tmp.glob("*.log"):
+                    shutil.copy(log_file, keep / log_file.name)
+                (keep / "steps.json").write_text(json.dumps(steps, default=str))
 
             if feast_py is not None:
                 fport = find_free_port()

@@ -71,10 +71,13 @@ class ServingState:
         self.drift = DriftTracker()
         self.snapshots = None
         if config.feature_snapshot:
+            from features.snapshot_process import SnapshotBuilder
             from serving.snapshots import SnapshotKeeper
 
-            self.snapshots = SnapshotKeeper(self.client, self.catalog, self._snapshot_names,
-                                            interval_s=config.snapshot_interval_s)
+            self.snapshots = SnapshotKeeper(
+                self.client, self.catalog, self._snapshot_names,
+                interval_s=config.snapshot_interval_s,
+                builder=SnapshotBuilder(config.store_url, config.features_path))
         self.pipeline = FeedPipeline(config, self.client, self.catalog, self.logger, self.metrics,
                                      ctr=self.ctr, drift=self.drift, snapshots=self.snapshots)
         self.follower = CatalogFollower(config.bootstrap, self.catalog).start() \

@@ -235,11 +235,11 @@ class FeedPipeline:
                 log.warning("hydrate_user_failed", error=str(exc)[:200])
         with self._stage("candidates", timings):
             cands = self.candidates(req, seq_items, models, user_row)
-        seen = set(seq_items)
-        cands = [(i, s) for i, s in cands if i not in seen]
+        if seq_items:  # what the user just saw is not offered again
+            seen = set(seq_items)
+            cands = [c for c in cands if c[0] not in seen]
         self.metrics.candidates.labels(stage="retrieved").observe(len(cands))
-        ids = [i for i, _ in cands]
-        sources = [s for _, s in cands]
+        ids, sources = (list(col) for col in zip(*cands)) if cands else ([], [])
 
         with self._stage("hydrate", timings):
             try:
@@ -267,9 +267,9 @@ class FeedPipeline:
             keep = np.argsort(-scores_l1, kind="stable")[: self.config.l1_keep]
         self.metrics.candidates.labels(stage="l1").observe(len(keep))
         sub_cols = {n: c[keep] for n, c in item_cols.items()}
-        sub_ctx = {**context, "item_id": [ids[k] for k in keep.tolist()],
-                   "author_id": [context["author_id"][k] for k in keep.tolist()],
-                   "topic": [context["topic"][k] for k in keep.tolist()]}
+        kept = keep.tolist()
+        sub_ctx = {**context, **{name: list(map(context[name].__getitem__, kept))
+                                 for name in ("item_id", "author_id", "topic")}}
         with self._stage("l2", timings):
             ranker2 = models.l2 if models.l2 is not None and not degraded else models.fallback
             scores_l2 = (ranker2.score(sub_cols, user=user_row, context=sub_ctx)

@@ -27,6 +27,7 @@ import numpy as np
 from features.client import FeatureClient
 from features.errors import TesseraError
 from features.snapshot import FeatureSnapshot, build_snapshot
+from features.snapshot_process import SnapshotBuilder
 from features.store.base import NO_WATERMARK
 from serving.catalog import ItemCatalog
 from tessera.logs import get_logger
@@ -47,14 +48,19 @@ class SnapshotKeeper:
 
     def __init__(self, client: FeatureClient, catalog: ItemCatalog,
                  names: Callable[[], tuple[tuple[str, ...], tuple[str, ...]]], *,
-                 interval_s: float = 1.0, catalog_rebuild_s: float = 10.0, metrics=None):
+                 interval_s: float = 1.0, catalog_rebuild_s: float = 10.0, metrics=None,
+                 builder: SnapshotBuilder | None = None):
         self.client = client
+        #: builds in a child process when given (the app's default), else on this thread
+        self.builder = builder
         self.catalog = catalog
         self.names = names  # () -> (item feature names, author feature names)
         self.interval_s = interval_s
         self.catalog_rebuild_s = catalog_rebuild_s
         self.metrics = metrics
         self.current: ItemSnapshot | None = None
+        #: (snapshot, catalog version, stale-row mask) of the last ``_stale_rows``
+        self._stale: tuple[ItemSnapshot, int, np.ndarray | None] | None = None
         self._built_at = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="feature-snapshot",
@@ -68,6 +74,8 @@ class SnapshotKeeper:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        if self.builder is not None:
+            self.builder.close()
 
     def matching(self, end: int, names: tuple[str, ...]) -> ItemSnapshot | None:
         """The snapshot, if it holds exactly ``names`` at exactly ``end``."""
@@ -80,10 +88,28 @@ class SnapshotKeeper:
         """Row of each of ``ids`` in ``snap``; -1 where it has none or the item's author
         changed after it was built (those are read from the store)."""
         rows = snap.features.rows(ids)
-        changed = self.catalog.changed_since(snap.catalog_version)
-        if changed and len(ids):
-            rows[np.isin(np.asarray(ids, dtype=str), np.asarray(changed, dtype=str))] = -1
+        stale = self._stale_rows(snap)
+        if stale is not None and len(rows):
+            found = rows >= 0
+            rows[found & stale[np.where(found, rows, 0)]] = -1
         return rows
+
+    def _stale_rows(self, snap: ItemSnapshot) -> np.ndarray | None:
+        """Whether each row of ``snap`` belongs to an item re-authored since it was built
+        (None: none is). Computed once per catalog version, not per request: while the
+        catalog loads after a snapshot was built, the changed items are the whole catalog."""
+        version = self.catalog.version
+        cached = self._stale
+        if cached is not None and cached[0] is snap and cached[1] == version:
+            return cached[2]
+        changed = self.catalog.changed_since(snap.catalog_version)
+        mask = None
+        if changed:
+            rows = snap.features.rows(changed)
+            mask = np.zeros(len(snap.features.ids), dtype=bool)
+            mask[rows[rows >= 0]] = True
+        self._stale = (snap, version, mask)
+        return mask
 
     def refresh(self) -> ItemSnapshot | None:
         """Build a new snapshot if the end or the names moved, or the catalog's authors did
@@ -102,8 +128,12 @@ class SnapshotKeeper:
         ids = self.catalog.item_ids()
         if not ids:
             return self.current
-        feats = build_snapshot(self.client, "item", ids, item_names, end,
-                               joined=("author", self.catalog.authors(ids), author_names))
+        joined = ("author", self.catalog.authors(ids), author_names)
+        if self.builder is not None:
+            feats = self.builder.build("item", ids, item_names, end, joined=joined)
+        else:
+            feats = build_snapshot(self.client, "item", ids, item_names, end, joined=joined)
+        feats.row_of  # noqa: B018 -- index the ids before any request sees the snapshot
         old = self.current
         self.current = ItemSnapshot(feats, version)
         self._built_at = time.monotonic()

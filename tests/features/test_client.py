@@ -249,3 +249,34 @@ def test_snapshot_gathers_exactly_what_the_read_returns(filled):
     for j, n in enumerate(author_names):
         np.testing.assert_array_equal(got[n], want_authors.values[:, j], err_msg=n)
     assert np.count_nonzero(got["item_views_1d"]) > 0  # real values, not only defaults
+
+
+def test_snapshot_built_in_a_child_process_equals_the_one_built_here(filled):
+    """``SnapshotBuilder`` (serving's default: the build off the serving interpreter) gives
+    the same snapshot as ``build_snapshot`` on this thread; a bad name raises here."""
+    from features.errors import TesseraError
+    from features.snapshot import build_snapshot
+    from features.snapshot_process import SnapshotBuilder
+
+    store, on_time = filled
+    client = FeatureClient(store, FEATURES)
+    author_of = {r["item_id"]: r["author_id"] for r in on_time["views"]}
+    ids = sorted(author_of)[:200]
+    item_names = ("item_views_1h", "item_views_1d", "item_ctr_1d")
+    author_names = tuple(client.names_for("author"))
+    end = client.snapshot_end([("item", item_names), ("author", author_names)])
+    joined = ("author", [author_of[i] for i in ids], author_names)
+    here = build_snapshot(client, "item", ids, item_names, end, joined=joined)
+    builder = SnapshotBuilder(f"lmdb://{store.path}", "features.yaml")
+    try:
+        there = builder.build("item", ids, item_names, end, joined=joined)
+        assert (there.entity_type, there.end, there.names) == (here.entity_type, here.end,
+                                                                here.names)
+        np.testing.assert_array_equal(there.ids, here.ids)
+        np.testing.assert_array_equal(there.values, here.values)
+        np.testing.assert_array_equal(there.missing, here.missing)
+        np.testing.assert_array_equal(there.rows(ids[::-1]), here.rows(ids[::-1]))
+        with pytest.raises(TesseraError):
+            builder.build("item", ids, ("no_such_feature_1d",), end)
+    finally:
+        builder.close()

@@ -1,0 +1,79 @@
+"""Builds feature snapshots in a process of their own, off the serving interpreter.
+
+A snapshot of 100,000 items x 22 values costs 1-2 s of CPU each time the window end moves.
+Built on a thread of the serving process it holds that process's interpreter lock the whole
+time: requests queued behind it for seconds (bench/serving.py saw 503s and a p99 near 1 s at
+60 requests/s around every build). ``SnapshotBuilder`` runs ``build_snapshot`` in one
+long-lived child process (``spawn``) that opens the store read-only and loads the features
+file once; only the finished arrays (a few MB) cross back.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from features.errors import TesseraError
+from features.snapshot import FeatureSnapshot, build_snapshot
+
+_CLIENT = None  # the child's FeatureClient, made once by ``_open``
+
+
+def _open(store_url: str, features_path: str) -> None:
+    """Child initializer: open the store read-only and the feature definitions."""
+    global _CLIENT
+    from features.client import FeatureClient
+    from features.spec_loader import load_features
+    from features.store import open_store
+
+    _CLIENT = FeatureClient(open_store(store_url, readonly=True), load_features(features_path))
+
+
+def _build(entity_type: str, ids: list[str], names: tuple[str, ...], end: int,
+           joined: tuple[str, list[str], tuple[str, ...]] | None) -> FeatureSnapshot:
+    if _CLIENT is None:
+        raise TesseraError("snapshot builder process was not initialized")
+    return build_snapshot(_CLIENT, entity_type, ids, names, end, joined=joined, pause_s=0.0)
+
+
+class SnapshotBuilder:
+    """``build_snapshot`` in a child process; same arguments, same result.
+
+    The child starts on the first build and is reused; if it dies, the next build starts
+    another. Errors raised by the build (an end the store cannot serve, unknown names) are
+    raised here as they were there.
+    """
+
+    def __init__(self, store_url: str, features_path: str | Path):
+        self.store_url = store_url
+        self.features_path = str(features_path)
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_open, initargs=(self.store_url, self.features_path))
+        return self._pool
+
+    def build(self, entity_type: str, ids: Sequence[str], names: Sequence[str], end: int, *,
+              joined: tuple[str, Sequence[str], Sequence[str]] | None = None
+              ) -> FeatureSnapshot:
+        """Return ``build_snapshot(client, entity_type, ids, names, end, joined=joined)``."""
+        args = (entity_type, list(ids), tuple(names), int(end),
+                None if joined is None else (joined[0], list(joined[1]), tuple(joined[2])))
+        try:
+            snap = self._executor().submit(_build, *args).result()
+        except BrokenProcessPool as exc:
+            self.close()
+            raise TesseraError(f"the snapshot builder process died: {exc}") from exc
+        return snap
+
+    def close(self) -> None:
+        """Stop the child process (a later build starts a new one)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
