@@ -11,6 +11,9 @@ file once; only the finished arrays (a few MB) cross back.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -19,24 +22,39 @@ from pathlib import Path
 from features.errors import TesseraError
 from features.snapshot import FeatureSnapshot, build_snapshot
 
-_CLIENT = None  # the child's FeatureClient, made once by ``_open``
+_CLIENTS: dict[tuple[str, str], object] = {}  # the child's FeatureClient per store and file
 
 
-def _open(store_url: str, features_path: str) -> None:
-    """Child initializer: open the store read-only and the feature definitions."""
-    global _CLIENT
-    from features.client import FeatureClient
-    from features.spec_loader import load_features
-    from features.store import open_store
+def _client(store_url: str, features_path: str):
+    """The child's client, opened on first use (errors reach the caller as exceptions:
+    an initializer's would only print in the child and break the pool)."""
+    key = (store_url, features_path)
+    if key not in _CLIENTS:
+        from features.client import FeatureClient
+        from features.spec_loader import load_features
+        from features.store import open_store
 
-    _CLIENT = FeatureClient(open_store(store_url, readonly=True), load_features(features_path))
+        _CLIENTS[key] = FeatureClient(open_store(store_url, readonly=True),
+                                      load_features(features_path))
+    return _CLIENTS[key]
 
 
-def _build(entity_type: str, ids: list[str], names: tuple[str, ...], end: int,
+def _exit_with_parent(parent: int) -> None:
+    """Child initializer: exit when the serving process is gone (a pool worker outlives a
+    parent killed with SIGKILL otherwise: it holds its own queue's write end open)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _build(store_url: str, features_path: str, entity_type: str, ids: list[str],
+           names: tuple[str, ...], end: int,
            joined: tuple[str, list[str], tuple[str, ...]] | None) -> FeatureSnapshot:
-    if _CLIENT is None:
-        raise TesseraError("snapshot builder process was not initialized")
-    return build_snapshot(_CLIENT, entity_type, ids, names, end, joined=joined, pause_s=0.0)
+    client = _client(store_url, features_path)
+    return build_snapshot(client, entity_type, ids, names, end, joined=joined, pause_s=0.0)
 
 
 class SnapshotBuilder:
@@ -56,14 +74,15 @@ class SnapshotBuilder:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_open, initargs=(self.store_url, self.features_path))
+                initializer=_exit_with_parent, initargs=(os.getpid(),))
         return self._pool
 
     def build(self, entity_type: str, ids: Sequence[str], names: Sequence[str], end: int, *,
               joined: tuple[str, Sequence[str], Sequence[str]] | None = None
               ) -> FeatureSnapshot:
         """Return ``build_snapshot(client, entity_type, ids, names, end, joined=joined)``."""
-        args = (entity_type, list(ids), tuple(names), int(end),
+        args = (self.store_url, self.features_path, entity_type, list(ids), tuple(names),
+                int(end),
                 None if joined is None else (joined[0], list(joined[1]), tuple(joined[2])))
         try:
             snap = self._executor().submit(_build, *args).result()

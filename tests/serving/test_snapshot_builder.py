@@ -1,0 +1,65 @@
+"""The snapshot builder's child process: clear errors, and no orphan when serving dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from features.errors import TesseraError
+from features.snapshot_process import SnapshotBuilder
+from features.store import open_store
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_an_unopenable_store_raises_its_own_error(tmp_path):
+    builder = SnapshotBuilder(f"lmdb://{tmp_path}/missing", REPO / "features.yaml")
+    try:
+        with pytest.raises(TesseraError, match="no LMDB store"):
+            builder.build("item", ["i1"], ("item_views_1d",), 0)
+    finally:
+        builder.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().split(")")[-1].split()[0] != "Z"
+
+
+def test_the_child_exits_when_the_serving_process_is_killed(tmp_path):
+    open_store(f"lmdb://{tmp_path}/store").close()
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from features.snapshot_process import SnapshotBuilder
+        if __name__ == "__main__":
+            b = SnapshotBuilder({f"lmdb://{tmp_path}/store"!r}, {str(REPO / "features.yaml")!r})
+            b.build("item", ["i1"], ("item_views_1d",), 0)
+            print(" ".join(str(p.pid) for p in b._pool._processes.values()), flush=True)
+            time.sleep(60)
+    """)
+    (tmp_path / "serve.py").write_text(script)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "serve.py")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        children = [int(p) for p in proc.stdout.readline().split()]
+        assert children and all(_alive(c) for c in children)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(c) for c in children)
+    finally:
+        proc.kill()
