@@ -38,8 +38,8 @@ each, on a fresh embedded broker (Tansu):
 * Batched (secondary): the same N views as batch envelopes (1,000 events a message, the
   Tessera fast path) on a second broker, every ``views`` feature.
 * Freshness: on a third broker, the flow tails ``views`` (every ``views`` feature, flush
-  every 500 ms) while single-event Avro messages arrive at ``--rate`` events/s (20,000) with
-  event time = now; every 10 ms burst carries one marker view of a new item, and the store
+  every 250 ms, ``FRESH_FLUSH_MS``) while single-event Avro messages arrive at ``--rate``
+  events/s (20,000) with event time = now; every 10 ms burst carries one marker view of a new item, and the store
   is polled (read-only LMDB) until the marker's block appears: freshness = seen - produced.
 
 Usage: python bench/streaming.py [--quick] [--events N] [--rate R] [--seconds S] [--skip-quix]
@@ -97,6 +97,10 @@ REGROUP_GRACE_MS = SPAN_MS + HOUR
 BATCH_EVENTS = 1000
 PARTITIONS = 4
 FRESH_BURST_MS = 10
+#: the tailing flow's flush interval in the freshness run (``tessera worker blocks
+#: --flush-interval``): at 20k events/s with every views feature, p99 was 1.4 s at 250 ms and
+#: 1.7-2.1 s at 500 ms (2 shared cores); the default of 1,000 ms writes less often
+FRESH_FLUSH_MS = 250
 MARKER_ITEM = 10_000_000  # marker views use items from here on (never in generated data)
 ALL_FEATURES = REPO / "features.yaml"
 ITEM_COUNT_YAML = """\
@@ -451,8 +455,10 @@ def _drive(probe: _FreshnessProbe, seconds: float) -> float:
     return produced_s
 
 
-def measure_freshness(tmp: Path, features: Path, rate: int, seconds: float) -> dict:
+def measure_freshness(tmp: Path, features: Path, rate: int, seconds: float,
+                      flush_ms: int | None = None) -> dict:
     """Tail with the flow, produce ``rate`` single-event messages/s, time marker visibility."""
+    flush_ms = FRESH_FLUSH_MS if flush_ms is None else flush_ms
     from tessera.broker import EmbeddedBroker
     from tessera.topics import create_topics
 
@@ -461,7 +467,7 @@ def measure_freshness(tmp: Path, features: Path, rate: int, seconds: float) -> d
         create_topics(info.bootstrap, ["views", "deadletter"], partitions=PARTITIONS)
         log_path = tmp / "tessera-fresh.log"
         proc = _launch("tessera", {"bootstrap": info.bootstrap, "store_url": f"lmdb://{store_dir}",
-                                   "features": str(features), "bounded": False, "flush_ms": 500},
+                                   "features": str(features), "bounded": False, "flush_ms": flush_ms},
                        log_path)
         probe = _FreshnessProbe(info.bootstrap, store_dir, rate)
         try:
@@ -658,7 +664,8 @@ def print_summary(r: Runs, rate: int, seconds: float) -> None:
               f"{steady_rate(r.count) / steady_rate(r.quix_count):.2f}x")
     f = r.fresh
     print(f"freshness (event produced -> block visible in LMDB), tail flow, every views "
-          f"feature, flush 500 ms: {f['rate']:,.0f} events/s offered as single-event messages "
+          f"feature, flush {FRESH_FLUSH_MS} ms: {f['rate']:,.0f} events/s offered as "
+          f"single-event messages "
           f"for {seconds:g}s, {f['seen']}/{f['markers']} markers seen: p50 {f['p50_ms']:.0f} ms, "
           f"p99 {f['p99_ms']:.0f} ms, max {f['max_ms']:.0f} ms")
     print("notes: 'startup s' is launch -> first data (imports, topic metadata, group join); "
