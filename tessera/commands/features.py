@@ -125,6 +125,12 @@ def get(entity_type: str, ids: str, names: str | None, at: str | None, store_url
     except TesseraError as exc:
         raise click.ClickException(f"{exc} (run `tessera worker blocks` to fill a store)") from exc
     client = FeatureClient(store, fs)
+    known = sorted({f.entity_type for f in fs.features} | {d.entity_type for d in fs.derived})
+    if entity_type not in known:
+        store.close()
+        raise click.BadParameter(
+            f"unknown entity type {entity_type!r}; {features_file} defines "
+            f"{', '.join(known) or 'none'}", param_hint="'--entity'")
     id_list = [i for i in ids.split(",") if i]
     name_list = [n for n in names.split(",") if n] if names else client.names_for(entity_type)
     try:

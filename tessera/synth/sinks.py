@@ -12,7 +12,7 @@ import numpy as np
 
 from schemas.codec import encode
 from schemas.columnar import DictColumn, EventColumns, columns_to_records, encode_batch
-from schemas.registry import TOPICS, topic_schema
+from schemas.registry import DEADLETTER_TOPIC, TOPICS, topic_schema
 from tessera.logs import get_logger
 from tessera.synth.errors import SinkError
 from tessera.synth.generate import EMIT_ORDER, GenerationSummary, generate_events
@@ -307,7 +307,9 @@ def write_to_kafka(
         raise SinkError(f"batch_events must be an integer >= 1, got {batch_events!r}")
     log = get_logger("synth.kafka")
     names = {t: (topics or {}).get(t, t) for t in TOPICS}
-    n_parts = ensure_topics(bootstrap, names.values(), partitions=partitions, create=create_topics)
+    # the workers refuse to start without the dead-letter topic: create it with the others
+    wanted = [*names.values(), *([DEADLETTER_TOPIC] if create_topics else [])]
+    n_parts = ensure_topics(bootstrap, wanted, partitions=partitions, create=create_topics)
     producer = _Producer(bootstrap, producer_config)
     summary = GenerationSummary()
     t0 = last = clock()

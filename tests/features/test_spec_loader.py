@@ -680,3 +680,18 @@ def test_cli_list() -> None:
     lines = result.output.splitlines()
     assert "item_views_30d\titem\tcount\tviews" in lines
     assert any(line.startswith("item_ctr_1d\titem\tderived\t") for line in lines)
+
+
+def test_features_get_names_the_known_entity_types_for_an_unknown_one(tmp_path) -> None:
+    """``tessera features get --entity movie`` is a usage error (exit 2) listing the types
+    the features file defines, not an empty answer with exit 0."""
+    from features.store import open_store
+    from tessera.commands.features import features
+
+    open_store(f"lmdb://{tmp_path}/store").close()
+    result = CliRunner().invoke(features, ["get", "--entity", "movie", "--ids", "m1",
+                                  "--store", f"lmdb://{tmp_path}/store",
+                                  "--features", str(EXAMPLE)])
+    assert result.exit_code == 2, result.output
+    assert "unknown entity type 'movie'" in result.output
+    assert "author, item, user" in result.output

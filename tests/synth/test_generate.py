@@ -311,3 +311,16 @@ def test_kafka_single_event_messages_are_keyed_by_user(broker: str, topic_factor
     for m in msgs:
         rec = columns_to_records(decode_message(m.value(), "views"))[0]
         assert m.key() == rec["user_id"].encode()
+
+
+def test_create_topics_creates_the_dead_letter_topic_too(tmp_path) -> None:
+    """``generate --create-topics`` on an empty broker leaves one a worker can start on:
+    the dead-letter topic exists beside the event topics."""
+    from tessera.broker import EmbeddedBroker
+    from tessera.topics import list_topics
+
+    cfg = dataclasses.replace(SMALL, malformed_fraction=0.0)
+    with EmbeddedBroker(state_dir=tmp_path / "broker") as info:
+        write_to_kafka(cfg, info.bootstrap, create_topics=True, partitions=2)
+        topics = list_topics(info.bootstrap)
+    assert {"views", "engagements", "impressions", "items", "deadletter"} <= set(topics)
