@@ -39,8 +39,8 @@ each, on a fresh embedded broker (Tansu):
   Tessera fast path) on a second broker, every ``views`` feature.
 * Freshness: on a third broker, the flow tails ``views`` (every ``views`` feature, flush
   every 250 ms, ``FRESH_FLUSH_MS``) while single-event Avro messages arrive at ``--rate``
-  events/s (20,000) with event time = now; every 10 ms burst carries one marker view of a new item, and the store
-  is polled (read-only LMDB) until the marker's block appears: freshness = seen - produced.
+  events/s (20,000) with event time = now; every 10 ms burst carries one marker view of a
+  new item, and the store is polled (read-only LMDB) until the marker's block appears: freshness = seen - produced.
 
 Usage: python bench/streaming.py [--quick] [--events N] [--rate R] [--seconds S] [--skip-quix]
 (--quick: 100,000 events, 5 s of freshness, about 2 minutes. The default run is dominated by

@@ -157,6 +157,10 @@ class FeatureClient:
         self._aggs: dict[str, Aggregation] = {f.key: build_aggregation(f) for f in features.features}
 
     # ------------------------------------------------------------------ names
+    def entity_types(self) -> list[str]:
+        """The entity types the feature definitions read, sorted."""
+        return sorted({self._entity_type(r) for r in self._refs.values()})
+
     def names_for(self, entity_type: str) -> list[str]:
         """Every feature name readable for ``entity_type``."""
         return [n for n, r in self._refs.items() if self._entity_type(r) == entity_type]

@@ -235,8 +235,9 @@ def create_app(config: ServingConfig) -> Starlette:
         st.authorize(request, "read")
         q = request.query_params
         entity = q.get("entity")
-        if entity not in ("item", "user", "author"):
-            raise BadRequest("entity must be item, user or author", field="entity")
+        known = st.client.entity_types()
+        if entity not in known:
+            raise BadRequest(f"entity must be one of {', '.join(known)}", field="entity")
         ids = [i for i in (q.get("ids") or "").split(",") if i]
         if not ids or len(ids) > 1000:
             raise BadRequest("ids must list 1 to 1000 comma-separated ids", field="ids")

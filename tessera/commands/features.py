@@ -125,7 +125,7 @@ def get(entity_type: str, ids: str, names: str | None, at: str | None, store_url
     except TesseraError as exc:
         raise click.ClickException(f"{exc} (run `tessera worker blocks` to fill a store)") from exc
     client = FeatureClient(store, fs)
-    known = sorted({f.entity_type for f in fs.features} | {d.entity_type for d in fs.derived})
+    known = client.entity_types()
     if entity_type not in known:
         store.close()
         raise click.BadParameter(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 from features.errors import TesseraError
 from features.snapshot_process import SnapshotBuilder
 from features.store import open_store
+from tessera.broker import _pid_running
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,15 +26,6 @@ def test_an_unopenable_store_raises_its_own_error(tmp_path):
             builder.build("item", ["i1"], ("item_views_1d",), 0)
     finally:
         builder.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not stat.exists() or stat.read_text().split(")")[-1].split()[0] != "Z"
 
 
 def test_the_child_exits_when_the_serving_process_is_killed(tmp_path):
@@ -54,12 +45,12 @@ def test_the_child_exits_when_the_serving_process_is_killed(tmp_path):
                             stdout=subprocess.PIPE, text=True)
     try:
         children = [int(p) for p in proc.stdout.readline().split()]
-        assert children and all(_alive(c) for c in children)
+        assert children and all(_pid_running(c) for c in children)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         deadline = time.monotonic() + 15
-        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        while any(_pid_running(c) for c in children) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not any(_alive(c) for c in children)
+        assert not any(_pid_running(c) for c in children)
     finally:
         proc.kill()
