@@ -121,6 +121,41 @@ class DerivedFeatureSpec:
     default: float = 0.0
 
 
+TimeUnitName = Literal["ms", "s", "us", "iso"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSpec:
+    """An event source declared in a features file (``sources:``), beside the built-in topics.
+
+    Its Kafka topic is ``name``; its records are ``event_id``, ``event_ts`` (epoch ms) and
+    ``fields`` (``schemas.registry.declared_schema``). ``time_column``/``time_unit`` and
+    ``id_column`` say how files of such events write time and ids: ``tessera import`` reads
+    them from there.
+
+    Attributes:
+        name: topic name (a feature's ``source``).
+        fields: field name -> type (``string``, ``string?``, ``long``, ``int``, ``double``).
+        time_column: the column of a file holding event time.
+        time_unit: how that column is written: ``ms``, ``s``, ``us`` or ``iso``.
+        id_column: the column holding event ids, or None (ids are generated on import).
+    """
+
+    name: str
+    fields: Mapping[str, str]
+    time_column: str = "event_ts"
+    time_unit: TimeUnitName = "ms"
+    id_column: str | None = None
+
+    def to_dict(self) -> dict:
+        """Plain data, as the features file writes it."""
+        out: dict = {"name": self.name, "fields": dict(self.fields),
+                     "event_time": {"field": self.time_column, "unit": self.time_unit}}
+        if self.id_column is not None:
+            out["event_id"] = self.id_column
+        return out
+
+
 @dataclass(frozen=True)
 class FeatureSet:
     """All features of one definition file, validated together."""
@@ -128,6 +163,11 @@ class FeatureSet:
     features: tuple[FeatureSpec, ...]
     derived: tuple[DerivedFeatureSpec, ...] = ()
     source_file: str | None = None
+    declared: tuple[SourceSpec, ...] = ()
+
+    def declared_source(self, name: str) -> SourceSpec | None:
+        """The declared source called ``name`` (None for a built-in topic or an unknown name)."""
+        return next((s for s in self.declared if s.name == name), None)
 
     def get(self, name: str) -> FeatureSpec:
         """Return the feature called ``name`` (KeyError with the known names otherwise)."""

@@ -31,6 +31,7 @@ from features.spec import (
     DerivedFeatureSpec,
     FeatureSet,
     FeatureSpec,
+    SourceSpec,
 )
 from features.timeutil import DAY, MINUTE, format_duration, parse_duration
 
@@ -38,7 +39,10 @@ NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 MAX_WINDOW = 400 * DAY
 DEFAULT_FRESHNESS = 15 * MINUTE
 
-TOP_LEVEL_KEYS = ("defaults", "features", "derived")
+TOP_LEVEL_KEYS = ("sources", "defaults", "features", "derived")
+SOURCE_KEYS = ("name", "fields", "event_time", "event_id")
+EVENT_TIME_KEYS = ("field", "unit")
+TIME_UNITS = ("ms", "s", "us", "iso")
 DEFAULTS_KEYS = ("block_sizes", "freshness")
 FEATURE_REQUIRED = ("name", "source", "entity", "aggregation", "windows")
 FEATURE_KEYS = (
@@ -105,7 +109,7 @@ def _known_topics() -> tuple[str, ...]:
         return tuple(
             sorted(p.stem for p in _AVRO_DIR.glob("*.avsc") if p.stem not in _NON_EVENT_SCHEMAS)
         )
-    return tuple(TOPICS)
+    return tuple(TOPICS)  # declared sources are added by the file that declares them
 
 
 def topic_fields(topic: str) -> dict[str, str]:
@@ -228,6 +232,7 @@ class _Loader:
         self.enums = enums
         # every readable name -> what owns it, for collision messages
         self.names: dict[str, str] = {}
+        self.declared_names: set[str] = set()
 
     def error(self, reason: str, feature: str | None = None) -> FeatureSpecError:
         return FeatureSpecError(reason, file=self.file, feature=feature)
@@ -252,6 +257,7 @@ class _Loader:
                 "'features' must be a non-empty list of feature mappings (each item starts "
                 "with '- name: ...')"
             )
+        declared = self.sources(data.get("sources"))
         defaults = self.defaults(data.get("defaults"))
         features = tuple(self.feature(i, item, defaults) for i, item in enumerate(items))
         derived_items = data.get("derived") or []
@@ -260,7 +266,8 @@ class _Loader:
         derived: list[DerivedFeatureSpec] = []
         for i in range(len(derived_items)):
             derived.append(self.derived(i, derived_items, features, derived))
-        return FeatureSet(features=features, derived=tuple(derived), source_file=self.file)
+        return FeatureSet(features=features, derived=tuple(derived), source_file=self.file,
+                          declared=declared)
 
     def check_keys(
         self,
@@ -277,6 +284,62 @@ class _Loader:
                     f"allowed keys: {_quoted(sorted(allowed))}",
                     feature,
                 )
+
+    def sources(self, raw: Any) -> tuple[SourceSpec, ...]:
+        """Validate ``sources:``, register each with ``schemas.registry`` (this process) and
+        make its fields known to the features below."""
+        if raw is None:
+            return ()
+        if not isinstance(raw, list):
+            raise self.error("'sources' must be a list of source mappings (each starts with "
+                             "'- name: ...')")
+        out: list[SourceSpec] = []
+        for i, item in enumerate(raw):
+            where = f"source #{i + 1}"
+            if not isinstance(item, dict):
+                raise self.error(f"{where} must be a mapping with name, fields and event_time")
+            self.check_keys(item, SOURCE_KEYS, where=where)
+            name = self.name(item.get("name"), None, "source")
+            where = f"source {name!r}"
+            if name in self.schemas and name not in self.declared_names:
+                raise self.error(f"{where}: {name!r} is a built-in topic; its fields are "
+                                 f"{_quoted(list(self.schemas[name]))}; pick another name")
+            if name in self.declared_names:
+                raise self.error(f"{where} is declared twice")
+            fields = item.get("fields")
+            if not isinstance(fields, dict) or not fields:
+                raise self.error(f"{where}: 'fields' must be a mapping of field name to type, "
+                                 "such as {user_id: string, rating: double}")
+            for fname in fields:
+                self.name(fname, None, f"{where} field")
+            time = item.get("event_time") or {}
+            if not isinstance(time, dict):
+                raise self.error(f"{where}: 'event_time' must be a mapping such as "
+                                 "{field: ts, unit: s}")
+            self.check_keys(time, EVENT_TIME_KEYS, where=f"{where} event_time")
+            column = time.get("field", "event_ts")
+            unit = time.get("unit", "ms")
+            if not isinstance(column, str) or not column:
+                raise self.error(f"{where}: event_time.field must name a column")
+            if unit not in TIME_UNITS:
+                raise self.error(f"{where}: event_time.unit must be one of "
+                                 f"{_quoted(list(TIME_UNITS))}, got {unit!r}")
+            id_column = item.get("event_id")
+            if id_column is not None and (not isinstance(id_column, str) or not id_column):
+                raise self.error(f"{where}: 'event_id' must name the column of event ids")
+            from schemas.errors import SchemaError
+            from schemas.registry import register_source
+
+            try:
+                schema = register_source(name, {str(k): v for k, v in fields.items()})
+            except SchemaError as exc:
+                raise self.error(str(exc)) from None
+            self.schemas = {**self.schemas,
+                            name: {f.name: f.type_name for f in schema.fields}}
+            self.declared_names.add(name)
+            out.append(SourceSpec(name=name, fields=dict(fields), time_column=column,
+                                  time_unit=unit, id_column=id_column))
+        return tuple(out)
 
     def defaults(self, raw: Any) -> dict[str, Any]:
         if raw is None:

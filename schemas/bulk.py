@@ -49,7 +49,6 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from functools import cache
 from itertools import chain, islice
 from typing import Literal, get_args
 
@@ -67,7 +66,13 @@ from schemas.columnar import (
     records_to_columns,
 )
 from schemas.errors import SchemaError, UnknownTopicError
-from schemas.registry import TOPICS, FieldInfo, topic_schema
+from schemas.registry import (
+    FieldInfo,
+    event_topics,
+    is_event_topic,
+    per_schema_cache,
+    topic_schema,
+)
 
 MAX_FAST_STRING = 64
 """Longest string, in bytes, the vectorized pass reads; a longer one sends its message to
@@ -144,7 +149,7 @@ def _field_plan(info: FieldInfo) -> _Field | None:
     return _Field(info.name, info.kind, null_branch, info.symbols or ())  # type: ignore[arg-type]
 
 
-@cache
+@per_schema_cache
 def _plan(topic: str) -> tuple[_Field, ...] | None:
     """The fields of ``topic`` in wire order, or None when one needs the record path."""
     fields = [_field_plan(info) for info in topic_schema(topic).fields]
@@ -828,8 +833,8 @@ def decode_messages(
         ValueError: ``fields`` names a field ``topic`` does not have.
         TypeError: ``fields`` is a single str rather than a collection of names.
     """
-    if topic not in TOPICS:
-        raise UnknownTopicError(topic, TOPICS)
+    if not is_event_topic(topic):
+        raise UnknownTopicError(topic, event_topics())
     keep = _projection(topic, fields)
     buf, starts, lengths = _join(payloads)
     is_single = _schema_ids(_words_at(buf), starts, lengths) == topic_schema(topic).schema_id

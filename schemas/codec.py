@@ -6,7 +6,6 @@ import io
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
 from typing import Any, Literal, get_args
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
@@ -16,12 +15,13 @@ from schemas.errors import DecodeError, EncodeError
 from schemas.registry import (
     BATCH_SCHEMA_ID,
     DEADLETTER_TOPIC,
-    SCHEMA_IDS,
     FieldInfo,
     ParsedSchema,
     TopicSchema,
-    _load,
+    per_schema_cache,
     schema_id_for_topic,
+    schema_ids,
+    schema_named,
     topic_for_schema_id,
     topic_schema,
 )
@@ -61,8 +61,9 @@ def read_header(data: bytes, *, topic: str | None = None) -> int:
             offset=len(data),
         )
     schema_id = int.from_bytes(data[1:HEADER_SIZE], "big")
-    if schema_id not in SCHEMA_IDS.values():
-        known = ", ".join(f"{i} ({n})" for n, i in SCHEMA_IDS.items())
+    ids = schema_ids()
+    if schema_id not in ids.values():
+        known = ", ".join(f"{i} ({n})" for n, i in ids.items())
         raise DecodeError(
             f"unknown schema id {schema_id}: known ids are {known}", topic=topic, offset=1
         )
@@ -88,10 +89,10 @@ def check_schema_allowed(schema_id: int, topic: str, *, allow_batch: bool) -> No
     )
 
 
-@cache
+@per_schema_cache
 def _field_schemas(name: str) -> tuple[tuple[str, ParsedSchema], ...]:
     """One single-field record schema per field, to find which field a bad body breaks."""
-    ts = _load(name)
+    ts = schema_named(name)
     return tuple(
         (
             f.name,
@@ -136,10 +137,10 @@ def _diagnose(ts: TopicSchema, data: bytes, topic: str | None, exc: Exception) -
     )
 
 
-@cache
+@per_schema_cache
 def _int_fields(name: str) -> tuple[str, ...]:
     """Top-level ``int`` fields of a schema (nullable ones included)."""
-    return tuple(f.name for f in _load(name).fields if f.kind == "int")
+    return tuple(f.name for f in schema_named(name).fields if f.kind == "int")
 
 
 def read_body(ts: TopicSchema, data: bytes, *, topic: str | None = None) -> dict[str, Any]:
@@ -189,7 +190,7 @@ def decode(data: bytes, *, topic: str | None = None) -> tuple[int, dict[str, Any
     schema_id = read_header(data, topic=topic)
     if topic is not None:
         check_schema_allowed(schema_id, topic, allow_batch=False)
-    ts = _load(topic_for_schema_id(schema_id))
+    ts = schema_named(topic_for_schema_id(schema_id))
     return schema_id, read_body(ts, data, topic=topic or ts.name)
 
 
@@ -212,15 +213,15 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-@cache
+@per_schema_cache
 def _parsed_field_types(name: str) -> tuple[tuple[FieldInfo, Any], ...]:
-    ts = _load(name)
+    ts = schema_named(name)
     return tuple(zip(ts.fields, (f["type"] for f in ts.parsed["fields"]), strict=True))
 
 
-@cache
+@per_schema_cache
 def _field_index(name: str) -> frozenset[str]:
-    return frozenset(_load(name).field_names)
+    return frozenset(schema_named(name).field_names)
 
 
 def check_record(topic: str, record: Mapping[str, Any]) -> None:

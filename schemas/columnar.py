@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
 from itertools import pairwise
 from typing import Any, Literal
 
@@ -21,9 +20,11 @@ from schemas.codec import HEADER_SIZE, check_schema_allowed, frame, read_body, r
 from schemas.errors import DecodeError, EncodeError, SchemaError, UnknownTopicError
 from schemas.registry import (
     BATCH_SCHEMA_ID,
-    TOPICS,
     FieldInfo,
     batch_schema,
+    event_topics,
+    is_event_topic,
+    per_schema_cache,
     topic_for_schema_id,
     topic_schema,
 )
@@ -195,14 +196,14 @@ def _wire_kind(topic: str, info: FieldInfo) -> WireKind:
     raise SchemaError(f"{topic}.{info.name}: type {info.type_name} has no columnar form")
 
 
-@cache
+@per_schema_cache
 def _specs(topic: str) -> tuple[_Spec, ...]:
-    if topic not in TOPICS:
-        raise UnknownTopicError(topic, TOPICS)
+    if not is_event_topic(topic):
+        raise UnknownTopicError(topic, event_topics())
     return tuple(_Spec(f, _wire_kind(topic, f)) for f in topic_schema(topic).fields)
 
 
-@cache
+@per_schema_cache
 def _spec_map(topic: str) -> dict[str, _Spec]:
     return {s.name: s for s in _specs(topic)}
 
@@ -579,9 +580,10 @@ def _columns_from_envelope(env: dict[str, Any], topic: str | None) -> EventColum
             topic=topic,
             field="topic",
         )
-    if btopic not in TOPICS:
+    if not is_event_topic(btopic):
         raise DecodeError(
-            f"batch carries unknown topic {btopic!r}; known topics are {', '.join(TOPICS)}",
+            f"batch carries unknown topic {btopic!r}; known topics are "
+            f"{', '.join(event_topics())}",
             field="topic",
         )
     if n < 0:

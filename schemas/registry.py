@@ -1,8 +1,17 @@
-"""Load the Avro schemas of every topic and give each its fixed Confluent schema id."""
+"""Load the Avro schemas of every topic and give each its fixed Confluent schema id.
+
+The platform's topics (``TOPICS``) are built in. A features file may declare more
+(``sources:``); ``register_source`` derives each one's record schema (``event_id`` and
+``event_ts`` first, then the declared fields) and a schema id from its content, so every
+process that loads the same file agrees on both. ``event_topics()`` lists both kinds.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -30,6 +39,23 @@ SCHEMA_IDS: dict[str, int] = {
 }
 _RECORD_TOPICS: tuple[str, ...] = (*TOPICS, DEADLETTER_TOPIC)
 _PRIMITIVES = {"string", "long", "int", "double", "float", "boolean", "bytes"}
+#: field types a declared source may use (each has a columnar form; ``?``: may be null)
+SOURCE_FIELD_TYPES: tuple[str, ...] = ("string", "string?", "long", "int", "double")
+#: fields every event record starts with; a declared source gets them too
+COMMON_FIELDS: tuple[str, ...] = ("event_id", "event_ts")
+#: declared sources' schema ids are this plus a hash of the schema (built-in ids are below)
+DECLARED_ID_BASE = 1000
+_DECLARED: dict[str, TopicSchema] = {}
+_DECLARED_LOCK = threading.Lock()
+_CACHES: list[Any] = []
+
+
+def per_schema_cache(fn):
+    """``functools.cache`` for functions of a topic's schema: cleared when a source's
+    declaration changes in this process (a test, or a features file read again)."""
+    cached = cache(fn)
+    _CACHES.append(cached)
+    return cached
 
 
 @dataclass(frozen=True)
@@ -119,15 +145,98 @@ def _load(name: str) -> TopicSchema:
     return TopicSchema(name=name, schema_id=SCHEMA_IDS[name], raw=raw, parsed=parsed, fields=fields)
 
 
+def event_topics() -> tuple[str, ...]:
+    """The event topics of this process: the built-in ones, then the declared sources."""
+    return (*TOPICS, *_DECLARED)
+
+
+def is_event_topic(topic: str) -> bool:
+    """Whether ``topic`` is a built-in event topic or a declared source."""
+    return topic in TOPICS or topic in _DECLARED
+
+
+def declared_schema(name: str, fields: Mapping[str, str]) -> dict[str, Any]:
+    """The Avro record schema of a declared source: ``event_id``, ``event_ts``, then ``fields``.
+
+    ``fields`` maps each field name to one of ``SOURCE_FIELD_TYPES``.
+
+    Raises:
+        SchemaError: a type outside ``SOURCE_FIELD_TYPES`` or a field named like a common one.
+    """
+    out: list[dict[str, Any]] = [
+        {"name": "event_id", "type": "string", "doc": "Unique id of the event."},
+        {"name": "event_ts", "type": "long", "doc": "Event time, epoch ms UTC."},
+    ]
+    for fname, ftype in fields.items():
+        if fname in COMMON_FIELDS:
+            raise SchemaError(
+                f"source {name!r}: field {fname!r} is part of every event record already "
+                "(event_id: string, event_ts: epoch ms); leave it out of 'fields'")
+        if ftype not in SOURCE_FIELD_TYPES:
+            raise SchemaError(
+                f"source {name!r}: field {fname!r} has type {ftype!r}; declared fields take "
+                f"one of {', '.join(SOURCE_FIELD_TYPES)}")
+        if ftype.endswith("?"):
+            out.append({"name": fname, "type": ["null", ftype[:-1]], "default": None})
+        else:
+            out.append({"name": fname, "type": ftype})
+    return {"type": "record", "name": name, "namespace": "tessera.sources", "fields": out}
+
+
+def register_source(name: str, fields: Mapping[str, str]) -> TopicSchema:
+    """Make ``name`` an event topic of this process with the schema ``declared_schema`` gives.
+
+    Registering the same name with the same fields again is a no-op; with other fields it
+    replaces the earlier declaration (a features file was edited). The schema id is
+    ``DECLARED_ID_BASE`` plus a hash of the schema, the same in every process.
+
+    Raises:
+        SchemaError: ``name`` is a built-in topic, or a field is not allowed.
+    """
+    if name in _RECORD_TOPICS or name == BATCH_SCHEMA_NAME:
+        raise SchemaError(f"{name!r} is a built-in topic; declare a source under another name")
+    raw = declared_schema(name, fields)
+    text = json.dumps(raw, sort_keys=True)
+    schema_id = DECLARED_ID_BASE + zlib.crc32(text.encode("utf-8")) % 1_000_000_000
+    with _DECLARED_LOCK:
+        known = _DECLARED.get(name)
+        if known is not None and known.schema_id == schema_id:
+            return known
+        schema = TopicSchema(name=name, schema_id=schema_id, raw=raw, parsed=parse_schema(raw),
+                             fields=tuple(_field_info(name, f) for f in raw["fields"]))
+        _DECLARED[name] = schema
+        if known is not None:
+            for cached in _CACHES:
+                cached.cache_clear()
+        return schema
+
+
 def topic_schema(topic: str) -> TopicSchema:
-    """Return the loaded schema of ``topic`` (an event topic or the dead-letter topic).
+    """Return the loaded schema of ``topic`` (an event topic, a declared source, or the
+    dead-letter topic).
 
     Raises:
         UnknownTopicError: ``topic`` has no schema.
     """
+    declared = _DECLARED.get(topic)
+    if declared is not None:
+        return declared
     if topic not in _RECORD_TOPICS:
-        raise UnknownTopicError(topic, _RECORD_TOPICS)
+        raise UnknownTopicError(topic, (*_RECORD_TOPICS, *_DECLARED))
     return _load(topic)
+
+
+def schema_named(name: str) -> TopicSchema:
+    """The schema called ``name``: a built-in one (a topic, ``deadletter``, ``event_batch``)
+    or a declared source's. Raises ``UnknownTopicError`` for any other name."""
+    if name in SCHEMA_IDS:
+        return _load(name)
+    return topic_schema(name)
+
+
+def schema_ids() -> dict[str, int]:
+    """Every schema id this process knows: the fixed ones and the declared sources'."""
+    return {**SCHEMA_IDS, **{n: d.schema_id for n, d in list(_DECLARED.items())}}
 
 
 def batch_schema() -> TopicSchema:
@@ -154,12 +263,17 @@ def topic_for_schema_id(schema_id: int) -> str:
     for name, sid in SCHEMA_IDS.items():
         if sid == schema_id:
             return name
-    raise UnknownSchemaIdError(schema_id, SCHEMA_IDS.values())
+    for name, schema in list(_DECLARED.items()):
+        if schema.schema_id == schema_id:
+            return name
+    raise UnknownSchemaIdError(schema_id, [*SCHEMA_IDS.values(),
+                                           *(d.schema_id for d in _DECLARED.values())])
 
 
 def schema_by_id(schema_id: int) -> ParsedSchema:
-    """Return the parsed schema with the fixed id ``schema_id``; raise UnknownSchemaIdError."""
-    return _load(topic_for_schema_id(schema_id)).parsed
+    """Return the parsed schema with the id ``schema_id``; raise UnknownSchemaIdError."""
+    name = topic_for_schema_id(schema_id)
+    return (_load(name) if name in SCHEMA_IDS else topic_schema(name)).parsed
 
 
 def topic_fields(topic: str) -> dict[str, str]:

@@ -1,10 +1,19 @@
-"""Load existing event logs (CSV or Parquet) into Kafka, optionally time-compressed.
+"""Load existing event logs (CSV, TSV or Parquet) into Kafka, optionally time-compressed.
 
-``import_events`` streams a file in record batches (never the whole file in memory), maps
-its columns onto a topic's Avro fields, coerces and validates every row, and produces the
-valid rows as columnar batch envelopes (schema id 100), partitioned like the generator:
-``crc32(user_id) % partitions`` (``item_id`` on ``items``). Invalid rows are not sent; each
-is counted under the reason of its first failing field.
+``import_events`` reads a file in record batches, maps its columns onto a topic's Avro
+fields (a built-in topic or a source declared in the features file), coerces and validates
+every row, and produces the valid rows as columnar batch envelopes (schema id 100),
+partitioned like the generator: ``crc32(user_id) % partitions`` (``item_id`` on ``items``;
+a declared source: its ``user_id``, else its first ``*_id`` string field). Invalid rows are
+not sent; each is counted under the reason of its first failing field.
+
+Order: the blocks flow counts an event as late when it is more than the allowed lateness
+behind its partition's newest event, so a file in any order would lose most of its events.
+By default (``order="time"``) rows are produced in event-time order: a first pass reads the
+time column only and counts the rows out of order; when the file has more rows than
+``sort_rows`` the rows are spread over time buckets of at most that many rows, spilled to
+Arrow IPC files in a temporary directory, and each bucket is sorted and produced in turn (an
+external distribution sort; memory holds one bucket). ``order="file"`` keeps file order.
 
 Time handling (``event_ts`` only; other time-like fields are copied as they are):
 
@@ -36,24 +45,32 @@ import numpy as np
 
 from features.errors import TesseraError
 from schemas.columnar import DictColumn, EventColumns, encode_batch
-from schemas.registry import TOPICS, FieldInfo, topic_schema
+from schemas.registry import FieldInfo, event_topics, is_event_topic, topic_schema
 
 TimeUnit = Literal["ms", "s", "us", "iso"]
-FileFormat = Literal["csv", "parquet"]
+FileFormat = Literal["csv", "tsv", "parquet"]
+ImportOrder = Literal["time", "file"]
 
 _EXTENSIONS: dict[str, FileFormat] = {
     ".csv": "csv",
     ".csv.gz": "csv",
     ".csv.bz2": "csv",
+    ".tsv": "tsv",
+    ".tsv.gz": "tsv",
+    ".tab": "tsv",
     ".parquet": "parquet",
     ".pq": "parquet",
 }
+_DELIMITERS = {"csv": ",", "tsv": "\t"}
+#: column of a spilled batch holding each row's number in the file (for ids and messages)
+_ROW_COLUMN = "__tessera_row"
 _INT_RANGE = {"long": (-(2**63), 2**63 - 1), "int": (-(2**31), 2**31 - 1)}
 _INT_PATTERN = r"^[+-]?[0-9]{1,18}$"
 _DECIMAL_PATTERN = r"^[+-]?[0-9]*\.?[0-9]+$"
 _MAX_SAMPLES = 5
 
-__all__ = ["EventImportError", "ImportConfig", "ImportReport", "TimeUnit", "import_events"]
+__all__ = ["EventImportError", "ImportConfig", "ImportReport", "TimeUnit", "import_events",
+           "partition_key"]
 
 
 class EventImportError(TesseraError, ValueError):
@@ -63,14 +80,34 @@ class EventImportError(TesseraError, ValueError):
 # ---------------------------------------------------------------- config
 
 
-def _file_format(path: Path) -> FileFormat:
+def partition_key(topic: str) -> str:
+    """The field whose hash picks an event's partition: a built-in topic's
+    (``tessera.synth.sinks.PARTITION_KEY``); for a declared source ``user_id``, else its first
+    string field named ``*_id``, else ``event_id``."""
+    from tessera.synth.sinks import PARTITION_KEY
+
+    if topic in PARTITION_KEY:
+        return PARTITION_KEY[topic]
+    fields = topic_schema(topic).fields
+    names = [f.name for f in fields if f.kind == "string" and f.name != "event_id"]
+    if "user_id" in names:
+        return "user_id"
+    return next((n for n in names if n.endswith("_id")), "event_id")
+
+
+def _file_format(path: Path, given: str | None = None) -> FileFormat:
+    if given is not None:
+        if given not in get_args(FileFormat):
+            raise EventImportError(
+                f"file format must be one of {', '.join(get_args(FileFormat))}, got {given!r}")
+        return given  # type: ignore[return-value]
     name = path.name.lower()
     for ext, fmt in sorted(_EXTENSIONS.items(), key=lambda kv: -len(kv[0])):
         if name.endswith(ext):
             return fmt
     raise EventImportError(
         f"unsupported file type {path.name!r}: expected one of {', '.join(_EXTENSIONS)}; "
-        "convert the file to CSV or Parquet"
+        "name the format with --format csv|tsv|parquet"
     )
 
 
@@ -119,6 +156,11 @@ class ImportConfig:
             (default ``"import-<file stem>-"``).
         batch_events: events per Kafka message.
         read_rows: rows per record batch read from the file.
+        format: ``csv``, ``tsv`` or ``parquet`` (default: from the file name).
+        header: whether a CSV/TSV file starts with a header line.
+        columns: the column names of a file without a header, in file order.
+        order: ``time`` (default) produces rows in event-time order; ``file`` as written.
+        sort_rows: rows sorted in memory at once; a larger file is sorted in buckets.
 
     Raises:
         EventImportError: an unknown topic or field, a field both mapped and defaulted, a
@@ -136,13 +178,38 @@ class ImportConfig:
     id_prefix: str | None = None
     batch_events: int = 1000
     read_rows: int = 65_536
+    format: FileFormat | None = None
+    header: bool = True
+    columns: tuple[str, ...] | None = None
+    order: ImportOrder = "time"
+    sort_rows: int = 5_000_000
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
-        if self.topic not in TOPICS:
+        if not is_event_topic(self.topic):
             raise EventImportError(
-                f"unknown topic {self.topic!r}: events can be imported into {', '.join(TOPICS)}"
+                f"unknown topic {self.topic!r}: events can be imported into "
+                f"{', '.join(event_topics())}; declare a source for other events in the "
+                "features file (sources:) and pass it with --features"
             )
+        if self.order not in get_args(ImportOrder):
+            raise EventImportError(
+                f"order must be one of {', '.join(get_args(ImportOrder))}, got {self.order!r}")
+        fmt = _file_format(self.path, self.format)
+        if self.columns is not None:
+            object.__setattr__(self, "columns", tuple(self.columns))
+            if fmt == "parquet":
+                raise EventImportError("column names (--columns) are for CSV/TSV files without "
+                                       "a header; a Parquet file names its columns")
+            if self.header:
+                raise EventImportError("column names (--columns) are for files without a header "
+                                       "line; add --no-header, or leave --columns out")
+            if len(set(self.columns)) != len(self.columns) or not all(self.columns):
+                raise EventImportError(f"--columns must be distinct, non-empty names, got "
+                                       f"{','.join(self.columns)!r}")
+        elif not self.header and fmt != "parquet":
+            raise EventImportError("a file without a header needs its column names: "
+                                   "--columns user_id,item_id,rating,ts")
         schema = topic_schema(self.topic)
         fields = {f.name: f for f in schema.fields}
         allowed = ", ".join(fields)
@@ -198,11 +265,10 @@ class ImportConfig:
             not isinstance(self.shift_to, int) or isinstance(self.shift_to, bool)
         ):
             raise EventImportError(f"shift_to must be epoch milliseconds, got {self.shift_to!r}")
-        for name in ("batch_events", "read_rows"):
+        for name in ("batch_events", "read_rows", "sort_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise EventImportError(f"{name} must be an integer >= 1, got {value!r}")
-        _file_format(self.path)
         object.__setattr__(self, "mapping", mapping)
         object.__setattr__(self, "defaults", defaults)
         if self.id_prefix is None:
@@ -210,7 +276,7 @@ class ImportConfig:
 
     @property
     def file_format(self) -> FileFormat:
-        return _file_format(self.path)
+        return _file_format(self.path, self.format)
 
 
 def _stem(path: Path) -> str:
@@ -235,6 +301,8 @@ class ImportReport:
 
     rows: int = 0
     produced: int = 0
+    out_of_order: int = 0
+    buckets: int = 0
     rejected: int = 0
     rejected_reasons: Counter[str] = field(default_factory=Counter)
     min_ts: int | None = None
@@ -251,10 +319,22 @@ class ImportReport:
 # ---------------------------------------------------------------- reading
 
 
+def _text_options(config: ImportConfig, fmt: FileFormat, block_size: int | None = None
+                  ) -> dict[str, Any]:
+    import pyarrow.csv as pcsv
+
+    read = pcsv.ReadOptions(column_names=list(config.columns) if config.columns else None,
+                            **({"block_size": block_size} if block_size else {}))
+    # quoting off for TSV: a tab-separated log writes quotes as data
+    parse = pcsv.ParseOptions(delimiter=_DELIMITERS[fmt], quote_char='"' if fmt == "csv" else False)
+    return {"read_options": read, "parse_options": parse}
+
+
 def _read_batches(
-    path: Path, fmt: FileFormat, rows: int, columns: list[str] | None = None
+    config: ImportConfig, rows: int, columns: list[str] | None = None
 ) -> Iterator[Any]:
-    """Yield ``pyarrow.RecordBatch`` es of the file; CSV columns are all read as strings."""
+    """Yield ``pyarrow.RecordBatch`` es of the file; CSV/TSV columns are all read as strings."""
+    path, fmt = config.path, config.file_format
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -264,26 +344,28 @@ def _read_batches(
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    names = _source_columns(path, fmt)
+    names = _source_columns(config)
     convert = pcsv.ConvertOptions(
         column_types={n: pa.string() for n in names}, include_columns=columns
     )
     # ~rows lines a block for typical logs; the reader never holds more than a block or two.
-    read = pcsv.ReadOptions(block_size=max(1 << 16, rows * 128))
-    with pcsv.open_csv(path, read_options=read, convert_options=convert) as reader:
+    opts = _text_options(config, fmt, max(1 << 16, rows * 128))
+    with pcsv.open_csv(path, convert_options=convert, **opts) as reader:
         yield from reader
 
 
-def _source_columns(path: Path, fmt: FileFormat) -> list[str]:
-    """Return the column names of the file (reads the Parquet footer or the first CSV block)."""
-    if fmt == "parquet":
+def _source_columns(config: ImportConfig) -> list[str]:
+    """Return the column names of the file (the Parquet footer, ``columns``, or the header)."""
+    if config.file_format == "parquet":
         import pyarrow.parquet as pq
 
-        with pq.ParquetFile(path) as pf:
+        with pq.ParquetFile(config.path) as pf:
             return list(pf.schema_arrow.names)
+    if config.columns:
+        return list(config.columns)
     import pyarrow.csv as pcsv
 
-    with pcsv.open_csv(path) as reader:
+    with pcsv.open_csv(config.path, **_text_options(config, config.file_format)) as reader:
         return list(reader.schema.names)
 
 
@@ -494,26 +576,39 @@ class _TimeMap:
         return self.t0 + rel + self.offset
 
 
-def _shift_offset(config: ImportConfig, column: str, shift_to: int) -> tuple[int | None, int]:
-    """First pass over the time column: return ``(t0, offset)`` for the time map."""
+@dataclass
+class _TimePass:
+    """What a first pass over the time column found."""
+
+    tmap: _TimeMap
+    ts: np.ndarray  # event time of every row in file order (rows without one: int64 min)
+    out_of_order: int  # rows earlier than a row before them
+
+
+def _time_pass(config: ImportConfig, column: str) -> _TimePass:
+    """Read the time column only: the time map (with ``shift_to``'s offset), every row's time,
+    and how many rows are out of order."""
     tmap = _TimeMap(config.compress)
-    latest: int | None = None
-    for batch in _read_batches(config.path, config.file_format, config.read_rows, [column]):
+    parts: list[np.ndarray] = []
+    for batch in _read_batches(config, config.read_rows, [column]):
         ts, ok = _times_ms(batch.column(0), config.time_unit)
-        if ok.any():
-            mapped = tmap(ts, ok)[ok]
-            top = int(mapped.max())
-            latest = top if latest is None else max(latest, top)
-    if latest is None:
-        return tmap.t0, 0
-    return tmap.t0, shift_to - latest
+        parts.append(np.where(ok, tmap(ts, ok), np.iinfo(np.int64).min))
+    ts = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    valid = ts[ts > np.iinfo(np.int64).min]
+    if config.shift_to is not None and len(valid):
+        offset = config.shift_to - int(valid.max())
+        tmap = _TimeMap(config.compress, tmap.t0, offset)
+        ts = np.where(ts > np.iinfo(np.int64).min, ts + offset, ts)
+    behind = int(np.count_nonzero(valid[1:] < np.maximum.accumulate(valid)[:-1])) \
+        if len(valid) > 1 else 0
+    return _TimePass(tmap, ts, behind)
 
 
 def _coerce_batch(
     config: ImportConfig,
     plan: _Plan,
     batch: Any,
-    first_row: int,
+    row_numbers: np.ndarray,
     tmap: _TimeMap,
     report: ImportReport,
 ) -> EventColumns | None:
@@ -541,7 +636,7 @@ def _coerce_batch(
             if f.name in config.defaults:
                 built[f.name] = ("const", config.defaults[f.name])
             elif f.name == "event_id" and plan.generate_ids:
-                rows = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
+                rows = pa.array(np.asarray(row_numbers, dtype=np.int64))
                 built[f.name] = (
                     "arrow",
                     pc.binary_join_element_wise(config.id_prefix, rows.cast(pa.string()), ""),
@@ -568,6 +663,15 @@ def _coerce_batch(
             lo, hi = _INT_RANGE[f.kind]
             reject((vals_np < lo) | (vals_np > hi), f"{f.name}: out of {f.kind} range", src)
             built[f.name] = ("np", vals_np)
+        elif f.kind in ("double", "float"):
+            vals, ok = _float64(
+                src if not pa.types.is_dictionary(src.type) else src.dictionary_decode()
+            )
+            _, empty = _strings(src)
+            reject(empty, f"{f.name}: missing (column {column!r})", src)
+            reject(~ok.to_numpy(zero_copy_only=False).astype(bool),
+                   f"{f.name}: not a number (column {column!r})", src)
+            built[f.name] = ("f64", vals.to_numpy(zero_copy_only=False))
         elif f.kind in ("string", "enum"):
             strs, empty = _strings(src)
             if f.has_default:
@@ -592,7 +696,8 @@ def _coerce_batch(
             report.rejected_reasons[reasons[code]] += count
         for i in bad_rows[: _MAX_SAMPLES - len(report.samples)].tolist():
             value = raw_values[int(reason_idx[i])][i].as_py()
-            report.samples.append(f"row {first_row + i}: {reasons[reason_idx[i]]}: {value!r}")
+            report.samples.append(
+                f"row {int(row_numbers[i])}: {reasons[reason_idx[i]]}: {value!r}")
     keep = np.flatnonzero(ok_rows)
     if not len(keep):
         return None
@@ -604,6 +709,8 @@ def _coerce_batch(
             cols[name] = _constant(info, value, len(keep))
         elif how == "np":
             cols[name] = np.ascontiguousarray(value[keep], dtype=np.int64)
+        elif how == "f64":
+            cols[name] = np.ascontiguousarray(value[keep], dtype=np.float64)
         else:
             cols[name] = _dict_column(value.take(take))
     return EventColumns(config.topic, len(keep), cols)
@@ -643,7 +750,7 @@ def import_events(
     """
     import pyarrow as pa
 
-    from tessera.synth.sinks import PARTITION_KEY, _Producer, compact, ensure_topics, partitions_of
+    from tessera.synth.sinks import _Producer, compact, ensure_topics, partitions_of
     from tessera.topics import list_topics
 
     path = config.path
@@ -655,7 +762,7 @@ def import_events(
         )
     fmt = config.file_format
     try:
-        source = _source_columns(path, fmt)
+        source = _source_columns(config)
     except (pa.ArrowInvalid, OSError) as exc:
         raise EventImportError(f"cannot read {fmt} file {str(path)!r}: {exc}") from exc
     plan = _plan(config, source)
@@ -673,23 +780,39 @@ def import_events(
     report = ImportReport()
     t_start = clock()
     tmap = _TimeMap(config.compress)
-    if config.shift_to is not None and "event_ts" in plan.columns:
-        t0, offset = _shift_offset(config, plan.columns["event_ts"], config.shift_to)
-        tmap = _TimeMap(config.compress, t0, offset)
+    time_column = plan.columns.get("event_ts")
+    timing: _TimePass | None = None
+    try:
+        if time_column is not None:  # also in file order: the report counts rows out of order
+            timing = _time_pass(config, time_column)
+            tmap = timing.tmap
+            report.out_of_order = timing.out_of_order
+    except pa.ArrowInvalid as exc:
+        raise EventImportError(f"cannot read {fmt} file {str(path)!r}: {exc}") from exc
 
     producer = _Producer(bootstrap, producer_config)
-    key_field = PARTITION_KEY[config.topic]
+    key_field = partition_key(config.topic)
     wanted = sorted(set(plan.columns.values()))
+
+    def emit(batch: Any, row_numbers: np.ndarray, sort: bool) -> None:
+        cols = _coerce_batch(config, plan, batch, row_numbers, tmap, report)
+        if cols is not None:
+            if sort:
+                ts = np.asarray(cols.columns["event_ts"])
+                cols = cols.take(np.argsort(ts, kind="stable"))
+            _produce(cols, producer, config, n_parts, key_field, report, partitions_of, compact)
+        if progress is not None:
+            report.seconds = clock() - t_start
+            progress(report)
+
     try:
-        batches = _read_batches(path, fmt, config.read_rows, wanted)
-        for batch in batches:
-            cols = _coerce_batch(config, plan, batch, report.rows, tmap, report)
-            report.rows += batch.num_rows
-            if cols is not None:
-                _produce(cols, producer, config, n_parts, key_field, report, partitions_of, compact)
-            if progress is not None:
-                report.seconds = clock() - t_start
-                progress(report)
+        if timing is None or config.order == "file":
+            for batch in _read_batches(config, config.read_rows, wanted):
+                rows = np.arange(report.rows, report.rows + batch.num_rows, dtype=np.int64)
+                report.rows += batch.num_rows
+                emit(batch, rows, sort=False)
+        else:
+            _import_sorted(config, wanted, timing.ts, report, emit)
     except pa.ArrowInvalid as exc:
         raise EventImportError(
             f"cannot read {fmt} file {str(path)!r} after row {report.rows}: {exc}"
@@ -697,6 +820,70 @@ def import_events(
     producer.flush(flush_timeout_s)
     report.seconds = clock() - t_start
     return report
+
+
+def _bucket_bounds(ts: np.ndarray, per_bucket: int) -> np.ndarray:
+    """Time boundaries splitting ``ts`` into buckets of at most about ``per_bucket`` rows
+    (rows of one time never split); empty for one bucket."""
+    if len(ts) <= per_bucket:
+        return np.zeros(0, np.int64)
+    ordered = np.sort(ts)
+    cuts = ordered[per_bucket::per_bucket]
+    return np.unique(cuts)
+
+
+def _one_batch(table: Any) -> Any:
+    """A table's rows as one ``RecordBatch``."""
+    import pyarrow as pa
+
+    return pa.RecordBatch.from_arrays([c.combine_chunks() for c in table.columns],
+                                      names=table.column_names)
+
+
+def _import_sorted(config: ImportConfig, wanted: list[str], ts: np.ndarray,
+                   report: ImportReport, emit: Callable[[Any, np.ndarray, bool], None]) -> None:
+    """Produce the file in event-time order: in memory when it fits ``sort_rows``, else
+    bucket by time into spill files (Arrow IPC) and sort one bucket at a time."""
+    import tempfile
+
+    import pyarrow as pa
+
+    bounds = _bucket_bounds(ts, config.sort_rows)
+    report.buckets = len(bounds) + 1
+    if not len(bounds):
+        parts, numbers = [], []
+        for batch in _read_batches(config, config.read_rows, wanted):
+            numbers.append(np.arange(report.rows, report.rows + batch.num_rows, dtype=np.int64))
+            report.rows += batch.num_rows
+            parts.append(batch)
+        if parts:
+            emit(_one_batch(pa.Table.from_batches(parts)), np.concatenate(numbers), True)
+        return
+    with tempfile.TemporaryDirectory(prefix="tessera-import-") as tmp:
+        writers: dict[int, Any] = {}
+        paths: dict[int, Path] = {}
+        try:
+            for batch in _read_batches(config, config.read_rows, wanted):
+                n = batch.num_rows
+                numbers = np.arange(report.rows, report.rows + n, dtype=np.int64)
+                bucket = np.searchsorted(bounds, ts[report.rows:report.rows + n], side="right")
+                report.rows += n
+                with_rows = batch.append_column(_ROW_COLUMN, pa.array(numbers))
+                for b in np.unique(bucket).tolist():
+                    part = with_rows.take(pa.array(np.flatnonzero(bucket == b)))
+                    if b not in writers:
+                        paths[b] = Path(tmp) / f"bucket-{b:06d}.arrow"
+                        writers[b] = pa.ipc.new_stream(str(paths[b]), part.schema)
+                    writers[b].write_batch(part)
+        finally:
+            for w in writers.values():
+                w.close()
+        for b in sorted(paths):
+            with pa.ipc.open_stream(str(paths[b])) as reader:
+                table = reader.read_all().combine_chunks()
+            numbers = table.column(_ROW_COLUMN).to_numpy()
+            emit(_one_batch(table.drop_columns([_ROW_COLUMN])), numbers, True)
+            paths[b].unlink()
 
 
 def _produce(

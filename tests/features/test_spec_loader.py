@@ -695,3 +695,50 @@ def test_features_get_names_the_known_entity_types_for_an_unknown_one(tmp_path) 
     assert result.exit_code == 2, result.output
     assert "unknown entity type 'movie'" in result.output
     assert "author, item, user" in result.output
+
+
+# -- declared sources ------------------------------------------------------------------------
+
+_SOURCE_FEATURE = {"name": "item_ratings", "source": "ratings", "entity": "item_id",
+                   "aggregation": "count", "windows": ["1d"]}
+
+
+def _with_source(**source) -> dict:
+    decl = {"name": "ratings", "fields": {"user_id": "string", "item_id": "string",
+                                          "rating": "double"}, **source}
+    return {"sources": [decl], "features": [dict(_SOURCE_FEATURE)]}
+
+
+def test_a_declared_source_is_registered_and_aggregated() -> None:
+    from schemas.codec import encode
+    from schemas.columnar import decode_message, records_to_columns
+    from schemas.registry import event_topics, topic_schema
+
+    fs = parse_features({**_with_source(event_time={"field": "ts", "unit": "s"}),
+                         "features": [dict(_SOURCE_FEATURE),
+                                      {"name": "item_rating_mean", "source": "ratings",
+                                       "entity": "item_id", "aggregation": "mean",
+                                       "value": "rating", "windows": ["1d"]}]})
+    decl = fs.declared_source("ratings")
+    assert decl is not None and (decl.time_column, decl.time_unit) == ("ts", "s")
+    assert "ratings" in event_topics()
+    schema = topic_schema("ratings")
+    assert schema.field_names == ("event_id", "event_ts", "user_id", "item_id", "rating")
+    assert schema.schema_id >= 1000
+    record = {"event_id": "e1", "event_ts": 5, "user_id": "u", "item_id": "i", "rating": 4.5}
+    cols = decode_message(encode("ratings", record), topic="ratings")
+    assert cols.n == 1 and list(cols.columns["rating"]) == [4.5]
+    assert records_to_columns("ratings", [record]).n == 1
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ({"name": "views"}, "'views' is a built-in topic"),
+    ({"fields": {"rating": "decimal"}}, "field 'rating' has type 'decimal'"),
+    ({"fields": {"event_ts": "long"}}, "field 'event_ts' is part of every event record"),
+    ({"event_time": {"field": "ts", "unit": "minutes"}}, "event_time.unit must be one of"),
+    ({"fields": {}}, "'fields' must be a mapping"),
+    ({"colour": "red"}, "unknown key 'colour'"),
+])
+def test_declared_source_errors(source: dict, message: str) -> None:
+    with pytest.raises(FeatureSpecError, match=message):
+        parse_features(_with_source(**source))
