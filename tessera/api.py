@@ -7,6 +7,12 @@ Example::
     res = client.get_features("item", ["i1", "i2"], ["item_views_1h", "item_ctr_1d"])
     res.row(0)      # {'item_views_1h': 12.0, 'item_ctr_1d': 0.047}
     res.watermark, res.stale, res.missing
+
+Point-in-time values for any rows (a *spine*), from the offline blocks::
+
+    from tessera.api import get_historical_features
+    table = get_historical_features(spine, ["item_ratings_30d", "user_rated"],
+                                    warehouse=".tessera/warehouse")
 """
 
 from __future__ import annotations
@@ -49,3 +55,54 @@ def get_features(
         return client.get_features(entity_type, ids, names, at=at)
     finally:
         client.store.close()
+
+
+def read_spine(path: str | Path):
+    """Read a spine file (``.parquet``/``.pq``, else CSV with a header) as a pyarrow Table."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return pq.read_table(path)
+    return pcsv.read_csv(path)
+
+
+def get_historical_features(
+    spine,
+    names: list[str],
+    *,
+    features=None,
+    warehouse: str | Path = ".tessera/warehouse",
+    timestamp: str = "event_ts",
+    watermark: str | None = None,
+):
+    """Feature values at any (entity, time) rows, computed from the offline blocks.
+
+    Args:
+        spine: a pyarrow Table (or anything ``pyarrow.table`` takes, e.g. a pandas frame)
+            with the features' entity columns and a ``timestamp`` column.
+        names: feature names (every window), window values (``item_views_1h``) or derived.
+        features: a ``FeatureSet`` or the path of a features file (default features.yaml).
+        warehouse: the Iceberg warehouse holding the blocks (sealed by ``tessera worker
+            blocks --warehouse``, or written by ``tessera batch blocks``).
+        timestamp: the column of each row's time (epoch ms, timestamps or ISO-8601).
+        watermark: optional column of the watermark each row's read saw.
+
+    Returns:
+        The spine with one column per window value and derived feature; a window with no
+        data is null (``last_n``: an empty list). See ``features.backfill.spine_columns``.
+    """
+    import pyarrow as pa
+
+    from features.backfill import spine_columns
+    from features.offline.tables import OfflineTables
+    from features.spec import FeatureSet
+
+    if not isinstance(spine, pa.Table):
+        spine = pa.table(spine)
+    fs = features if isinstance(features, FeatureSet) else load_features(features or
+                                                                         "features.yaml")
+    tables = OfflineTables.open(warehouse)
+    return spine_columns(spine, fs, names, tables.scan_blocks, timestamp=timestamp,
+                         watermark=watermark)

@@ -90,26 +90,47 @@ def batch_blocks(from_: str, to: str, names: str | None, online_sizes: str, feat
 @click.option("--features", "names", required=True,
               help="Comma-separated features: names (all windows), window values "
                    "(item_views_1h) or derived features.")
-@click.option("--from", "from_", required=True, help="Impression time range start.")
-@click.option("--to", required=True, help="Impression time range end, exclusive.")
+@click.option("--from", "from_", default=None, help="Impression time range start.")
+@click.option("--to", default=None, help="Impression time range end, exclusive.")
+@click.option("--spine", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Instead of the impressions: a CSV or Parquet file of rows (entity columns "
+                   "and a time column) to compute the features for.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --spine: the Parquet file to write (the spine's columns plus one "
+                   "per feature).")
+@click.option("--timestamp-column", default="event_ts", show_default=True,
+              help="With --spine: the column of each row's time (epoch ms or ISO-8601).")
+@click.option("--watermark-column", default=None,
+              help="With --spine: a column of the watermark each row's read saw (default: "
+                   "the row's time).")
 @click.option("--base-version", default="v1", show_default=True,
               help="Training table version whose rows are extended.")
 @click.option("--version", default=None, help="Name of the new version (default backfill-<ms>).")
 @click.option("--definitions", "features_file", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("features.yaml"), show_default=True, help="Feature definition file.")
 @_WAREHOUSE
-def backfill(names: str, from_: str, to: str, base_version: str, version: str | None,
-             features_file: Path, warehouse: Path) -> None:
-    """Add point-in-time feature columns to the training examples, as a new version.
+def backfill(names: str, from_: str | None, to: str | None, spine: Path | None,
+             out: Path | None, timestamp_column: str, watermark_column: str | None,
+             base_version: str, version: str | None, features_file: Path,
+             warehouse: Path) -> None:
+    """Add point-in-time feature columns to the training examples, as a new version; or,
+    with --spine, to any rows, written to --out.
 
     Each impression's features are computed over exactly the window its online read used
     (ending at its logged feature watermark) from the offline blocks: no data at or after
-    the watermark is read.
+    the watermark is read. A spine row's window ends at align_down(time, 5m) (or at its
+    --watermark-column, if earlier); a window with no data gives null.
     """
     from features.backfill import run_backfill
-    from features.offline.training import TrainingTables
 
     fs = _load(features_file)
+    if spine is not None:
+        _spine_backfill(fs, names, spine, out, timestamp_column, watermark_column, warehouse)
+        return
+    if from_ is None or to is None:
+        raise click.UsageError("give --from and --to (impressions), or --spine FILE --out FILE")
+    from features.offline.training import TrainingTables
+
     training = TrainingTables.open(warehouse)
     try:
         rep = run_backfill(training, training.offline, fs, _names(names), _time(from_, "--from"),
@@ -118,6 +139,34 @@ def backfill(names: str, from_: str, to: str, base_version: str, version: str | 
         raise click.ClickException(str(exc)) from exc
     click.echo(f"version {rep.version}: {rep.rows:,} impressions x {len(rep.features)} features "
                f"in {rep.seconds:.1f}s ({rep.rows_per_s:,.0f} rows/s)")
+
+
+def _spine_backfill(fs, names: str, spine: Path, out: Path | None, timestamp: str,
+                    watermark: str | None, warehouse: Path) -> None:
+    import time
+
+    import pyarrow.parquet as pq
+
+    from features.backfill import SpineError
+    from tessera.api import get_historical_features, read_spine
+
+    if out is None:
+        raise click.UsageError("--spine needs --out FILE.parquet")
+    t0 = time.perf_counter()
+    try:
+        rows = read_spine(spine)
+        table = get_historical_features(rows, _names(names) or [], features=fs,
+                                        warehouse=warehouse, timestamp=timestamp,
+                                        watermark=watermark)
+    except (SpineError, KeyError) as exc:
+        raise click.ClickException(str(exc.args[0] if isinstance(exc, KeyError) else exc)) \
+            from exc
+    except (TesseraError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    pq.write_table(table, out)
+    added = table.num_columns - rows.num_columns
+    click.echo(f"{out}: {table.num_rows:,} spine rows x {added} feature columns in "
+               f"{time.perf_counter() - t0:.1f}s")
 
 
 @click.command("replay")
