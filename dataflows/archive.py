@@ -43,7 +43,7 @@ from dataflows.sinks import DeadLetterSink
 from features.offline.raw import OffsetConflictError
 from features.offline.tables import OfflineTableError
 from schemas.columnar import EventColumns, concat_columns
-from schemas.registry import TOPICS
+from schemas.registry import TOPICS, event_topics, is_event_topic
 from tessera.logs import get_logger
 
 log = get_logger("dataflows.archive")
@@ -80,10 +80,12 @@ class ArchiveFlowConfig:
         object.__setattr__(self, "topics", tuple(self.topics))
         object.__setattr__(self, "warehouse", Path(self.warehouse))
         if not self.topics:
-            raise ValueError(f"topics must name at least one of {list(TOPICS)}, got ()")
-        unknown = [t for t in self.topics if t not in TOPICS]
+            raise ValueError(f"topics must name at least one of {list(event_topics())}, got ()")
+        unknown = [t for t in self.topics if not is_event_topic(t)]
         if unknown:
-            raise ValueError(f"topics {unknown} have no raw table; archive any of {list(TOPICS)}")
+            raise ValueError(f"topics {unknown} have no raw table; archive any of "
+                             f"{list(event_topics())} (declare other sources in the features "
+                             "file and pass it with --features)")
         if len(set(self.topics)) != len(self.topics):
             raise ValueError(f"topics must not repeat, got {list(self.topics)}")
         for name in ("commit_interval_ms", "max_batch_events", "batch_messages"):

@@ -8,7 +8,10 @@
 
 A user's sequence is the newest ``max_len`` actions by ``(ts, event_id)``, most recent first:
 views become action ``"view"``, engagements keep their ``action`` (click, like, share, save,
-hide); both carry ``dwell_ms``. ``append_sequence`` is idempotent on ``event_id`` and its
+hide); both carry ``dwell_ms``. A declared source with string ``user_id`` and ``item_id``
+fields is a sequence topic too (``is_sequence_topic``): its action is its ``action`` field
+when it has one, else the source's name, and its dwell its ``dwell_ms`` field, else 0.
+``append_sequence`` is idempotent on ``event_id`` and its
 order is total, so the flow holds no Bytewax state: after a crash the source replays from its
 last snapshot (or from the beginning without ``recovery_dir``) and the store ends up exactly
 as if every event had been written once.
@@ -37,8 +40,21 @@ log = get_logger("dataflows.sequences")
 ENTITY_TYPE = "user"
 #: The action a view becomes in a sequence.
 VIEW_ACTION = "view"
-#: Topics the flow can read: the ones that carry user actions.
+#: Built-in topics the flow can read: the ones that carry user actions.
 SEQUENCE_TOPICS: tuple[str, ...] = ("views", "engagements")
+
+
+def is_sequence_topic(topic: str) -> bool:
+    """Whether ``topic`` carries user actions: views, engagements, or a declared source with
+    string ``user_id`` and ``item_id`` fields."""
+    if topic in SEQUENCE_TOPICS:
+        return True
+    from schemas.registry import TOPICS, is_event_topic, topic_schema
+
+    if topic in TOPICS or not is_event_topic(topic):
+        return False
+    kinds = {f.name: f.kind for f in topic_schema(topic).fields}
+    return kinds.get("user_id") == "string" and kinds.get("item_id") == "string"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,11 +85,12 @@ class SequencesFlowConfig:
         object.__setattr__(self, "topics", tuple(self.topics))
         if not self.topics:
             raise ValueError(f"topics must name at least one of {list(SEQUENCE_TOPICS)}, got ()")
-        unknown = [t for t in self.topics if t not in SEQUENCE_TOPICS]
+        unknown = [t for t in self.topics if not is_sequence_topic(t)]
         if unknown:
             raise ValueError(
-                f"topics {unknown} carry no user actions; sequences read only "
-                f"{list(SEQUENCE_TOPICS)}"
+                f"topics {unknown} carry no user actions; sequences read "
+                f"{list(SEQUENCE_TOPICS)} and declared sources with string user_id and "
+                "item_id fields"
             )
         if len(set(self.topics)) != len(self.topics):
             raise ValueError(f"topics must not repeat, got {list(self.topics)}")
@@ -111,7 +128,7 @@ def columns_to_rows(cols: EventColumns) -> tuple[list[SequenceRow], np.ndarray]:
     Raises:
         ValueError: ``cols`` is not of a sequence topic.
     """
-    if cols.topic not in SEQUENCE_TOPICS:
+    if not is_sequence_topic(cols.topic):
         raise ValueError(
             f"topic {cols.topic!r} carries no user actions; expected one of {list(SEQUENCE_TOPICS)}"
         )
@@ -126,11 +143,14 @@ def columns_to_rows(cols: EventColumns) -> tuple[list[SequenceRow], np.ndarray]:
     items = [v if v is not None else "" for v in good.values("item_id").tolist()]
     events = good.values("event_id").tolist()
     ts = np.asarray(g["event_ts"], dtype=np.int64).tolist()
-    dwell = np.asarray(g["dwell_ms"], dtype=np.int64).tolist()
+    dwell = (np.asarray(g["dwell_ms"], dtype=np.int64).tolist() if "dwell_ms" in g
+             else [0] * n)
     if cols.topic == "views":
         actions: list[str] | tuple[str, ...] = (VIEW_ACTION,) * n
-    else:
+    elif "action" in g:
         actions = good.values("action").tolist()
+    else:  # a declared source without an action field: its name
+        actions = (cols.topic,) * n
     return list(zip(users, ts, items, actions, dwell, events, strict=True)), bad
 
 

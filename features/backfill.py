@@ -81,8 +81,9 @@ def resolve_names(features: FeatureSet, names: Sequence[str]) -> tuple[dict, lis
 
 def _window_values(examples: pa.Table, features: FeatureSet, names: Sequence[str],
                    scan_blocks: Callable[..., pa.Table], ts: np.ndarray, wm: np.ndarray,
-                   ) -> tuple[list, list]:
-    """Every requested window value of every row (``WindowValues``), and the derived specs."""
+                   warn: Callable[[str], None] | None = None) -> tuple[list, list]:
+    """Every requested window value of every row (``WindowValues``), and the derived specs;
+    ``warn`` hears of a feature with no block at all in the range the rows need."""
     windows, derived = resolve_names(features, names)
     values = []
     for spec, ws in windows.values():
@@ -94,6 +95,10 @@ def _window_values(examples: pa.Table, features: FeatureSet, names: Sequence[str
                          dtype=object)
         blocks = scan_blocks(feature_keys=[spec.key], start_from=earliest_start(spec, ends),
                              start_to=int(ends.max()) if len(ends) else 0)
+        if warn is not None and not blocks.num_rows and len(ends):
+            warn(f"no blocks of {spec.name} in the offline tables for this range: its values "
+                 "are empty; write them with `tessera worker blocks --warehouse` or "
+                 "`tessera batch blocks` (from the raw tables)")
         values.extend(point_in_time(spec, ws, ids, ends, blocks))
     return values, derived
 
@@ -134,6 +139,7 @@ def spine_columns(
     *,
     timestamp: str = "event_ts",
     watermark: str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> pa.Table:
     """Return ``spine`` with one column per requested window value and derived feature.
 
@@ -143,6 +149,7 @@ def spine_columns(
             ISO-8601 text.
         watermark: optional column (same forms) of the watermark each row's read saw.
         scan_blocks: ``OfflineTables.scan_blocks`` (or any function with its keywords).
+        warn: called with a message for each feature that has no block at all in range.
 
     A window with no data gives null (``last_n``: an empty list), never a default; derived
     features are computed from their inputs with the inputs' defaults.
@@ -153,7 +160,7 @@ def spine_columns(
     ts = spine_times(spine, timestamp)
     wm = spine_times(spine, watermark) if watermark is not None else ts
     try:
-        values, derived = _window_values(spine, features, names, scan_blocks, ts, wm)
+        values, derived = _window_values(spine, features, names, scan_blocks, ts, wm, warn)
     except KeyError as exc:
         raise SpineError(exc.args[0]) from None
     out = spine

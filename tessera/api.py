@@ -76,6 +76,7 @@ def get_historical_features(
     warehouse: str | Path = ".tessera/warehouse",
     timestamp: str = "event_ts",
     watermark: str | None = None,
+    warn=None,
 ):
     """Feature values at any (entity, time) rows, computed from the offline blocks.
 
@@ -88,6 +89,8 @@ def get_historical_features(
             blocks --warehouse``, or written by ``tessera batch blocks``).
         timestamp: the column of each row's time (epoch ms, timestamps or ISO-8601).
         watermark: optional column of the watermark each row's read saw.
+        warn: called with a message for each feature with no block at all in range
+            (default: ``warnings.warn``).
 
     Returns:
         The spine with one column per window value and derived feature; a window with no
@@ -104,5 +107,45 @@ def get_historical_features(
     fs = features if isinstance(features, FeatureSet) else load_features(features or
                                                                          "features.yaml")
     tables = OfflineTables.open(warehouse)
+    if warn is None:
+        import warnings
+
+        def warn(message: str) -> None:
+            warnings.warn(message, stacklevel=3)
     return spine_columns(spine, fs, names, tables.scan_blocks, timestamp=timestamp,
-                         watermark=watermark)
+                         watermark=watermark, warn=warn)
+
+
+def get_sequences(
+    user_ids: list[str],
+    *,
+    at: int | None = None,
+    limit: int | None = None,
+    store_url: str | None = None,
+) -> list[list[dict]]:
+    """Each user's stored actions, newest first (ties: larger event id first).
+
+    Args:
+        user_ids: the users.
+        at: only actions strictly before this time (epoch ms). The store keeps each user's
+            newest ``--max-len`` actions, so a past ``at`` sees those of them before it.
+        limit: at most this many actions per user.
+        store_url: the online store (default: the commands' store).
+
+    Returns:
+        One list per user of ``{ts, item_id, action, dwell_ms, event_id}`` dicts.
+    """
+    from dataflows.sequences import ENTITY_TYPE
+
+    with open_store(store_url or default_store_url(), readonly=True) as store:
+        seqs = store.get_sequences(ENTITY_TYPE, list(user_ids))
+    out = []
+    for seq in seqs:
+        keep = seq.ts < at if at is not None else slice(None)
+        ts, items, actions = seq.ts[keep], seq.item_ids[keep], seq.actions[keep]
+        dwell, events = seq.dwell_ms[keep], seq.event_ids[keep]
+        rows = [{"ts": int(t), "item_id": i, "action": a, "dwell_ms": int(d), "event_id": e}
+                for t, i, a, d, e in zip(ts.tolist(), items.tolist(), actions.tolist(),
+                                         dwell.tolist(), events.tolist())]
+        out.append(rows[:limit] if limit else rows)
+    return out

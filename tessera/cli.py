@@ -15,6 +15,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("tessera.commands.topics", "topics"),
     ("tessera.commands.generate", "generate"),
     ("tessera.commands.features", "features"),
+    ("tessera.commands.sequences", "sequences"),
     ("tessera.commands.worker", "worker"),
     ("tessera.commands.demo", "demo"),
     ("tessera.commands.serve", "serve"),

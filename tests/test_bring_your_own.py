@@ -4,6 +4,7 @@ seconds, ``tessera import`` (sorted by event time), the blocks worker, online re
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,23 @@ def test_declared_source_from_a_shuffled_headerless_tsv(fresh_broker: str, tmp_p
         assert user_res.values[i, 0] == count7, user
         assert user_res.lists["user_recent_rated_30d"][i] == last5, user
 
+    # the sequences worker reads the declared source too; before the same end, its newest 5
+    # are the last_n feature's list (one order for "the last N")
+    subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "--log-level", "WARNING", "worker", "sequences",
+         "--bootstrap", fresh_broker, "--store", store_url, "--features", str(features_file),
+         "--bounded"],
+        check=True, timeout=300, capture_output=True)
+    res = CliRunner().invoke(cli, ["sequences", "get", "--user", ",".join(users), "--at",
+                                   str(end), "--limit", "5", "--store", store_url, "--json"])
+    assert res.exit_code == 0, res.output
+    stored = json.loads(res.output)
+    for i, user in enumerate(users):
+        _, _, last5 = _oracle(data, "user_id", user, end, 30 * 86_400_000, sizes)
+        assert [a["item_id"] for a in stored[user]] == last5, user
+        assert {a["action"] for a in stored[user]} == {"ratings"}
+        assert [a["item_id"] for a in stored[user]] == user_res.lists["user_recent_rated_30d"][i]
+
     # a spine of (user, item, time) rows, through the CLI, against the same oracle
     rng = np.random.default_rng(9)
     k = 200
@@ -154,6 +172,27 @@ def test_declared_source_from_a_shuffled_headerless_tsv(fresh_broker: str, tmp_p
         assert row["user_rated_7d"] == count7, row
         assert row["user_recent_rated_30d"] == last5, row
     assert out[-1]["item_rating_mean_30d"] is None  # no data in the window: null
+
+    # the other offline path: the raw archive, then batch blocks from it: the same rows
+    raw_warehouse = tmp_path / "raw-warehouse"
+    subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "--log-level", "WARNING", "worker", "archive",
+         "--bootstrap", fresh_broker, "--features", str(features_file), "--bounded",
+         "--warehouse", str(raw_warehouse)],
+        check=True, timeout=300, capture_output=True)
+    res = CliRunner().invoke(cli, [
+        "batch", "blocks", "--features", str(features_file), "--warehouse", str(raw_warehouse),
+        "--store", f"lmdb://{tmp_path / 'store-batch'}", "--from", "2023-11-01T00:00:00Z",
+        "--to", "2023-12-01T00:00:00Z"])
+    assert res.exit_code == 0, res.output
+    assert "3,000 raw events" in res.output
+    res = CliRunner().invoke(cli, [
+        "backfill", "--definitions", str(features_file), "--spine",
+        str(tmp_path / "spine.parquet"), "--timestamp-column", "when",
+        "--out", str(tmp_path / "out-batch.parquet"), "--warehouse", str(raw_warehouse),
+        "--features", "item_ratings_30d,item_rating_mean,user_rated,user_recent_rated"])
+    assert res.exit_code == 0, res.output
+    assert pq.read_table(tmp_path / "out-batch.parquet").to_pylist() == out
 
 
 def test_spine_errors_name_the_column(tmp_path: Path) -> None:

@@ -64,7 +64,7 @@ from features.offline.tables import (
     _range_predicates,
 )
 from schemas.columnar import DictColumn, EventColumns
-from schemas.registry import TOPICS, FieldInfo, topic_schema
+from schemas.registry import FieldInfo, event_topics, is_event_topic, topic_schema
 
 __all__ = [
     "META_COLUMNS",
@@ -112,8 +112,10 @@ def raw_table_name(topic: str) -> str:
 
 
 def _check_topic(topic: str) -> None:
-    if topic not in TOPICS:
-        raise OfflineTableError(f"unknown topic {topic!r}; raw tables exist for {list(TOPICS)}")
+    if not is_event_topic(topic):
+        raise OfflineTableError(
+            f"unknown topic {topic!r}; raw tables exist for {list(event_topics())} (a source "
+            "declared in a features file counts once that file is loaded: pass --features)")
 
 
 def _field_type(topic: str, info: FieldInfo, next_id: list[int]) -> IcebergType:
@@ -260,19 +262,29 @@ class RawTables:
         self.offline = offline
         self._tables: dict[str, Table] = {}
         self._arrow: dict[str, pa.Schema] = {}
+        for topic in event_topics():
+            self._ensure(topic)
+
+    def _ensure(self, topic: str) -> Table:
+        """The table of ``topic``, created or loaded on first use (a declared source's table
+        is made when a process that declared it first needs it)."""
+        table = self._tables.get(topic)
+        if table is not None:
+            return table
+        _check_topic(topic)
         try:
-            for topic in TOPICS:
-                schema = raw_schema(topic)
-                self._tables[topic] = offline._create_or_load(
-                    raw_table_name(topic), schema, _raw_spec(schema)
-                )
-                self._arrow[topic] = self._tables[topic].schema().as_arrow()
+            schema = raw_schema(topic)
+            table = self.offline._create_or_load(raw_table_name(topic), schema,
+                                                 _raw_spec(schema))
         except OfflineTableError:
             raise
         except Exception as exc:
             raise OfflineTableError(
-                f"could not open the raw tables in namespace {offline.namespace!r}: {exc}"
+                f"could not open raw_{topic} in namespace {self.offline.namespace!r}: {exc}"
             ) from exc
+        self._arrow[topic] = table.schema().as_arrow()
+        self._tables[topic] = table
+        return table
 
     @classmethod
     def open(cls, warehouse: str | Path, **kwargs: Any) -> RawTables:
@@ -284,8 +296,7 @@ class RawTables:
 
     def table(self, topic: str) -> Table:
         """Return the pyiceberg table of ``topic``'s raw events, refreshed."""
-        _check_topic(topic)
-        return self._tables[topic].refresh()
+        return self._ensure(topic).refresh()
 
     # -- offsets ------------------------------------------------------------------
 
@@ -341,7 +352,7 @@ class RawTables:
                 ``reset_partitions``), or moved under us.
             OfflineTableError: bad columns, or too many lost commit races.
         """
-        _check_topic(topic)
+        self._ensure(topic)
         if columns.topic != topic:
             raise OfflineTableError(f"columns hold topic {columns.topic!r}, not {topic!r}")
         if len(partition_ids) != columns.n or len(offsets) != columns.n:

@@ -19,6 +19,26 @@ blocks`; every process must reach the same warehouse catalog.
 """
 
 
+def _declared_sources(features_file: Path | None, topics: tuple[str, ...]) -> tuple[str, ...]:
+    """Load the features file that declares sources (registering them in this process) when
+    one is given, or when a topic is not built in and ``features.yaml`` exists; return the
+    topics its features read and the sources it declares (the default --topics then)."""
+    from schemas.registry import TOPICS
+
+    if features_file is None:
+        if all(t in TOPICS for t in topics) or not Path("features.yaml").exists():
+            return ()
+        features_file = Path("features.yaml")
+    from features.errors import TesseraError
+    from features.spec_loader import load_features
+
+    try:
+        fs = load_features(features_file)
+    except TesseraError as exc:
+        raise _fail(str(exc)) from exc
+    return tuple(dict.fromkeys([*fs.sources, *(s.name for s in fs.declared)]))
+
+
 @click.command("archive", epilog=_HELP_EPILOG)
 @click.option("--bootstrap", metavar="HOST:PORT[,...]", default=None,
               help="Kafka bootstrap servers (default: the running embedded broker, "
@@ -29,7 +49,12 @@ blocks`; every process must reach the same warehouse catalog.
               "tables live there.")
 @click.option("--topics", default=None, metavar="T1,T2",
               help="Comma-separated topics to archive (default: views, engagements, "
-              "impressions, items).")
+              "impressions, items; with --features, the topics its features read and the "
+              "sources it declares).")
+@click.option("--features", "features_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None,
+              help="Features file whose declared sources (sources:) are archived too; "
+              "features.yaml when a --topics name is not built in.")
 @click.option("--bounded/--tail", default=False, show_default=True,
               help="--bounded stops at the end of the topics; --tail runs forever.")
 @click.option("--commit-interval", default="5s", show_default=True, metavar="DURATION",
@@ -47,6 +72,7 @@ def archive_command(
     bootstrap: str | None,
     warehouse: Path,
     topics: str | None,
+    features_file: Path | None,
     bounded: bool,
     commit_interval: str,
     max_batch_events: int,
@@ -65,6 +91,9 @@ def archive_command(
     cluster = _cluster(process_id, addresses)
     interval_ms = _duration(commit_interval, "'--commit-interval'")
     topic_list = tuple(t.strip() for t in (topics or "").split(",") if t.strip())
+    read = _declared_sources(features_file, topic_list)
+    if not topic_list and read:
+        topic_list = read
     try:
         config = ArchiveFlowConfig(
             bootstrap=_bootstrap(bootstrap),

@@ -157,7 +157,8 @@ def _spine_backfill(fs, names: str, spine: Path, out: Path | None, timestamp: st
         rows = read_spine(spine)
         table = get_historical_features(rows, _names(names) or [], features=fs,
                                         warehouse=warehouse, timestamp=timestamp,
-                                        watermark=watermark)
+                                        watermark=watermark,
+                                        warn=lambda m: click.echo(f"warning: {m}", err=True))
     except (SpineError, KeyError) as exc:
         raise click.ClickException(str(exc.args[0] if isinstance(exc, KeyError) else exc)) \
             from exc

@@ -387,6 +387,15 @@ def blocks(
     show_default=True,
     help="Kafka messages read per source batch (smaller: finer progress, slower).",
 )
+@click.option(
+    "--features",
+    "features_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Features file whose declared sources with user_id and item_id are read too "
+    "(then the default topics are those sources, and views/engagements if its features "
+    "read them).",
+)
 def sequences(
     bootstrap: str | None,
     store_url: str,
@@ -398,6 +407,7 @@ def sequences(
     epoch_interval: float,
     max_len: int,
     batch_messages: int,
+    features_file: Path | None,
 ) -> None:
     """Keep each user's most recent actions in the online store.
 
@@ -405,13 +415,24 @@ def sequences(
     the newest --max-len per user by event time, late events included. Writes are
     idempotent on event id, so a restart that replays events changes nothing.
     """
-    from dataflows.sequences import SequencesFlowConfig, build_sequences_flow
+    from dataflows.sequences import SequencesFlowConfig, build_sequences_flow, is_sequence_topic
 
     cluster = _cluster(process_id, addresses)
+    topics: dict = {}
+    if features_file is not None:
+        from features.errors import FeatureSpecError
+        from features.spec_loader import load_features
+
+        try:
+            fs = load_features(features_file)
+        except FeatureSpecError as exc:
+            raise _fail(str(exc)) from exc
+        wanted = [*fs.sources, *(d.name for d in fs.declared)]
+        topics = {"topics": tuple(dict.fromkeys(t for t in wanted if is_sequence_topic(t)))}
     try:
         config = SequencesFlowConfig(
             bootstrap=_bootstrap(bootstrap), store_url=store_url, max_len=max_len, bounded=bounded,
-            batch_messages=batch_messages,
+            batch_messages=batch_messages, **topics,
         )
     except ValueError as exc:
         raise _fail(str(exc)) from exc
