@@ -53,6 +53,8 @@ class BlocksFlowConfig:
     catchup_flush_interval_ms: int | None = None
     bounded: bool = False
     warehouse: Path | None = None
+    #: where late events are kept (the ``late_events`` table); None: ``warehouse``
+    late_warehouse: Path | None = None
     deadletter_topic: str = "deadletter"
     #: most messages per Kafka poll: one event each from real producers, so polls are large
     batch_messages: int = 5_000
@@ -60,6 +62,9 @@ class BlocksFlowConfig:
     batch_events: int = 20_000
     #: events further ahead of the wall clock are dead-lettered (None: no check)
     max_future_ms: int | None = 3_600_000
+    #: a partition with no event for this long stops holding the watermark back (bounded:
+    #: one that ends without an event); None: never (``KafkaBatchSource.idle_timeout_ms``)
+    idle_timeout_ms: int | None = 300_000
     start_offsets: dict[str, int] = field(default_factory=dict)
     event_range: tuple[int, int] | None = None  # replay: only events in [from, to) count
 
@@ -256,6 +261,7 @@ def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = 
         start_offsets=config.start_offsets,
         stop_at_ts=config.event_range[1] if config.event_range else None,
         max_future_ms=config.max_future_ms, validate=True,
+        idle_timeout_ms=config.idle_timeout_ms,
     )
     parts_by_topic: dict[str, list[str]] = {}
     for p in source.partition_keys():
@@ -281,9 +287,10 @@ def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = 
     op.inspect("progress", batches, lambda _step, b: counter.observe(b))
     dead = op.flat_map("deadletters", batches, lambda b: b.deadletters)
     op.output("deadletter_out", dead, DeadLetterSink(config.bootstrap, config.deadletter_topic))
-    if config.warehouse is not None:
+    late_warehouse = config.late_warehouse or config.warehouse
+    if late_warehouse is not None:
         late = op.filter_map("late", batches, lambda b: b if b.late.any() else None)
-        op.output("late_out", late, LateEventSink(config.warehouse))
+        op.output("late_out", late, LateEventSink(late_warehouse))
     keyed = op.flat_map("route", batches, lambda b: route(config, b))
     blocks = op.stateful("blocks", keyed, _KeyedBuilder(builder_for))
     op.output("store_out", blocks, StoreSink(config.store_url, config.warehouse,

@@ -55,6 +55,7 @@ import numpy as np
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from features.blockstate import classify_late
+from features.watermarks import IDLE_WATERMARK
 from schemas.bulk import decode_messages
 from schemas.codec import DeadLetter
 from schemas.columnar import DictColumn, EventColumns, empty_columns
@@ -246,6 +247,9 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         self._tail = not source.bounded
         self._eof = False
         self._idle_since = time.monotonic()
+        #: when this partition last read an event (idle timeout), and whether it is idle now
+        self._records_at = time.monotonic()
+        self._idle = False
         #: an idle partition is polled again at this time (``next_awake``), never blocking
         #: the worker's other partitions in ``consume``
         self._awake_at: datetime | None = None
@@ -437,6 +441,14 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
 
     # -- reading ---------------------------------------------------------------------
 
+    def _heartbeat(self, watermark: int) -> SourceBatch:
+        """An empty batch carrying ``watermark`` (no events, no offsets moved)."""
+        return SourceBatch(
+            topic=self._topic, partition=self._partition,
+            columns=empty_columns(self._topic), late=np.zeros(0, dtype=bool),
+            watermark=watermark, first_offset=self._cursor.offset,
+            next_offset=self._cursor.offset, offsets=np.zeros(0, np.int64), log_reset=False)
+
     def next_batch(self) -> list[SourceBatch]:
         from confluent_kafka import KafkaError
 
@@ -473,8 +485,33 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             cols, offsets, dead, messages = self._decode(records)
         if first is None:
             if self._eof:
+                if (self._source.idle_timeout_ms is not None and not self._idle
+                        and self._cursor.max_ts <= NO_TIME):
+                    # bounded, and it ended without an event: it holds no watermark back
+                    self._idle = True
+                    log.info("source.partition_idle", topic=self._topic,
+                             partition=self._partition, reason="ended without an event")
+                    return [self._heartbeat(IDLE_WATERMARK)]
                 raise StopIteration()
             now = time.monotonic()
+            idle_ms = self._source.idle_timeout_ms
+            if idle_ms is not None and self._tail and (now - self._records_at) * 1000 >= idle_ms \
+                    and (now - self._idle_since) * 1000 >= min(idle_ms, 1_000):
+                # Flink's withIdleness, kept safe: the partition's running maximum follows
+                # the wall clock less the timeout, so the events it may send later and that
+                # the others' watermark has passed are classified late here, never folded
+                # into blocks that were sealed without them
+                self._idle_since = now
+                wall = int(time.time() * 1000) - idle_ms
+                if wall > self._cursor.max_ts:
+                    self._cursor = PartitionCursor(offset=self._cursor.offset, max_ts=wall,
+                                                   last_fp=self._cursor.last_fp)
+                if not self._idle:
+                    self._idle = True
+                    log.info("source.partition_idle", topic=self._topic,
+                             partition=self._partition, idle_s=round(now - self._records_at),
+                             reason="no events for the idle timeout")
+                return [self._heartbeat(self._cursor.max_ts - self._source.lateness)]
             if self._tail and not self._suspect and \
                     now - self._quiet_since >= self.VERIFY_IDLE_S:
                 self._quiet_since = now
@@ -492,7 +529,10 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
                     first_offset=self._cursor.offset, next_offset=self._cursor.offset,
                     offsets=np.zeros(0, np.int64), log_reset=reset)]
             return []
-        self._idle_since = self._quiet_since = time.monotonic()
+        self._idle_since = self._quiet_since = self._records_at = time.monotonic()
+        if self._idle:
+            self._idle = False
+            log.info("source.partition_active", topic=self._topic, partition=self._partition)
         ts = np.asarray(cols.columns["event_ts"], dtype=np.int64)
         if self._source.validate:
             bad, reasons = invalid_events(cols, int(time.time() * 1000),
@@ -587,6 +627,10 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
             range): every on-time event after it is at or after ``stop_at_ts``.
         idle_heartbeat_ms: when a partition has had nothing to read for this long, emit an
             empty batch so timers downstream (sink commits) run while the topic is idle.
+        idle_timeout_ms: a partition with no event for this long stops holding the
+            watermark back (``features.watermarks``): tailing, its watermark follows the wall
+            clock less this timeout (later events behind it are late); bounded, a partition
+            that ends without an event reports ``IDLE_WATERMARK``. None: off.
         max_future_ms: events whose time is further than this ahead of the wall clock are
             dead-lettered instead of read (None: no check). Counted, one such event would
             move its partition's watermark into the future and make later events late.
@@ -610,6 +654,7 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         consumer_overrides: dict[str, Any] | None = None,
         stop_at_ts: int | None = None,
         idle_heartbeat_ms: int | None = None,
+        idle_timeout_ms: int | None = None,
         max_future_ms: int | None = None,
         validate: bool = False,
         batch_events: int | None = None,
@@ -627,6 +672,7 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         self.consumer_overrides = dict(consumer_overrides or {})
         self.stop_at_ts = stop_at_ts
         self.idle_heartbeat_ms = idle_heartbeat_ms
+        self.idle_timeout_ms = idle_timeout_ms
         self.max_future_ms = max_future_ms
         self.validate = validate
         # the tailing partitions built by each worker thread: a broker outage seen by one

@@ -84,6 +84,9 @@ class LabelFlowConfig:
     batch_messages: int = 500
     #: events further ahead of the wall clock are dead-lettered (None: no check)
     max_future_ms: int | None = 3_600_000
+    #: a partition with no event for this long stops holding the watermark back (an empty
+    #: engagements partition held labels back forever); None: never
+    idle_timeout_ms: int | None = 300_000
     start_offsets: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -223,6 +226,7 @@ def build_label_flow(config: LabelFlowConfig) -> Dataflow:
         start_offsets=config.start_offsets,
         idle_heartbeat_ms=None if config.bounded else min(1_000, config.commit_interval_ms),
         max_future_ms=config.max_future_ms, validate=True,
+        idle_timeout_ms=config.idle_timeout_ms,
     )
     parts = source.partition_keys()
     join_config = config.join_config()

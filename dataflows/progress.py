@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
+from features.watermarks import IDLE_WATERMARK, NO_WATERMARK
 from tessera.logs import get_logger
 
 log = get_logger("dataflows.progress")
 
-NO_WATERMARK = -(2**62)
 
 
 def _iso(ms: int) -> str | None:
@@ -37,6 +39,9 @@ class FlowProgress:
     clock: Callable[[], float] = time.monotonic
     events: int = 0
     late: int = 0
+    #: event-time range of the late events seen (None before any)
+    late_from: int | None = None
+    late_to: int | None = None
     deadlettered: int = 0
     partition_watermarks: dict[str, int] = field(default_factory=dict)
     #: per partition, the offset after the last message read (what a replay has covered)
@@ -55,10 +60,17 @@ class FlowProgress:
                 self.started = self._last_log = now
             n = len(batch.columns) + len(batch.deadletters)
             self.events += n
-            self.late += int(batch.late.sum()) if len(batch.late) else 0
+            n_late = int(batch.late.sum()) if len(batch.late) else 0
+            if n_late:
+                self.late += n_late
+                ts = np.asarray(batch.columns.columns["event_ts"])[batch.late]
+                lo, hi = int(ts.min()), int(ts.max())
+                self.late_from = lo if self.late_from is None else min(self.late_from, lo)
+                self.late_to = hi if self.late_to is None else max(self.late_to, hi)
             self.deadlettered += len(batch.deadletters)
             part = batch.part
-            if batch.watermark > self.partition_watermarks.get(part, NO_WATERMARK):
+            if IDLE_WATERMARK > batch.watermark > self.partition_watermarks.get(part,
+                                                                               NO_WATERMARK):
                 self.partition_watermarks[part] = batch.watermark
             if batch.next_offset > self.next_offsets.get(part, -1):
                 self.next_offsets[part] = batch.next_offset

@@ -31,11 +31,12 @@ from features.interning import StringInterner
 from features.keyindex import KeyIndex
 from features.spec import FeatureSpec
 from features.store.blockbatch import BlockBatch, empty_batch
+from features.watermarks import NO_WATERMARK, combined_watermark
 
 _SLOT_BITS = 32
 _SIZE_BITS = 3
 _SLOT_MASK = (1 << _SLOT_BITS) - 1
-_NO_WATERMARK = -(2**62)
+_NO_WATERMARK = NO_WATERMARK
 
 
 @dataclass
@@ -430,9 +431,9 @@ class BlockShard:
             self.state.partition_watermarks[partition] = watermark
 
     def watermark(self, partitions: Sequence[str]) -> int:
-        """Minimum watermark over ``partitions`` (a partition never heard from holds it back)."""
-        wms = self.state.partition_watermarks
-        return min((wms.get(p, _NO_WATERMARK) for p in partitions), default=_NO_WATERMARK)
+        """Minimum watermark over ``partitions`` (a partition never heard from holds it back;
+        an idle one does not: ``features.watermarks``)."""
+        return combined_watermark(self.state.partition_watermarks, partitions)
 
     # ------------------------------------------------------------------ output
     def flush(self, watermark: int | None = None, *, resend_sealed: bool = True,

@@ -40,6 +40,7 @@ from typing import Any, Literal
 import numpy as np
 
 from features.offline.training import LABEL_ACTIONS, label_column
+from features.watermarks import NO_WATERMARK, combined_watermark
 from schemas.columnar import EventColumns
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
     "make_example",
 ]
 
-NO_WATERMARK = -(2**62)
 IMPRESSION_FIELDS: tuple[str, ...] = (
     "impression_id", "request_id", "user_id", "item_id", "author_id", "topic", "position",
     "feed_type", "source", "event_ts", "feature_watermark", "model_versions", "scores",
@@ -316,9 +316,9 @@ class LabelJoin:
             self.partition_watermarks[part] = int(watermark)
 
     def watermark(self, parts: Iterable[str]) -> int:
-        """Minimum watermark over ``parts``; a partition never heard from holds it at NO_WATERMARK."""
-        return min((self.partition_watermarks.get(p, NO_WATERMARK) for p in parts),
-                   default=NO_WATERMARK)
+        """Minimum watermark over ``parts``; a partition never heard from holds it at
+        NO_WATERMARK, an idle one is left out (``features.watermarks``)."""
+        return combined_watermark(self.partition_watermarks, parts)
 
     def flush(self, watermark: int) -> list[dict[str, Any]]:
         """Return the examples whose window the ``watermark`` has passed; forget their state.

@@ -18,6 +18,20 @@ from tessera.errors import TopicError
 from tessera.topics import create_topics, delete_topics
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tessera_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Local state of commands run by the tests (the late events a blocks worker keeps, the
+    default store) under a temporary home, never in the checkout's ``.tessera``."""
+    if os.environ.get("TESSERA_HOME"):
+        yield
+        return
+    os.environ["TESSERA_HOME"] = str(tmp_path_factory.mktemp("tessera-home"))
+    try:
+        yield
+    finally:
+        os.environ.pop("TESSERA_HOME", None)
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Start an embedded broker on a free port for the whole session; yield its bootstrap."""

@@ -78,6 +78,10 @@ from tessera.commands.worker import (
 @click.option("--epoch-interval", type=click.FloatRange(min=0, min_open=True), default=2.0,
               show_default=True, metavar="SECONDS",
               help="Seconds between Bytewax epochs (recovery snapshots).")
+@click.option("--idle-timeout", default="5m", show_default=True, metavar="DURATION",
+              help="A partition with no event for this long stops holding the watermark "
+              "back (its later events behind the others' watermark are late); a bounded "
+              "partition that ends without an event never holds it. 0: never.")
 def labels_command(
     bootstrap: str | None,
     warehouse: str,
@@ -92,6 +96,7 @@ def labels_command(
     commit_interval: str,
     batch_messages: int,
     epoch_interval: float,
+    idle_timeout: str,
 ) -> None:
     """Join impressions with their engagements into the training_examples table.
 
@@ -117,6 +122,7 @@ def labels_command(
             shards=shards,
             commit_interval_ms=commit_ms,
             batch_messages=batch_messages,
+            idle_timeout_ms=_duration(idle_timeout, "'--idle-timeout'", allow_zero=True) or None,
         )
     except ValueError as exc:
         raise _fail(str(exc)) from exc

@@ -9,7 +9,10 @@ from typing import Any
 import click
 
 from features.errors import TesseraError
-from tessera.home import STORE_DEFAULT_TEXT, default_store_url
+from tessera.home import STORE_DEFAULT_TEXT, default_store_url, tessera_home
+from tessera.logs import get_logger
+
+log = get_logger("tessera.worker")
 
 DEFAULT_FEATURES = "features.yaml"
 
@@ -277,7 +280,18 @@ def worker() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Directory of the Iceberg tables: sealed blocks and late events are appended "
-    "there. Default: none.",
+    "there. Default: none (late events still kept, see --keep-late).",
+)
+@click.option("--idle-timeout", default="5m", show_default=True, metavar="DURATION",
+              help="A partition with no event for this long stops holding the watermark "
+              "back (its later events behind the others' watermark are late); a bounded "
+              "partition that ends without an event never holds it. 0: never.")
+@click.option(
+    "--keep-late/--drop-late",
+    default=True,
+    show_default=True,
+    help="Keep late events in the late_events table of --warehouse, or of the embedded "
+    "warehouse under $TESSERA_HOME (.tessera/warehouse) when none is given.",
 )
 @click.option(
     "--catchup-flush-interval",
@@ -310,6 +324,8 @@ def blocks(
     lateness: str,
     flush_interval: str,
     warehouse: Path | None,
+    idle_timeout: str,
+    keep_late: bool,
     catchup_flush_interval: str | None,
     batch_messages: int,
 ) -> None:
@@ -333,6 +349,7 @@ def blocks(
     except FeatureSpecError as exc:
         raise _fail(str(exc)) from exc
     topic_list = tuple(t.strip() for t in (topics or "").split(",") if t.strip())
+    late_warehouse = (warehouse or tessera_home() / "warehouse") if keep_late else None
     try:
         config = BlocksFlowConfig(
             bootstrap=_bootstrap(bootstrap),
@@ -345,7 +362,9 @@ def blocks(
             catchup_flush_interval_ms=catchup_ms,
             bounded=bounded,
             warehouse=warehouse,
+            late_warehouse=late_warehouse,
             batch_messages=batch_messages,
+            idle_timeout_ms=_duration(idle_timeout, "'--idle-timeout'", allow_zero=True) or None,
         )
     except ValueError as exc:
         raise _fail(str(exc)) from exc
@@ -369,6 +388,28 @@ def blocks(
         f"{totals['deadlettered']:,} dead-lettered; watermarks {totals['watermarks']}",
         err=True,
     )
+    hint = late_hint(progress, late_warehouse, features_file)
+    if hint:
+        click.echo(f"tessera worker blocks: {hint}", err=True)
+
+
+def late_hint(progress, late_warehouse: Path | None, features_file: Path) -> str | None:
+    """One line on the late events of a run: how many, where they are kept, and the command
+    that counts them in (None without late events). Also logged as ``blocks.late``."""
+    from features.timeutil import to_iso
+
+    if not progress.late:
+        return None
+    lo = progress.late_from - progress.late_from % 86_400_000
+    hi = progress.late_to - progress.late_to % 86_400_000 + 86_400_000
+    kept = (f"kept in {late_warehouse} (table late_events)" if late_warehouse is not None
+            else "dropped (--drop-late)")
+    fix = (f"tessera worker archive --bounded --warehouse W, then tessera batch blocks "
+           f"--warehouse W --features {features_file} --from {to_iso(lo)} --to {to_iso(hi)}")
+    log.warning("blocks.late", late=progress.late, late_from=to_iso(progress.late_from),
+                late_to=to_iso(progress.late_to), kept=str(late_warehouse), fix=fix)
+    return (f"{progress.late:,} late events ({to_iso(progress.late_from)} .. "
+            f"{to_iso(progress.late_to)}) are not in the blocks; {kept}; to count them: {fix}")
 
 
 @worker.command("sequences", epilog=_CLUSTER_HELP.replace("WHAT", "sequences"))

@@ -76,7 +76,7 @@ def test_fuzz_run_fails_and_keeps_the_input_when_the_decoder_breaks(tmp_path):
         "        return rec\n"
         "    c.read_body = broken\n"
         "    h.decode = lambda data, topic=None: (c.read_header(data), "
-        "broken(c._load(c.topic_for_schema_id(c.read_header(data))), data, topic=topic))\n"
+        "broken(c.schema_named(c.topic_for_schema_id(c.read_header(data))), data, topic=topic))\n"
         "_harness.main(load, lambda: [b'\\0'], h.test_one_input)\n"
     )
     seed_dir = tmp_path / "corpus"
