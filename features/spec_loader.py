@@ -177,7 +177,8 @@ def load_features(path: str | Path, *, schemas: Schemas | None = None) -> Featur
         text = Path(path).read_text("utf-8")
     except FileNotFoundError as exc:
         raise FeatureSpecError(
-            "file not found; pass the path of a feature definition file such as features.yaml",
+            "file not found; run `tessera init` to write a starter features.yaml here, or "
+            "pass the path of your feature definition file",
             file=file,
         ) from exc
     except OSError as exc:

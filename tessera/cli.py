@@ -12,6 +12,7 @@ from tessera.logs import configure_logging
 # (module, attribute) of each subcommand; each module owns its group and its --help text.
 _COMMANDS: list[tuple[str, str]] = [
     ("tessera.commands.broker", "broker"),
+    ("tessera.commands.init", "init"),
     ("tessera.commands.topics", "topics"),
     ("tessera.commands.generate", "generate"),
     ("tessera.commands.features", "features"),

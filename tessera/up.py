@@ -34,6 +34,45 @@ from tessera.logs import get_logger
 log = get_logger("tessera.up")
 
 
+class ChildFailed(RuntimeError):
+    """A process ``tessera up`` started exited with an error: its name, code, log and the
+    last line it wrote (usually the error)."""
+
+    def __init__(self, name: str, code: int, log_path: Path):
+        self.name, self.code, self.log_path = name, code, log_path
+        try:
+            lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines()]
+        except OSError:
+            lines = []
+        self.last_line = next((ln for ln in reversed(lines) if ln), "")
+        super().__init__(f"{name} exited with {code}: {self.last_line or '(no output)'} "
+                         f"(log {log_path})")
+
+
+def check_inputs(features_file: Path = Path("features.yaml")) -> None:
+    """Raise ``ValueError`` (one line) unless the platform's feature definitions are here:
+    ``tessera up`` runs the demo world, whose workers, backfill and models read them."""
+    from features.errors import TesseraError
+    from features.spec_loader import load_features
+
+    if not features_file.exists():
+        raise ValueError(
+            f"tessera up runs the platform's demo world and reads {features_file} from the "
+            "current directory (the repository's, with the views/engagements features); "
+            "run it from the repository checkout, or copy that file here. For your own "
+            "events see `tessera init`.")
+    try:
+        fs = load_features(features_file)
+    except TesseraError as exc:
+        raise ValueError(str(exc)) from None
+    names = {f.name for f in fs.features}
+    missing = [n for n in BACKFILL_FEATURES if n not in names]
+    if missing:
+        raise ValueError(
+            f"{features_file} lacks the features tessera up's models are trained on: "
+            f"{', '.join(missing)}; run it with the repository's features.yaml")
+
+
 @dataclass(frozen=True, kw_only=True)
 class UpConfig:
     """Sizes and places of one ``tessera up``."""
@@ -123,8 +162,7 @@ class Platform:
             self.children.remove(child)
             self._write_pids()
         if code != 0:
-            tail = child.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"step {name!r} failed (exit {code}); log {child.log_path}:\n{tail}")
+            raise ChildFailed(name, code, child.log_path)
 
     def _write_pids(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -143,8 +181,7 @@ class Platform:
                 continue
             code = c.proc.poll()
             if code is not None:
-                tail = c.log_path.read_text(errors="replace")[-1500:]
-                raise RuntimeError(f"{c.name} exited with {code}; log {c.log_path}:\n{tail}")
+                raise ChildFailed(c.name, code, c.log_path)
 
     # ------------------------------------------------------------------ steps
     def start_broker(self) -> None:

@@ -34,7 +34,12 @@ def up(home: Path, port: int, bootstrap: str | None, store_url: str | None,
     Prints the URLs as they come up. Ctrl-C (or `tessera down` from another shell) stops
     every process it started. Logs: <home>/up/logs/.
     """
-    from tessera.up import Platform, UpConfig
+    from tessera.up import ChildFailed, Platform, UpConfig, check_inputs
+
+    try:
+        check_inputs()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
     sizes = {"history_days": 1.0, "history_views": 40_000, "users": 500, "items": 3_000,
              "label_window": "2m", "epochs": 2} if short else {}
@@ -45,13 +50,18 @@ def up(home: Path, port: int, bootstrap: str | None, store_url: str | None,
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     platform = Platform(config, say=lambda m: click.echo(m, err=True))
+    failed: ChildFailed | None = None
     try:
         platform.up(stop=stop.is_set)
     except KeyboardInterrupt:
         click.echo("\nstopping ...", err=True)
+    except ChildFailed as exc:
+        failed = exc
     finally:
         platform.down()
         click.echo("stopped", err=True)
+    if failed is not None:
+        raise click.ClickException(str(failed))
 
 
 @click.command("down")
