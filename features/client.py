@@ -37,9 +37,15 @@ from features.pointintime import _finalize_fixed
 from features.spec import DerivedFeatureSpec, FeatureSet, FeatureSpec
 from features.store.base import NO_WATERMARK, OnlineStore
 from features.tiling import READ_LAG_MS, cover_window, window_bounds
-from features.timeutil import align_down
+from features.timeutil import align_down, to_iso
 
 PREASSEMBLED_TABLE = "hot"
+
+
+def _shown(wm: int, finest: int) -> str:
+    """A watermark as every command shows it: the aligned end of the last complete block."""
+    end = align_down(wm, finest)
+    return f"{end} ({to_iso(end)})"
 
 
 class HistoricalReadError(TesseraError, ValueError):
@@ -277,16 +283,18 @@ class FeatureClient:
             end = int(end) if wm != NO_WATERMARK and end != NO_WATERMARK else NO_WATERMARK
             if end != NO_WATERMARK and end > wm:
                 raise HistoricalReadError(
-                    f"end={end} is after the {entity_type} features' watermark {wm}: take the "
-                    "end from snapshot_end over every read of the request")
+                    f"end={end} ({to_iso(end)}) is after the {entity_type} features' "
+                    f"watermark {_shown(wm, finest)}: take the end from snapshot_end over "
+                    "every read of the request")
         else:
             end = align_down(min(wm, at), finest) if wm != NO_WATERMARK else NO_WATERMARK
         if end != NO_WATERMARK and end < wm - finest - READ_LAG_MS:
             raise HistoricalReadError(
-                f"a read ending at {end} is {wm - end} ms before the {entity_type} features' "
-                f"watermark {wm}: the online store keeps the blocks of reads ending up to "
-                f"{finest + READ_LAG_MS} ms before it (per-size retention); compute past "
-                "values offline (the backfill) instead"
+                f"a read ending at {end} ({to_iso(end)}) is {(align_down(wm, finest) - end) // 1000} s "
+                f"before the {entity_type} features' watermark {_shown(wm, finest)}: the online "
+                f"store keeps the blocks of reads ending up to {(finest + READ_LAG_MS) // 1000} s "
+                "before it (per-size retention); compute past values offline instead "
+                "(`tessera backfill --spine`)"
             )
 
         uniq = list(dict.fromkeys(ids))

@@ -171,8 +171,11 @@ def test_reads_far_behind_the_watermark_are_refused(filled):
     store, _ = filled
     client = FeatureClient(store, FEATURES)
     wm = min(store.get_watermarks("blocks/").values())
-    with pytest.raises(HistoricalReadError, match="compute past values offline"):
+    with pytest.raises(HistoricalReadError, match="compute past values offline") as info:
         client.get_features("item", ["i1"], ["item_views_1h"], at=wm - 3_600_000)
+    # one watermark number: the message shows the aligned end a read reports
+    shown = client.get_features("item", ["i1"], ["item_views_1h"], at=wm).watermark
+    assert f"watermark {shown} (" in str(info.value)
 
 
 def test_stale_features_are_flagged_in_the_result(filled):
