@@ -6,7 +6,8 @@
       │                                    └─ rows ──────▶ SequenceSink:
       │                                                    store.append_sequence("user", ...)
 
-A user's sequence is the newest ``max_len`` actions by ``(ts, event_id)``, most recent first:
+A user's sequence is the newest ``max_len`` actions by ``(ts, item_id, event_id)`` (the
+tie order of ``last_n`` blocks), most recent first:
 views become action ``"view"``, engagements keep their ``action`` (click, like, share, save,
 hide); both carry ``dwell_ms``. A declared source with string ``user_id`` and ``item_id``
 fields is a sequence topic too (``is_sequence_topic``): its action is its ``action`` field
@@ -65,7 +66,7 @@ class SequencesFlowConfig:
         bootstrap: Kafka bootstrap servers.
         store_url: online store URL (``lmdb://...``, ``aerospike://...``).
         topics: topics to read, a subset of ``("views", "engagements")``.
-        max_len: actions kept per user (the newest by ``(ts, event_id)``).
+        max_len: actions kept per user (the newest by ``(ts, item_id, event_id)``).
         bounded: stop at the end of the topics instead of tailing them.
         batch_messages: Kafka messages per consume call (each may be a batch envelope).
         deadletter_topic: where undecodable or invalid events go.

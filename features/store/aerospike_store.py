@@ -10,12 +10,14 @@ Data model (namespace from the URL):
   entities in one ``batch_write``; reads are ``batch_read`` of that bin, converted to a
   ``BlockTable`` by ``blocktable_from_map``. The bin-name table (bin -> family) lives in the
   meta record ``\\0bins``; a hash collision between two families is refused on first write.
-* Sequences: bin ``seq``, a KEY_ORDERED map ``event_id -> [ts, event_id, item_id, action,
+* Sequences: bin ``seq2``, a KEY_ORDERED map ``event_id -> [ts, item_id, event_id, action,
   dwell_ms]``. Chosen over a list bin plus a separate dedup bin: one bin and one ``operate``
   give dedup and trim atomically. ``map_put_items`` with CREATE_ONLY|NO_FAIL|PARTIAL makes a
   replayed event id a no-op; ``map_remove_by_rank_range(-max_len, max_len, inverted=True)``
-  keeps the ``max_len`` greatest values, i.e. the newest by ``(ts, event_id)``, which is the
-  same total order the LMDB backend uses.
+  keeps the ``max_len`` greatest values, i.e. the newest by ``(ts, item_id, event_id)``,
+  which is the total order the LMDB backend uses (``base.SEQUENCE_ORDER``). The bin was
+  ``seq`` with ``[ts, event_id, ...]`` values before ties were ordered like ``last_n``
+  blocks; such a bin is not read (the sequences worker rebuilds from Kafka).
 * Values: bin ``"v_" + 8 hex`` of the table name holding ``records.encode_value`` bytes; the
   column lists live in the meta record ``\\0values\\0<entity_type>\\0<table>``.
 * Watermarks: one record (set ``tessera_wm``, key ``tessera:watermarks``) with a map bin
@@ -81,7 +83,7 @@ MAX_BIN_NAME = 15
 DEFAULT_TTL_S = (30 * DAY + 2 * DAY) // 1000
 """Default record TTL: the longest default window (30d) plus slack."""
 
-SEQUENCE_BIN = "seq"
+SEQUENCE_BIN = "seq2"
 META_SET = "tessera_meta"
 WATERMARK_SET = "tessera_wm"
 _BATCH = 4096
@@ -212,14 +214,15 @@ def blocks_to_drop(blocks: Mapping[bytes, bytes], ts: int) -> list[bytes]:
 
 
 def sequence_items(rows: Iterable[SequenceRow]) -> dict[str, dict[str, list]]:
-    """Group sequence rows into ``{entity_id: {event_id: [ts, event_id, item, action, dwell]}}``.
+    """Group sequence rows into ``{entity_id: {event_id: [ts, item, event_id, action, dwell]}}``
+    (a value list compares in the sequence order, so the server's rank trim keeps the newest).
 
     Within one call the first row of an event id wins, as in the LMDB backend.
     """
     out: dict[str, dict[str, list]] = defaultdict(dict)
     for entity_id, ts, item_id, action, dwell_ms, event_id in rows:
         out[entity_id].setdefault(
-            str(event_id), [int(ts), str(event_id), str(item_id), str(action), int(dwell_ms)]
+            str(event_id), [int(ts), str(item_id), str(event_id), str(action), int(dwell_ms)]
         )
     return out
 
@@ -231,7 +234,7 @@ def sequence_from_map(
     if not entries:
         return ActionSequence.empty()
     items = sorted((tuple(v) for v in entries.values()), reverse=True)
-    return sequence_from_tuples(items).head(max_len)
+    return sequence_from_tuples([(t, e, i, a, d) for t, i, e, a, d in items]).head(max_len)
 
 
 #: result codes that mean the cluster cannot be reached now (the client reconnects by itself

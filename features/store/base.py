@@ -36,7 +36,8 @@ NO_WATERMARK = -1
 
 @dataclass(frozen=True, eq=False)
 class ActionSequence:
-    """The recent actions of one entity, most recent first (ties: larger event id first).
+    """The recent actions of one entity, most recent first (``SEQUENCE_ORDER``: ties by larger
+    item id, then larger event id).
 
     Attributes:
         ts: int64[n], event time (epoch ms).
@@ -105,7 +106,7 @@ def merge_sequence(
     """Return ``current`` with ``rows`` appended: deduplicated on event id, newest ``max_len``.
 
     A row whose event id is already present is ignored (crash replay is a no-op). The order
-    is ``(ts, event_id)`` descending, a total order, so the result does not depend on the order
+    is ``SEQUENCE_ORDER`` descending, a total order, so the result does not depend on the order
     rows arrive in, and an event trimmed earlier stays trimmed when replayed.
     """
     if max_len <= 0:
@@ -122,8 +123,19 @@ def merge_sequence(
     for _entity, t, i, a, d, e in rows:
         if e not in by_event:
             by_event[e] = (int(t), str(e), str(i), str(a), int(d))
-    items = sorted(by_event.values(), reverse=True)[:max_len]
+    items = sorted(by_event.values(), key=_sequence_key, reverse=True)[:max_len]
     return sequence_from_tuples(items)
+
+
+SEQUENCE_ORDER = ("ts", "item_id", "event_id")
+"""Newest first by event time; equal times by item id, then event id (both descending): the
+tie order of ``last_n`` blocks (by value), so a ``last_n`` of item ids and a sequence list
+the same items. Event ids come last only to make the order total (idempotent appends)."""
+
+
+def _sequence_key(row: tuple[int, str, str, str, int]) -> tuple[int, str, str]:
+    t, e, i, _a, _d = row
+    return (t, i, e)
 
 
 def sequence_from_tuples(items: list[tuple[int, str, str, str, int]]) -> ActionSequence:
@@ -265,7 +277,8 @@ class OnlineStore(abc.ABC):
 
     @abc.abstractmethod
     def append_sequence(self, entity_type: str, rows: Sequence[SequenceRow], max_len: int) -> None:
-        """Append actions and keep only the newest ``max_len`` per entity, by ``(ts, event_id)``.
+        """Append actions and keep only the newest ``max_len`` per entity by ``SEQUENCE_ORDER``
+        (ts, item id, event id).
 
         Idempotent on ``event_id``: appending an event id already present is a no-op, and
         so is replaying one that was trimmed out, so a crashed writer may replay freely.

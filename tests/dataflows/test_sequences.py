@@ -86,7 +86,8 @@ def _produce(
 
 
 def _oracle(records: dict[str, list[dict]], max_len: int) -> dict[str, list[tuple]]:
-    """Each user's newest ``max_len`` actions by (ts, event_id), most recent first."""
+    """Each user's newest ``max_len`` actions by (ts, item_id, event_id), most recent first
+    (the tie order of ``last_n`` blocks)."""
     by_user: dict[str, dict[str, tuple]] = defaultdict(dict)
     for topic, recs in records.items():
         for r in recs:
@@ -98,7 +99,8 @@ def _oracle(records: dict[str, list[dict]], max_len: int) -> dict[str, list[tupl
                 action,
                 r["dwell_ms"],
             )
-    return {u: sorted(evs.values(), reverse=True)[:max_len] for u, evs in by_user.items()}
+    return {u: sorted(evs.values(), key=lambda r: (r[0], r[2], r[1]), reverse=True)[:max_len]
+            for u, evs in by_user.items()}
 
 
 def _store_sequences(url: str, users: list[str]) -> dict[str, list[tuple]]:

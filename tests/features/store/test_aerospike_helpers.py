@@ -146,7 +146,7 @@ def test_sequence_map_matches_lmdb_merge(events, max_len):
 def test_sequence_from_map_empty_and_head():
     assert len(sequence_from_map(None)) == 0
     seq = sequence_from_map(
-        {"a": [1, "a", "i", "click", 0], "b": [2, "b", "j", "like", 5]}, max_len=1
+        {"a": [1, "i", "a", "click", 0], "b": [2, "j", "b", "like", 5]}, max_len=1
     )
     assert seq.ts.tolist() == [2] and list(seq.event_ids) == ["b"]
 

@@ -357,3 +357,13 @@ def test_second_process_reads_while_writer_writes(tmp_path):
     values = [a for a, _ in seen]
     assert values == sorted(values), "a reader saw the store go back in time"
     assert values[-1] == N_ROUNDS - 1
+
+
+def test_sequence_ties_order_like_last_n_blocks(store, et):
+    """Equal times: larger item id first, as a last_n block orders equal times by value; the
+    trim keeps the newest by that order in every backend."""
+    rows = [("u1", 100, item, "view", 0, ev) for item, ev in
+            [("i1", "e9"), ("i3", "e1"), ("i2", "e5")]] + [("u1", 50, "i9", "view", 0, "e0")]
+    store.append_sequence(et, rows, max_len=2)
+    [seq] = store.get_sequences(et, ["u1"])
+    assert seq.item_ids.tolist() == ["i3", "i2"]
