@@ -81,12 +81,14 @@ def resolve_names(features: FeatureSet, names: Sequence[str]) -> tuple[dict, lis
 
 def _window_values(examples: pa.Table, features: FeatureSet, names: Sequence[str],
                    scan_blocks: Callable[..., pa.Table], ts: np.ndarray, wm: np.ndarray,
-                   warn: Callable[[str], None] | None = None) -> tuple[list, list]:
+                   warn: Callable[[str], None] | None = None,
+                   progress: Callable[[str], None] | None = None) -> tuple[list, list]:
     """Every requested window value of every row (``WindowValues``), and the derived specs;
     ``warn`` hears of a feature with no block at all in the range the rows need."""
     windows, derived = resolve_names(features, names)
     values = []
-    for spec, ws in windows.values():
+    t0 = time.perf_counter()
+    for done, (spec, ws) in enumerate(windows.values(), start=1):
         if spec.entity not in examples.column_names:
             raise KeyError(f"the rows have no column {spec.entity!r}, the entity of "
                            f"{spec.name!r}; columns: {', '.join(examples.column_names)}")
@@ -100,6 +102,9 @@ def _window_values(examples: pa.Table, features: FeatureSet, names: Sequence[str
                  "are empty; write them with `tessera worker blocks --warehouse` or "
                  "`tessera batch blocks` (from the raw tables)")
         values.extend(point_in_time(spec, ws, ids, ends, blocks))
+        if progress is not None:
+            progress(f"{done}/{len(windows)} features ({spec.name}: {blocks.num_rows:,} blocks "
+                     f"for {len(ids):,} rows), {time.perf_counter() - t0:.1f}s")
     return values, derived
 
 
@@ -140,6 +145,7 @@ def spine_columns(
     timestamp: str = "event_ts",
     watermark: str | None = None,
     warn: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> pa.Table:
     """Return ``spine`` with one column per requested window value and derived feature.
 
@@ -150,6 +156,7 @@ def spine_columns(
         watermark: optional column (same forms) of the watermark each row's read saw.
         scan_blocks: ``OfflineTables.scan_blocks`` (or any function with its keywords).
         warn: called with a message for each feature that has no block at all in range.
+        progress: called with a line after each feature.
 
     A window with no data gives null (``last_n``: an empty list), never a default; derived
     features are computed from their inputs with the inputs' defaults.
@@ -160,7 +167,8 @@ def spine_columns(
     ts = spine_times(spine, timestamp)
     wm = spine_times(spine, watermark) if watermark is not None else ts
     try:
-        values, derived = _window_values(spine, features, names, scan_blocks, ts, wm, warn)
+        values, derived = _window_values(spine, features, names, scan_blocks, ts, wm, warn,
+                                         progress)
     except KeyError as exc:
         raise SpineError(exc.args[0]) from None
     out = spine

@@ -40,7 +40,7 @@ MAX_WINDOW = 400 * DAY
 DEFAULT_FRESHNESS = 15 * MINUTE
 
 TOP_LEVEL_KEYS = ("sources", "defaults", "features", "derived")
-SOURCE_KEYS = ("name", "fields", "event_time", "event_id")
+SOURCE_KEYS = ("name", "fields", "schema", "event_time", "event_id")
 EVENT_TIME_KEYS = ("field", "unit")
 TIME_UNITS = ("ms", "s", "us", "iso")
 DEFAULTS_KEYS = ("block_sizes", "freshness")
@@ -307,7 +307,13 @@ class _Loader:
                                  f"{_quoted(list(self.schemas[name]))}; pick another name")
             if name in self.declared_names:
                 raise self.error(f"{where} is declared twice")
-            fields = item.get("fields")
+            if "schema" in item:
+                if "fields" in item:
+                    raise self.error(f"{where}: give 'fields' or 'schema' (an .avsc file), "
+                                     "not both")
+                fields = self.avsc_fields(item["schema"], where)
+            else:
+                fields = item.get("fields")
             if not isinstance(fields, dict) or not fields:
                 raise self.error(f"{where}: 'fields' must be a mapping of field name to type, "
                                  "such as {user_id: string, rating: double}")
@@ -341,6 +347,38 @@ class _Loader:
             out.append(SourceSpec(name=name, fields=dict(fields), time_column=column,
                                   time_unit=unit, id_column=id_column))
         return tuple(out)
+
+    def avsc_fields(self, raw: Any, where: str) -> dict[str, str]:
+        """The fields of an Avro record schema file (relative to the features file), as
+        declared-source types; ``event_id``/``event_ts`` are left out (every record has them)."""
+        if not isinstance(raw, str) or not raw:
+            raise self.error(f"{where}: 'schema' must be the path of an .avsc file")
+        path = Path(raw)
+        if not path.is_absolute() and self.file not in ("<string>", ""):
+            path = Path(self.file).parent / path
+        try:
+            doc = json.loads(path.read_text("utf-8"))
+        except OSError as exc:
+            raise self.error(f"{where}: cannot read schema {str(path)!r}: {exc.strerror}") \
+                from None
+        except json.JSONDecodeError as exc:
+            raise self.error(f"{where}: schema {str(path)!r} is not JSON: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("type") != "record" or \
+                not isinstance(doc.get("fields"), list):
+            raise self.error(f"{where}: schema {str(path)!r} must be an Avro record "
+                             "({\"type\": \"record\", \"fields\": [...]})")
+        out: dict[str, str] = {}
+        for f in doc["fields"]:
+            name, typ = (f.get("name"), f.get("type")) if isinstance(f, dict) else (None, None)
+            if name in ("event_id", "event_ts"):
+                continue
+            if isinstance(typ, list) and len(typ) == 2 and "null" in typ and "string" in typ:
+                typ = "string?"
+            if not isinstance(name, str) or not isinstance(typ, str):
+                raise self.error(f"{where}: schema field {f!r} is not a flat field; declared "
+                                 "sources take string, string?, long, int and double fields")
+            out[name] = typ
+        return out
 
     def defaults(self, raw: Any) -> dict[str, Any]:
         if raw is None:

@@ -77,6 +77,7 @@ def get_historical_features(
     timestamp: str = "event_ts",
     watermark: str | None = None,
     warn=None,
+    progress=None,
 ):
     """Feature values at any (entity, time) rows, computed from the offline blocks.
 
@@ -91,6 +92,7 @@ def get_historical_features(
         watermark: optional column of the watermark each row's read saw.
         warn: called with a message for each feature with no block at all in range
             (default: ``warnings.warn``).
+        progress: called with a line after each feature (default: nothing).
 
     Returns:
         The spine with one column per window value and derived feature; a window with no
@@ -113,7 +115,7 @@ def get_historical_features(
         def warn(message: str) -> None:
             warnings.warn(message, stacklevel=3)
     return spine_columns(spine, fs, names, tables.scan_blocks, timestamp=timestamp,
-                         watermark=watermark, warn=warn)
+                         watermark=watermark, warn=warn, progress=progress)
 
 
 def get_sequences(

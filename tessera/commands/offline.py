@@ -158,7 +158,8 @@ def _spine_backfill(fs, names: str, spine: Path, out: Path | None, timestamp: st
         table = get_historical_features(rows, _names(names) or [], features=fs,
                                         warehouse=warehouse, timestamp=timestamp,
                                         watermark=watermark,
-                                        warn=lambda m: click.echo(f"warning: {m}", err=True))
+                                        warn=lambda m: click.echo(f"warning: {m}", err=True),
+                                        progress=lambda m: click.echo(f"  {m}", err=True))
     except (SpineError, KeyError) as exc:
         raise click.ClickException(str(exc.args[0] if isinstance(exc, KeyError) else exc)) \
             from exc

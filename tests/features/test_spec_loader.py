@@ -742,3 +742,32 @@ def test_a_declared_source_is_registered_and_aggregated() -> None:
 def test_declared_source_errors(source: dict, message: str) -> None:
     with pytest.raises(FeatureSpecError, match=message):
         parse_features(_with_source(**source))
+
+
+def test_a_declared_source_from_an_avsc_file(tmp_path: Path) -> None:
+    import json
+
+    from schemas.registry import topic_schema
+
+    (tmp_path / "plays.avsc").write_text(json.dumps({
+        "type": "record", "name": "plays", "fields": [
+            {"name": "event_id", "type": "string"}, {"name": "event_ts", "type": "long"},
+            {"name": "user_id", "type": "string"}, {"name": "track_id", "type": "string"},
+            {"name": "seconds", "type": "double"},
+            {"name": "device", "type": ["null", "string"], "default": None}]}))
+    (tmp_path / "features.yaml").write_text(
+        "sources:\n  - {name: plays, schema: plays.avsc}\n"
+        "features:\n  - {name: track_plays, source: plays, entity: track_id,"
+        " aggregation: count, windows: [1d]}\n")
+    fs = load_features(tmp_path / "features.yaml")
+    assert dict(fs.declared_source("plays").fields) == {
+        "user_id": "string", "track_id": "string", "seconds": "double", "device": "string?"}
+    assert topic_schema("plays").field("device").nullable
+    (tmp_path / "bad.avsc").write_text(json.dumps({
+        "type": "record", "name": "bad", "fields": [{"name": "ok", "type": "boolean"}]}))
+    (tmp_path / "bad.yaml").write_text(
+        "sources:\n  - {name: bad, schema: bad.avsc}\n"
+        "features:\n  - {name: x, source: views, entity: item_id, aggregation: count,"
+        " windows: [1d]}\n")
+    with pytest.raises(FeatureSpecError, match="field 'ok' has type 'boolean'"):
+        load_features(tmp_path / "bad.yaml")
