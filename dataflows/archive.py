@@ -39,6 +39,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from dataflows.kafka_source import KafkaBatchSource, PartitionCursor, SourceBatch
+from dataflows.progress import FlowProgress
 from dataflows.sinks import DeadLetterSink
 from features.offline.raw import OffsetConflictError
 from features.offline.tables import OfflineTableError
@@ -299,7 +300,8 @@ class ArchiveSink(DynamicSink[Any]):
                                  dl.build(step_id, worker_index, worker_count), worker_index)
 
 
-def build_archive_flow(config: ArchiveFlowConfig) -> Dataflow:
+def build_archive_flow(config: ArchiveFlowConfig, progress: FlowProgress | None = None
+                       ) -> Dataflow:
     """Build the archive dataflow, starting every partition at its committed offset.
 
     Reads the committed offsets once, here: the source starts from them and the sink expects
@@ -318,5 +320,8 @@ def build_archive_flow(config: ArchiveFlowConfig) -> Dataflow:
     )
     flow = Dataflow("archive")
     batches = op.input("kafka", flow, _TickingSource(source, config.tick_ms))
+    counter = progress or FlowProgress("archive")
+    op.inspect("progress", batches,
+               lambda _step, b: counter.observe(b) if isinstance(b, SourceBatch) else None)
     op.output("raw", batches, ArchiveSink(config, start))
     return flow

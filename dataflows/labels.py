@@ -40,6 +40,7 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from dataflows.blocks import shard_of
 from dataflows.kafka_source import KafkaBatchSource, SourceBatch
+from dataflows.progress import FlowProgress
 from dataflows.sinks import DeadLetterSink, LateEventSink
 from features.labeljoin import LabelJoin, LabelJoinConfig
 from features.offline.training import BASE_VERSION, TrainingTables
@@ -218,8 +219,10 @@ class TrainingSink(FixedPartitionedSink[list[dict[str, Any]], list[dict[str, Any
                                   resume_state)
 
 
-def build_label_flow(config: LabelFlowConfig) -> Dataflow:
-    """Return the Bytewax dataflow for ``config`` (run it with ``dataflows.runner.run_flow``)."""
+def build_label_flow(config: LabelFlowConfig, progress: FlowProgress | None = None
+                     ) -> Dataflow:
+    """Return the Bytewax dataflow for ``config`` (run it with ``dataflows.runner.run_flow``);
+    ``progress`` counts what it reads and logs ``labels.progress`` every few seconds."""
     source = KafkaBatchSource(
         bootstrap=config.bootstrap, topics=LABEL_TOPICS, lateness=config.lateness_ms,
         bounded=config.bounded, batch_messages=config.batch_messages,
@@ -236,6 +239,8 @@ def build_label_flow(config: LabelFlowConfig) -> Dataflow:
 
     flow = Dataflow("tessera_labels")
     batches = op.input("kafka", flow, source)
+    counter = progress or FlowProgress("labels")
+    op.inspect("progress", batches, lambda _step, b: counter.observe(b))
     dead = op.flat_map("deadletters", batches, lambda b: b.deadletters)
     op.output("deadletter_out", dead, DeadLetterSink(config.bootstrap, config.deadletter_topic))
     late = op.filter_map("late", batches, lambda b: b if b.late.any() else None)

@@ -29,6 +29,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from dataflows.kafka_source import KafkaBatchSource, SourceBatch
+from dataflows.progress import FlowProgress
 from dataflows.sinks import DeadLetterSink, write_until_stored
 from features.store.base import SequenceRow
 from schemas.codec import DeadLetter, encode
@@ -221,8 +222,10 @@ class SequenceSink(DynamicSink[list[SequenceRow]]):
         return _SequencePartition(self.store_url, self.max_len)
 
 
-def build_sequences_flow(config: SequencesFlowConfig) -> Dataflow:
-    """Return the Bytewax dataflow for ``config`` (run it with ``dataflows.runner.run_flow``)."""
+def build_sequences_flow(config: SequencesFlowConfig, progress: FlowProgress | None = None
+                         ) -> Dataflow:
+    """Return the Bytewax dataflow for ``config`` (run it with ``dataflows.runner.run_flow``);
+    ``progress`` counts what it reads and logs ``sequences.progress`` every few seconds."""
     source = KafkaBatchSource(
         bootstrap=config.bootstrap,
         topics=config.topics,
@@ -233,6 +236,8 @@ def build_sequences_flow(config: SequencesFlowConfig) -> Dataflow:
     )
     flow = Dataflow("tessera_sequences")
     batches = op.input("kafka", flow, source)
+    counter = progress or FlowProgress("sequences")
+    op.inspect("progress", batches, lambda _step, b: counter.observe(b))
     converted = op.map("to_rows", batches, batch_to_rows)
     dead = op.merge(
         "all_deadletters",

@@ -794,6 +794,11 @@ def import_events(
     key_field = partition_key(config.topic)
     wanted = sorted(set(plan.columns.values()))
 
+    def tick() -> None:
+        if progress is not None:
+            report.seconds = clock() - t_start
+            progress(report)
+
     def emit(batch: Any, row_numbers: np.ndarray, sort: bool) -> None:
         cols = _coerce_batch(config, plan, batch, row_numbers, tmap, report)
         if cols is not None:
@@ -812,7 +817,7 @@ def import_events(
                 report.rows += batch.num_rows
                 emit(batch, rows, sort=False)
         else:
-            _import_sorted(config, wanted, timing.ts, report, emit)
+            _import_sorted(config, wanted, timing.ts, report, emit, tick)
     except pa.ArrowInvalid as exc:
         raise EventImportError(
             f"cannot read {fmt} file {str(path)!r} after row {report.rows}: {exc}"
@@ -841,7 +846,8 @@ def _one_batch(table: Any) -> Any:
 
 
 def _import_sorted(config: ImportConfig, wanted: list[str], ts: np.ndarray,
-                   report: ImportReport, emit: Callable[[Any, np.ndarray, bool], None]) -> None:
+                   report: ImportReport, emit: Callable[[Any, np.ndarray, bool], None],
+                   tick: Callable[[], None]) -> None:
     """Produce the file in event-time order: in memory when it fits ``sort_rows``, else
     bucket by time into spill files (Arrow IPC) and sort one bucket at a time."""
     import tempfile
@@ -875,6 +881,7 @@ def _import_sorted(config: ImportConfig, wanted: list[str], ts: np.ndarray,
                         paths[b] = Path(tmp) / f"bucket-{b:06d}.arrow"
                         writers[b] = pa.ipc.new_stream(str(paths[b]), part.schema)
                     writers[b].write_batch(part)
+                tick()
         finally:
             for w in writers.values():
                 w.close()

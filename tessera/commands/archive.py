@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from tessera.commands.worker import _bootstrap, _check_topics, _cluster, _duration, _fail, _run
+from tessera.commands.worker import (
+    _bootstrap,
+    _check_topics,
+    _cluster,
+    _duration,
+    _fail,
+    _run,
+    echo_totals,
+)
 
 _HELP_EPILOG = """
 \b
@@ -86,6 +94,7 @@ def archive_command(
     raw_<topic> in --warehouse, and sends undecodable messages to the dead-letter topic.
     """
     from dataflows.archive import ArchiveFlowConfig, build_archive_flow
+    from dataflows.progress import FlowProgress
     from features.errors import TesseraError
 
     cluster = _cluster(process_id, addresses)
@@ -107,7 +116,7 @@ def archive_command(
         raise _fail(str(exc)) from exc
     _check_topics(config.bootstrap, config.topics, config.deadletter_topic)
     try:
-        flow = build_archive_flow(config)
+        flow = build_archive_flow(config, progress := FlowProgress("archive"))
     except TesseraError as exc:
         raise _fail(f"--warehouse {warehouse}: {exc}") from exc
     _run(
@@ -120,3 +129,4 @@ def archive_command(
         bounded=bounded,
         what="archive",
     )
+    echo_totals("archive", progress, late_note="archived like every event")

@@ -14,6 +14,7 @@ from tessera.commands.worker import (
     _duration,
     _fail,
     _run,
+    echo_totals,
 )
 
 
@@ -107,6 +108,7 @@ def labels_command(
     engagement) to --warehouse.
     """
     from dataflows.labels import LABEL_TOPICS, LabelFlowConfig, build_label_flow
+    from dataflows.progress import FlowProgress
 
     cluster = _cluster(process_id, addresses)
     window_ms = _duration(label_window, "'--label-window'")
@@ -129,7 +131,7 @@ def labels_command(
     _check_topics(config.bootstrap, LABEL_TOPICS, config.deadletter_topic)
     _check_warehouse(warehouse)
     _run(
-        build_label_flow(config),
+        build_label_flow(config, progress := FlowProgress("labels")),
         workers=workers,
         process_id=process_id,
         addresses=cluster,
@@ -138,6 +140,7 @@ def labels_command(
         bounded=bounded,
         what="labels",
     )
+    echo_totals("labels", progress, late_note="kept out of the join, in late_events")
 
 
 def _check_warehouse(warehouse: str) -> None:

@@ -381,16 +381,20 @@ def blocks(
         bounded=bounded,
         what="blocks",
     )
-    totals = progress.log_summary()
-    click.echo(
-        f"tessera worker blocks: {totals['events']:,} events in {totals['seconds']} s "
-        f"({totals['events_per_s']:,}/s), {totals['late']:,} late, "
-        f"{totals['deadlettered']:,} dead-lettered; watermarks {totals['watermarks']}",
-        err=True,
-    )
+    echo_totals("blocks", progress)
     hint = late_hint(progress, late_warehouse, features_file)
     if hint:
         click.echo(f"tessera worker blocks: {hint}", err=True)
+
+
+def echo_totals(what: str, progress, late_note: str = "") -> None:
+    """The end-of-run line every worker prints: events, rate, late and dead-lettered (also
+    logged as ``<flow>.done``)."""
+    totals = progress.log_summary()
+    late = f"{totals['late']:,} late" + (f" ({late_note})" if late_note and totals["late"] else "")
+    click.echo(f"tessera worker {what}: {totals['events']:,} events in {totals['seconds']} s "
+               f"({totals['events_per_s']:,}/s), {late}, {totals['deadlettered']:,} "
+               f"dead-lettered; watermarks {totals['watermarks']}", err=True)
 
 
 def late_hint(progress, late_warehouse: Path | None, features_file: Path) -> str | None:
@@ -456,6 +460,7 @@ def sequences(
     the newest --max-len per user by event time, late events included. Writes are
     idempotent on event id, so a restart that replays events changes nothing.
     """
+    from dataflows.progress import FlowProgress
     from dataflows.sequences import SequencesFlowConfig, build_sequences_flow, is_sequence_topic
 
     cluster = _cluster(process_id, addresses)
@@ -480,7 +485,7 @@ def sequences(
     _check_topics(config.bootstrap, config.topics, config.deadletter_topic)
     _check_store(store_url)
     _run(
-        build_sequences_flow(config),
+        build_sequences_flow(config, progress := FlowProgress("sequences")),
         workers=workers,
         process_id=process_id,
         addresses=cluster,
@@ -489,6 +494,7 @@ def sequences(
         bounded=bounded,
         what="sequences",
     )
+    echo_totals("sequences", progress, late_note="late events are in the sequences too")
 
 
 @worker.command("preassemble")
