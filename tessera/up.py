@@ -65,7 +65,8 @@ def check_inputs(features_file: Path = Path("features.yaml")) -> None:
         fs = load_features(features_file)
     except TesseraError as exc:
         raise ValueError(str(exc)) from None
-    names = {f.name for f in fs.features}
+    names = {f.name for f in fs.features} | {d.name for d in fs.derived} | {
+        w for f in fs.features for w in f.window_names()}
     missing = [n for n in BACKFILL_FEATURES if n not in names]
     if missing:
         raise ValueError(

@@ -284,7 +284,8 @@ def worker() -> None:
 )
 @click.option("--idle-timeout", default="5m", show_default=True, metavar="DURATION",
               help="A partition with no event for this long stops holding the watermark "
-              "back (its later events behind the others' watermark are late); a bounded "
+              "back: its watermark follows the wall clock less this (a later event older than "
+              "that is late); a bounded "
               "partition that ends without an event never holds it. 0: never.")
 @click.option(
     "--keep-late/--drop-late",
