@@ -10,10 +10,11 @@ not sent; each is counted under the reason of its first failing field.
 Order: the blocks flow counts an event as late when it is more than the allowed lateness
 behind its partition's newest event, so a file in any order would lose most of its events.
 By default (``order="time"``) rows are produced in event-time order: a first pass reads the
-time column only and counts the rows out of order; when the file has more rows than
-``sort_rows`` the rows are spread over time buckets of at most that many rows, spilled to
-Arrow IPC files in a temporary directory, and each bucket is sorted and produced in turn (an
-external distribution sort; memory holds one bucket). ``order="file"`` keeps file order.
+time column only, counts the rows out of order and keeps a KLL sketch of the times; when
+the file has more rows than ``sort_rows`` the rows are spread over time buckets of about that
+many rows (the sketch's quantiles), spilled to Arrow IPC files in a temporary directory, and
+each bucket is sorted and produced in turn (an external distribution sort; memory holds one
+bucket, whatever the file's size). ``order="file"`` keeps file order.
 
 Time handling (``event_ts`` only; other time-like fields are copied as they are):
 
@@ -578,30 +579,47 @@ class _TimeMap:
 
 @dataclass
 class _TimePass:
-    """What a first pass over the time column found."""
+    """What a first pass over the time column found (memory flat in the file's size)."""
 
     tmap: _TimeMap
-    ts: np.ndarray  # event time of every row in file order (rows without one: int64 min)
+    rows: int  # rows of the file
     out_of_order: int  # rows earlier than a row before them
+    bounds: np.ndarray  # time bucket boundaries of an external sort (empty: one bucket)
 
 
 def _time_pass(config: ImportConfig, column: str) -> _TimePass:
-    """Read the time column only: the time map (with ``shift_to``'s offset), every row's time,
-    and how many rows are out of order."""
+    """Read the time column only: the time map (with ``shift_to``'s offset), the rows out of
+    order (against the running maximum), and, for files over ``sort_rows``, bucket
+    boundaries at the quantiles of a KLL sketch (DataSketches) of the times: about
+    ``sort_rows`` rows a bucket, without holding every time."""
+    import datasketches
+
     tmap = _TimeMap(config.compress)
-    parts: list[np.ndarray] = []
+    sketch = datasketches.kll_doubles_sketch(400)
+    rows, behind, high = 0, 0, None
     for batch in _read_batches(config, config.read_rows, [column]):
         ts, ok = _times_ms(batch.column(0), config.time_unit)
-        parts.append(np.where(ok, tmap(ts, ok), np.iinfo(np.int64).min))
-    ts = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    valid = ts[ts > np.iinfo(np.int64).min]
-    if config.shift_to is not None and len(valid):
-        offset = config.shift_to - int(valid.max())
+        rows += len(ts)
+        valid = tmap(ts, ok)[ok]
+        if not len(valid):
+            continue
+        running = np.maximum.accumulate(valid)
+        prior = np.empty_like(valid)
+        prior[0] = valid[0] if high is None else high
+        prior[1:] = running[:-1] if high is None else np.maximum(running[:-1], high)
+        behind += int(np.count_nonzero(valid < prior))
+        high = int(running[-1]) if high is None else max(high, int(running[-1]))
+        sketch.update(valid.astype(np.float64))
+    offset = 0
+    if config.shift_to is not None and high is not None:
+        offset = config.shift_to - high
         tmap = _TimeMap(config.compress, tmap.t0, offset)
-        ts = np.where(ts > np.iinfo(np.int64).min, ts + offset, ts)
-    behind = int(np.count_nonzero(valid[1:] < np.maximum.accumulate(valid)[:-1])) \
-        if len(valid) > 1 else 0
-    return _TimePass(tmap, ts, behind)
+    bounds = np.zeros(0, np.int64)
+    if rows > config.sort_rows and not sketch.is_empty():
+        buckets = -(-rows // config.sort_rows)
+        cuts = sketch.get_quantiles([i / buckets for i in range(1, buckets)])
+        bounds = np.unique(np.asarray(cuts, dtype=np.int64)) + offset
+    return _TimePass(tmap, rows, behind, bounds)
 
 
 def _coerce_batch(
@@ -817,7 +835,7 @@ def import_events(
                 report.rows += batch.num_rows
                 emit(batch, rows, sort=False)
         else:
-            _import_sorted(config, wanted, timing.ts, report, emit, tick)
+            _import_sorted(config, wanted, time_column, timing, report, emit, tick)
     except pa.ArrowInvalid as exc:
         raise EventImportError(
             f"cannot read {fmt} file {str(path)!r} after row {report.rows}: {exc}"
@@ -825,16 +843,6 @@ def import_events(
     producer.flush(flush_timeout_s)
     report.seconds = clock() - t_start
     return report
-
-
-def _bucket_bounds(ts: np.ndarray, per_bucket: int) -> np.ndarray:
-    """Time boundaries splitting ``ts`` into buckets of at most about ``per_bucket`` rows
-    (rows of one time never split); empty for one bucket."""
-    if len(ts) <= per_bucket:
-        return np.zeros(0, np.int64)
-    ordered = np.sort(ts)
-    cuts = ordered[per_bucket::per_bucket]
-    return np.unique(cuts)
 
 
 def _one_batch(table: Any) -> Any:
@@ -845,16 +853,18 @@ def _one_batch(table: Any) -> Any:
                                       names=table.column_names)
 
 
-def _import_sorted(config: ImportConfig, wanted: list[str], ts: np.ndarray,
-                   report: ImportReport, emit: Callable[[Any, np.ndarray, bool], None],
+def _import_sorted(config: ImportConfig, wanted: list[str], time_column: str,
+                   timing: _TimePass, report: ImportReport,
+                   emit: Callable[[Any, np.ndarray, bool], None],
                    tick: Callable[[], None]) -> None:
     """Produce the file in event-time order: in memory when it fits ``sort_rows``, else
-    bucket by time into spill files (Arrow IPC) and sort one bucket at a time."""
+    bucket by time (``timing.bounds``) into spill files (Arrow IPC) and sort one bucket at a
+    time."""
     import tempfile
 
     import pyarrow as pa
 
-    bounds = _bucket_bounds(ts, config.sort_rows)
+    bounds = timing.bounds
     report.buckets = len(bounds) + 1
     if not len(bounds):
         parts, numbers = [], []
@@ -872,7 +882,10 @@ def _import_sorted(config: ImportConfig, wanted: list[str], ts: np.ndarray,
             for batch in _read_batches(config, config.read_rows, wanted):
                 n = batch.num_rows
                 numbers = np.arange(report.rows, report.rows + n, dtype=np.int64)
-                bucket = np.searchsorted(bounds, ts[report.rows:report.rows + n], side="right")
+                ts, ok = _times_ms(batch.column(batch.schema.get_field_index(time_column)),
+                                   config.time_unit)
+                mapped = np.where(ok, timing.tmap(ts, ok), np.iinfo(np.int64).min)
+                bucket = np.searchsorted(bounds, mapped, side="right")
                 report.rows += n
                 with_rows = batch.append_column(_ROW_COLUMN, pa.array(numbers))
                 for b in np.unique(bucket).tolist():
