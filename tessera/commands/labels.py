@@ -15,6 +15,8 @@ from tessera.commands.worker import (
     _fail,
     _run,
     echo_totals,
+    idle_timeout_ms,
+    idle_timeout_option,
 )
 
 
@@ -79,11 +81,7 @@ from tessera.commands.worker import (
 @click.option("--epoch-interval", type=click.FloatRange(min=0, min_open=True), default=2.0,
               show_default=True, metavar="SECONDS",
               help="Seconds between Bytewax epochs (recovery snapshots).")
-@click.option("--idle-timeout", default="5m", show_default=True, metavar="DURATION",
-              help="A partition with no event for this long stops holding the watermark "
-              "back: its watermark follows the wall clock less this (a later event older than "
-              "that is late); a bounded "
-              "partition that ends without an event never holds it. 0: never.")
+@idle_timeout_option
 def labels_command(
     bootstrap: str | None,
     warehouse: str,
@@ -125,7 +123,7 @@ def labels_command(
             shards=shards,
             commit_interval_ms=commit_ms,
             batch_messages=batch_messages,
-            idle_timeout_ms=_duration(idle_timeout, "'--idle-timeout'", allow_zero=True) or None,
+            idle_timeout_ms=idle_timeout_ms(idle_timeout),
         )
     except ValueError as exc:
         raise _fail(str(exc)) from exc

@@ -36,6 +36,19 @@ without it each start reads the topics from the beginning.
 """
 
 
+idle_timeout_option = click.option(
+    "--idle-timeout", default="5m", show_default=True, metavar="DURATION",
+    help="A partition with no event for this long stops holding the watermark back: its "
+    "watermark follows the wall clock less this (a later event older than that is late); a "
+    "bounded partition that ends without an event never holds it. 0: never.")
+"""The ``--idle-timeout`` option of the workers that hold watermarks (blocks, labels)."""
+
+
+def idle_timeout_ms(text: str) -> int | None:
+    """``--idle-timeout`` in ms; None for 0 (never idle)."""
+    return _duration(text, "'--idle-timeout'", allow_zero=True) or None
+
+
 def _common_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
@@ -282,11 +295,7 @@ def worker() -> None:
     help="Directory of the Iceberg tables: sealed blocks and late events are appended "
     "there. Default: none (late events still kept, see --keep-late).",
 )
-@click.option("--idle-timeout", default="5m", show_default=True, metavar="DURATION",
-              help="A partition with no event for this long stops holding the watermark "
-              "back: its watermark follows the wall clock less this (a later event older than "
-              "that is late); a bounded "
-              "partition that ends without an event never holds it. 0: never.")
+@idle_timeout_option
 @click.option(
     "--keep-late/--drop-late",
     default=True,
@@ -365,7 +374,7 @@ def blocks(
             warehouse=warehouse,
             late_warehouse=late_warehouse,
             batch_messages=batch_messages,
-            idle_timeout_ms=_duration(idle_timeout, "'--idle-timeout'", allow_zero=True) or None,
+            idle_timeout_ms=idle_timeout_ms(idle_timeout),
         )
     except ValueError as exc:
         raise _fail(str(exc)) from exc
