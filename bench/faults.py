@@ -131,6 +131,11 @@ def run_to_end(cmd: list[str], log: Path, timeout: float = 600) -> None:
         raise RuntimeError(f"{' '.join(cmd[4:6])} exited {rc}: {log.read_text()[-1500:]}")
 
 
+def _text(path: Path) -> str:
+    """A log file's text so far ('' before it exists)."""
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 def wait_for(pred: Callable[[], bool], timeout: float, every: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -820,9 +825,15 @@ def broker_restart(tmp: Path, sz: Sizes) -> Row:
     try:
         store_url = f"lmdb://{tmp}/store"
         build_store(bs, store_url)
-        worker = spawn([*TESSERA, "worker", "blocks", "--bootstrap", bs, "--store", store_url,
+        # INFO: the wait below reads the worker's source.partition_open lines
+        worker = spawn([*TESSERA[:-2], "--log-level", "INFO", "worker", "blocks",
+                        "--bootstrap", bs, "--store", store_url,
                         "--tail", "--shards", "2", "--flush-interval", "200ms"],
                        tmp / "worker.log")
+        # the outage must find the worker reading (a worker that starts during it finds no
+        # topics and exits, as it should), not still importing on a loaded machine
+        if not wait_for(lambda: "source.partition_open" in _text(tmp / "worker.log"), 120, 0.2):
+            raise RuntimeError(f"the blocks worker did not start:\n{_text(tmp / 'worker.log')}")
 
         def logged() -> Counter:
             out: Counter = Counter()

@@ -698,6 +698,8 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         topic, p = for_part.rsplit(":", 1)
         cursor = resume_state or PartitionCursor(offset=self.start_offsets.get(for_part, -1))
         part = _KafkaPartition(self, topic, int(p), cursor)
+        log.info("source.partition_open", topic=topic, partition=int(p), offset=cursor.offset,
+                 resumed=resume_state is not None)
         if not self.bounded:
             self._tailing.setdefault(threading.get_ident(), []).append(part)
         return part

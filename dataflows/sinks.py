@@ -78,6 +78,8 @@ class _StorePartition(StatelessSinkPartition[Any]):
         self.warehouse = warehouse
         self.tables = None
         self.pending_sealed: list[tuple] = []
+        #: when each pending sealed row was written online (its ``written_ms`` offline)
+        self.pending_stamps: list[int] = []
         self.commit_interval_s = commit_interval_s
         self.last_commit = time.monotonic()
         self.blocks_written = 0
@@ -87,6 +89,11 @@ class _StorePartition(StatelessSinkPartition[Any]):
         by_record: dict[tuple[str, str], list[BlockBatch]] = {}
         record_wm: dict[tuple[str, str], int] = {}
         watermarks: dict[str, int] = {}
+        # Sealed rows are stamped now, before this write publishes them online, not when
+        # they are committed to Iceberg seconds later: a batch correction of the same block
+        # (``tessera batch blocks``, which waits for this watermark) is stamped after, so
+        # the offline table keeps its version, as the online store does.
+        stamp = int(time.time() * 1000)
         for _key, out in items:
             batch = out.flush.batch
             if len(batch):
@@ -98,6 +105,7 @@ class _StorePartition(StatelessSinkPartition[Any]):
                                                            out.flush.sealed.tolist()):
                         if sealed:
                             self.pending_sealed.append((out.entity_type, e, f, st, sz, rep))
+                            self.pending_stamps.append(stamp)
             if out.watermark > watermarks.get(out.watermark_key, -(2**62)):
                 watermarks[out.watermark_key] = out.watermark
         writes: list[BlockBatchWrite] = []
@@ -127,9 +135,9 @@ class _StorePartition(StatelessSinkPartition[Any]):
             from features.offline.tables import OfflineTables
 
             self.tables = OfflineTables.open(self.warehouse)
-        self.tables.append_blocks(self.pending_sealed, written_ms=int(time.time() * 1000))
+        self.tables.append_blocks(self.pending_sealed, written_ms=self.pending_stamps)
         log.info("sealed_blocks_committed", rows=len(self.pending_sealed))
-        self.pending_sealed = []
+        self.pending_sealed, self.pending_stamps = [], []
         self.last_commit = time.monotonic()
 
     def close(self) -> None:

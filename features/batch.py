@@ -27,7 +27,7 @@ from features.expressions import parse_filter
 from features.spec import FeatureSet, FeatureSpec
 from features.store.blockbatch import BlockBatch
 from features.tiling import retention
-from features.timeutil import align_down, align_up
+from features.timeutil import align_down, align_up, to_iso
 
 
 @dataclass
@@ -155,6 +155,8 @@ class BatchReport:
     blocks: dict[int, int]
     events: int
     seconds: float
+    #: features whose range stopped before ``to_ts`` at the live flow's watermark: {name: end}
+    held_back: dict[str, int] = field(default_factory=dict)
 
 
 def _online_watermark(store, spec: FeatureSpec) -> int | None:
@@ -173,6 +175,7 @@ def run_batch_blocks(
     *,
     names: Sequence[str] | None = None,
     online_sizes: str = "all",
+    sealed_only: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> BatchReport:
     """Recompute and write the blocks of ``[from, to)`` for the chosen features.
@@ -185,6 +188,12 @@ def run_batch_blocks(
         names: feature names (default: all).
         online_sizes: ``all`` (the default) or ``coarse`` (roll-ups only: the online
             streaming-size blocks keep their streaming version, late events left out).
+        sealed_only: stop each feature's range at its live blocks flow's watermark in
+            ``store`` (``held_back`` in the report says where): a block the flow has not
+            sealed yet is left to it. The flow writes a block once more when it seals it,
+            online and offline; a correction written before that would be undone offline
+            and kept online. The flow publishes its watermark after the blocks, and stamps
+            them before, so a correction made after reading it is the newer version in both.
     """
 
     t0 = time.perf_counter()
@@ -195,13 +204,32 @@ def run_batch_blocks(
     from_ts, to_ts = align_down(from_ts, finest), align_up(to_ts, finest)
     blocks_count: dict[int, int] = {}
     events = 0
+    ends = {s.key: to_ts for s in specs}
+    held_back: dict[str, int] = {}
+    if sealed_only and store is not None:
+        for spec in specs:
+            wm = _online_watermark(store, spec)
+            if wm is not None:
+                end = max(from_ts, min(to_ts, align_down(max(wm, from_ts), spec.streaming_block)))
+                if end < to_ts:
+                    ends[spec.key] = end
+                    held_back[spec.name] = end
+        if progress:
+            for end in sorted(set(held_back.values())):
+                held = [n for n, e in held_back.items() if e == end]
+                progress(f"up to {to_iso(end)}, the live blocks flow's watermark, for "
+                         f"{', '.join(held)}: the flow seals the later blocks itself")
     for topic in sorted({s.source for s in specs}):
-        cols = raw.scan_columns(topic, from_ts, to_ts)
+        topic_specs = [s for s in specs if s.source == topic and ends[s.key] > from_ts]
+        if not topic_specs:
+            continue
+        cols = raw.scan_columns(topic, from_ts, max(ends[s.key] for s in topic_specs))
         events += len(cols)
         if progress:
             progress(f"{topic}: {len(cols):,} raw events")
-        for spec in (s for s in specs if s.source == topic):
-            res = compute_blocks(spec, cols, from_ts, to_ts)
+        for spec in topic_specs:
+            spec_to = ends[spec.key]
+            res = compute_blocks(spec, cols, from_ts, spec_to)
             keep = retention(spec.windows, spec.block_sizes)
             now = _online_watermark(store, spec) if store is not None else None
             rows = []
@@ -216,11 +244,11 @@ def run_batch_blocks(
                     if online and s + size > oldest_end:
                         store_rows.append((e, spec.key, s, size, r))
             # replace this feature's blocks of the range in one commit (idempotent)
-            tables.replace_blocks(spec.key, from_ts, to_ts, rows, sizes=spec.block_sizes)
+            tables.replace_blocks(spec.key, from_ts, spec_to, rows, sizes=spec.block_sizes)
             if store is not None and store_rows:
                 store.put_block_batch(spec.entity_type, spec.source,
                                       BlockBatch.from_rows(store_rows))
             if progress:
                 progress(f"{spec.name}: {res.count():,} blocks")
     return BatchReport(from_ts, to_ts, tuple(s.name for s in specs), blocks_count, events,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, held_back)

@@ -240,17 +240,11 @@ class Platform:
         not moved for ``idle_s`` (a partition with no recent events holds the minimum back,
         but then the worker is idle: everything there is was read).
         """
-        from features.store import open_store
-
         deadline = time.monotonic() + timeout_s
         last, since = None, time.monotonic()
         while time.monotonic() < deadline:
             self.check_children()
-            try:
-                with open_store(self.config.store, readonly=True) as store:
-                    marks = store.get_watermarks("blocks/")
-            except Exception:
-                marks = {}
+            marks = self._blocks_watermarks()
             if marks:
                 snapshot = tuple(sorted(marks.items()))
                 if snapshot != last:
@@ -261,6 +255,16 @@ class Platform:
                     return low
             time.sleep(1.0)
         raise TimeoutError("the workers did not catch up with the history in time")
+
+    def _blocks_watermarks(self) -> dict[str, int]:
+        """The blocks worker's watermark per shard ({} when the store cannot be read yet)."""
+        from features.store import open_store
+
+        try:
+            with open_store(self.config.store, readonly=True) as store:
+                return store.get_watermarks("blocks/")
+        except Exception:
+            return {}
 
     def wait_archived(self, timeout_s: float = 300) -> None:
         """Wait until the raw archive has committed every history message.
@@ -382,6 +386,11 @@ class Platform:
             if time.monotonic() >= next_retrain:
                 now = int(time.time() * 1000)
                 end = now - now % (5 * MINUTE) - parse_duration(c.label_window) - 5 * MINUTE
+                marks = self._blocks_watermarks()
+                if end > last_train_end and marks and min(marks.values()) < end:
+                    # the batch correction covers only blocks the live flow has sealed
+                    next_retrain = time.monotonic() + 5
+                    continue
                 if end > last_train_end:
                     versions = self.train_all(t0, end)
                     last_train_end = end

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog, load_catalog
@@ -421,14 +422,15 @@ class OfflineTables:
     def append_blocks(
         self,
         rows: Sequence[BlockRow | tuple[str, str, str, int, int, bytes]],
-        written_ms: int | None = None,
+        written_ms: int | Sequence[int] | None = None,
     ) -> int:
         """Append sealed blocks in one Iceberg commit; return the number of rows written.
 
         Args:
             rows: ``(entity_type, entity_id, feature_key, start_ms, size_ms, rep)`` tuples.
-            written_ms: the write time stamped on every row (defaults to the clock).
-                A block appended twice is returned once by :meth:`scan_blocks`.
+            written_ms: the write time stamped on every row (defaults to the clock), or one
+                per row. A block appended twice is returned once by :meth:`scan_blocks`:
+                the row with the latest stamp.
         """
         if not rows:
             return 0
@@ -508,11 +510,18 @@ class OfflineTables:
     def _block_data(
         self,
         rows: Sequence[BlockRow | tuple[str, str, str, int, int, bytes]],
-        written_ms: int | None,
+        written_ms: int | Sequence[int] | None,
     ) -> pa.Table:
-        """Validated Arrow rows of the blocks table."""
+        """Validated Arrow rows of the blocks table (one stamp for all rows, or one per row)."""
         if written_ms is None:
             written_ms = self._clock_ms()
+        if isinstance(written_ms, int | np.integer):
+            stamps = pa.repeat(pa.scalar(int(written_ms), pa.int64()), len(rows))
+        else:
+            stamps = pa.array(np.asarray(written_ms, dtype=np.int64))
+            if len(stamps) != len(rows):
+                raise OfflineTableError(
+                    f"{len(stamps)} written_ms stamps for {len(rows)} block rows")
         cols = list(zip(*rows, strict=True))
         if len(cols) != 6:
             raise OfflineTableError(
@@ -530,7 +539,7 @@ class OfflineTables:
                     start,
                     pa.array(cols[4], pa.int64()),
                     pa.array(cols[5], pa.large_binary()),
-                    pa.repeat(pa.scalar(int(written_ms), pa.int64()), len(rows)),
+                    stamps,
                     _days_column(start),
                 ],
                 schema=arrow_schema,

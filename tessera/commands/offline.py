@@ -55,17 +55,22 @@ def batch() -> None:
               help="Which corrected blocks to write to the online store: 'all' (what a read "
                    "can still need), so served values equal what the backfill recomputes; "
                    "'coarse' leaves the streaming-size blocks as the stream wrote them.")
+@click.option("--sealed-only/--whole-range", default=True, show_default=True,
+              help="Stop each feature's range at its live blocks flow's watermark (read from "
+                   "--store): blocks the flow has not sealed yet are left to it, which writes "
+                   "them again when it seals them. --whole-range corrects them too (for a "
+                   "flow that is stopped for good).")
 @_FEATURES
 @_WAREHOUSE
 @_STORE
-def batch_blocks(from_: str, to: str, names: str | None, online_sizes: str, features_file: Path,
-                 warehouse: Path, store_url: str) -> None:
+def batch_blocks(from_: str, to: str, names: str | None, online_sizes: str, sealed_only: bool,
+                 features_file: Path, warehouse: Path, store_url: str) -> None:
     """Recompute blocks of a range from the raw tables (late events count) and roll them up.
 
     Streaming-size blocks are recomputed from every archived event of the range and rolled
     up into 1h and 1d blocks; the range's blocks are replaced in the Iceberg blocks table
     and written to the online store (those a read can still need). Running it twice changes
-    nothing.
+    nothing. By default a feature's range ends at its live flow's watermark.
     """
     from features.batch import run_batch_blocks
     from features.offline.raw import RawTables
@@ -77,7 +82,7 @@ def batch_blocks(from_: str, to: str, names: str | None, online_sizes: str, feat
         try:
             rep = run_batch_blocks(raw, raw.offline, store, fs, _time(from_, "--from"),
                                    _time(to, "--to"), names=_names(names),
-                                   online_sizes=online_sizes,
+                                   online_sizes=online_sizes, sealed_only=sealed_only,
                                    progress=lambda m: click.echo(f"  {m}", err=True))
         except (TesseraError, ValueError) as exc:
             raise click.ClickException(str(exc)) from exc

@@ -83,3 +83,42 @@ def test_batch_job_is_idempotent_and_writes_coarse_blocks_online(tmp_path):
         want = sum(1 for r in records["views"] if r["item_id"] == item and s <= r["event_ts"] < s + DAY)
         assert build_aggregation(spec).from_bytes(rep) == want
     store.close()
+
+
+@pytest.mark.integration
+def test_sealed_only_stops_at_the_live_flows_watermark_and_keeps_its_later_blocks(tmp_path):
+    """A correction never rewrites a block the live flow has not sealed: the flow would
+    write it again when it seals it, undoing the correction offline but not online."""
+    records = generate_records(WORLD)
+    raw = RawTables.open(tmp_path / "warehouse")
+    for topic in ("views", "engagements"):
+        cols = records_to_columns(topic, records[topic])
+        n = len(cols)
+        raw.append(topic, cols, np.zeros(n, np.int64), np.arange(n, dtype=np.int64), {0: n})
+    store = open_store(f"lmdb://{tmp_path}/store")
+    start = WORLD.start_ts
+    views, clicks = FEATURES.get("item_views"), FEATURES.get("user_clicks")
+    wm = start + DAY + 7 * 60_000  # the live item flow's watermark (two shards)
+    store.set_watermarks({"blocks/views/item_id/0": wm + HOUR, "blocks/views/item_id/1": wm})
+    # a block the live flow sealed after the watermark: the correction must leave it alone
+    late_block = ("item", "i-live", views.key, start + DAY + HOUR, HOUR, b"\x05" + b"\x00" * 7)
+    raw.offline.append_blocks([late_block])
+    rep = run_batch_blocks(raw, raw.offline, store, FEATURES, start, start + 2 * DAY,
+                           names=["item_views", "user_clicks"], sealed_only=True)
+    assert rep.held_back == {"item_views": start + DAY + 5 * 60_000}
+    blocks = raw.offline.scan_blocks(feature_keys=[views.key])
+    ends = np.asarray(blocks.column("start_ms")) + np.asarray(blocks.column("size_ms"))
+    ids = blocks.column("entity_id").to_pylist()
+    assert ends[[e != "i-live" for e in ids]].max() == start + DAY + 5 * 60_000
+    assert "i-live" in ids  # kept
+    # a feature with no live flow in the store is corrected over the whole range
+    cblocks = raw.offline.scan_blocks(feature_keys=[clicks.key])
+    cends = np.asarray(cblocks.column("start_ms")) + np.asarray(cblocks.column("size_ms"))
+    assert cends.max() > start + DAY + HOUR
+    # without sealed_only the whole range is replaced, the live flow's block with it
+    whole = run_batch_blocks(raw, raw.offline, store, FEATURES, start, start + 2 * DAY,
+                             names=["item_views"])
+    assert whole.held_back == {}
+    after = raw.offline.scan_blocks(feature_keys=[views.key]).column("entity_id").to_pylist()
+    assert "i-live" not in after
+    store.close()
