@@ -55,6 +55,7 @@ from pyiceberg.types import (
     StringType,
 )
 
+from features.offline.maintenance import COMMITS, MARKED_PREFIX
 from features.offline.tables import (
     OfflineTableError,
     OfflineTables,
@@ -76,7 +77,7 @@ __all__ = [
 ]
 
 #: Snapshot summary key prefix of the committed offsets: ``tessera.offset.<partition>``.
-OFFSET_PROPERTY_PREFIX = "tessera.offset."
+OFFSET_PROPERTY_PREFIX = f"{MARKED_PREFIX}offset."
 #: Columns added after the topic's fields.
 META_COLUMNS: tuple[str, ...] = ("_partition", "_offset", "event_date", "event_hour")
 
@@ -383,6 +384,7 @@ class RawTables:
                 props = {f"{OFFSET_PROPERTY_PREFIX}{p}": str(o) for p, o in sorted(merged.items())}
                 try:
                     table.append(data, snapshot_properties=props)
+                    COMMITS.after_commit(table)
                     return data.num_rows
                 except CommitFailedException as exc:
                     if attempt == off._retries:

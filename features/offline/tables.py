@@ -71,6 +71,7 @@ from pyiceberg.types import (
 )
 
 from features.errors import TesseraError
+from features.offline.maintenance import COMMITS, TABLE_PROPERTIES, ensure_properties
 
 __all__ = [
     "BLOCKS_SCHEMA",
@@ -378,8 +379,9 @@ class OfflineTables:
             table = self.catalog.load_table(ident)
         except NoSuchTableError:
             table = create_concurrently(lambda: self.catalog.create_table_if_not_exists(
-                ident, schema=schema, partition_spec=spec
+                ident, schema=schema, partition_spec=spec, properties=TABLE_PROPERTIES
             ))
+        table = ensure_properties(table)
         have = [f.name for f in table.schema().fields]
         want = [f.name for f in schema.fields]
         if have != want:
@@ -407,6 +409,7 @@ class OfflineTables:
             for attempt in range(self._retries + 1):
                 try:
                     table.append(data)
+                    COMMITS.after_commit(table)
                     return
                 except CommitFailedException as exc:
                     if attempt == self._retries:
@@ -495,6 +498,7 @@ class OfflineTables:
                             tx.delete(where)
                             if data is not None:
                                 tx.append(data)
+                    COMMITS.after_commit(table)
                     return 0 if data is None else data.num_rows
                 except (CommitFailedException, ValidationException) as exc:
                     if attempt == self._retries:

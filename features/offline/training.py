@@ -36,6 +36,7 @@ from pyiceberg.table import Table
 from pyiceberg.transforms import IdentityTransform
 from pyiceberg.types import DateType, IntegerType, LongType, NestedField, StringType
 
+from features.offline.maintenance import COMMITS, TABLE_PROPERTIES, ensure_properties
 from features.offline.tables import (
     OfflineTableError,
     OfflineTables,
@@ -179,8 +180,10 @@ class TrainingTables:
             table = self.catalog.load_table(self.identifier)
         except NoSuchTableError:
             table = create_concurrently(lambda: self.catalog.create_table_if_not_exists(
-                self.identifier, schema=TRAINING_SCHEMA, partition_spec=TRAINING_SPEC
+                self.identifier, schema=TRAINING_SCHEMA, partition_spec=TRAINING_SPEC,
+                properties=TABLE_PROPERTIES,
             ))
+        table = ensure_properties(table)
         have = [f.name for f in table.schema().fields]
         missing = [n for n in (*BASE_COLUMNS, "event_day") if n not in have]
         if missing:
@@ -240,6 +243,7 @@ class TrainingTables:
                     self._evolve(table, rows)
                     data = self._conform(table, rows, version)
                     table.append(data)
+                    COMMITS.after_commit(table)
                     return data.num_rows
                 except CommitFailedException as exc:
                     if attempt == self._retries:
