@@ -34,6 +34,7 @@ from serving.catalog import CatalogFollower, ItemCatalog, popularity_from_store
 from serving.config import ServingConfig
 from serving.errors import BadRequest, Overloaded, PayloadTooLarge, ServingError, Unauthorized
 from serving.forward_log import ImpressionLogger
+from serving.gcpause import GcFreezer, GcPauses
 from serving.metrics import ServingMetrics
 from serving.openapi import OPENAPI
 from serving.pipeline import FeedPipeline, FeedResult
@@ -60,6 +61,8 @@ class ServingState:
     def __init__(self, config: ServingConfig):
         self.config = config
         self.metrics = ServingMetrics()
+        self.gc_pauses = GcPauses(self.metrics.gc_pause).install()
+        self.gc_freezer = GcFreezer()
         self.features = load_features(config.features_path)
         self.store = open_store(config.store_url, readonly=True)
         self.client = FeatureClient(self.store, self.features, cache=FeatureCache())
@@ -101,6 +104,7 @@ class ServingState:
         self._start_model_watch()
         if self.snapshots is not None:
             self.snapshots.start()
+        self.gc_freezer.refreeze(full=True)  # the state just loaded: out of full collections
 
     # ------------------------------------------------------------------ background
     def _snapshot_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -119,6 +123,7 @@ class ServingState:
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.config.refresh_interval_s):
             self.refresh_catalog()
+            self.gc_freezer.refreeze()  # the rebuilt catalog (and any new model) joins it
 
     def _start_model_watch(self) -> None:
         try:
@@ -147,6 +152,8 @@ class ServingState:
 
     def close(self) -> None:
         self._stop.set()
+        self.gc_pauses.uninstall()
+        self.gc_freezer.release()
         if self.snapshots is not None:
             self.snapshots.stop()
         if self.watcher is not None:

@@ -33,5 +33,8 @@ class ServingMetrics:
                                    ["outcome"], registry=r)
         self.degraded = Counter("tessera_degraded_total", "Requests served in a degraded mode",
                                 ["reason"], registry=r)
+        self.gc_pause = Histogram("tessera_gc_pause_seconds",
+                                  "Garbage-collector pauses by generation", ["generation"],
+                                  buckets=STAGE_BUCKETS, registry=r)
         self.feature_lag = Gauge("tessera_feature_lag_seconds",
                                  "Lag of the feature watermark behind request time", registry=r)
