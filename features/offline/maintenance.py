@@ -20,7 +20,9 @@ rules keep it flat, the ones Iceberg's own maintenance uses:
      a concurrent commit that deleted one of them makes it give up until the next run);
    - every snapshot but the last ``keep_last`` is expired (and but the newest snapshot
      carrying Tessera's summary properties, with the snapshots after it: the raw archive's
-     committed offsets), so the metadata a commit copies and rewrites stays small;
+     committed offsets), so the metadata a commit copies and rewrites stays small. A commit
+     another process started on a snapshot expired meanwhile fails pyiceberg's validation
+     ("cannot find starting snapshot"); every Tessera writer retries it on a fresh read;
    - a file under the table that no kept snapshot references is deleted once it has been
      unreferenced for ``grace_ms`` (manifest lists, manifests, the data files compaction or
      a replacement removed, and the files of a commit that failed). The grace is how long a
@@ -142,7 +144,7 @@ def expire_snapshots(table: Table, policy: MaintenancePolicy = DEFAULT_POLICY) -
         return 0
     try:
         table.maintenance.expire_snapshots().by_ids(expire).commit()
-    except CommitFailedException:
+    except (CommitFailedException, ValueError):  # raced: another process expired some
         log.info("maintenance.expire_skipped", table=".".join(table.name()),
                  reason="a concurrent commit")
         return 0

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyiceberg.exceptions import CommitFailedException
+from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.expressions import BooleanExpression
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
@@ -386,7 +386,7 @@ class RawTables:
                     table.append(data, snapshot_properties=props)
                     COMMITS.after_commit(table)
                     return data.num_rows
-                except CommitFailedException as exc:
+                except (CommitFailedException, ValidationException) as exc:
                     if attempt == off._retries:
                         raise OfflineTableError(
                             f"append to {ident!r} lost {attempt + 1} commit races to other "

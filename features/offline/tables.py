@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.catalog.sql import SqlCatalog
-from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
+from pyiceberg.exceptions import CommitFailedException, NoSuchTableError, ValidationException
 from pyiceberg.expressions import (
     AlwaysTrue,
     And,
@@ -411,7 +411,7 @@ class OfflineTables:
                     table.append(data)
                     COMMITS.after_commit(table)
                     return
-                except CommitFailedException as exc:
+                except (CommitFailedException, ValidationException) as exc:
                     if attempt == self._retries:
                         raise OfflineTableError(
                             f"append to {self._identifier(name)!r} lost {attempt + 1} commit races "
@@ -461,7 +461,6 @@ class OfflineTables:
         A concurrent writer (a live blocks flow appending what it seals) can add files the
         delete must cover; the whole replacement is then retried on the new snapshot.
         """
-        from pyiceberg.exceptions import ValidationException
 
         data = self._block_data(rows, written_ms) if rows else None
         if data is not None:

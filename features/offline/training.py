@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
-from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
+from pyiceberg.exceptions import CommitFailedException, NoSuchTableError, ValidationException
 from pyiceberg.expressions import BooleanExpression, EqualTo
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
@@ -245,7 +245,7 @@ class TrainingTables:
                     table.append(data)
                     COMMITS.after_commit(table)
                     return data.num_rows
-                except CommitFailedException as exc:
+                except (CommitFailedException, ValidationException) as exc:
                     if attempt == self._retries:
                         raise OfflineTableError(
                             f"append to {self.identifier!r} lost {attempt + 1} commit races to "

@@ -118,3 +118,30 @@ def test_a_scan_planned_moments_ago_keeps_its_files(tmp_path):
     report = maintain(tables.table("blocks"), policy, now_ms=later)
     assert report.files_deleted >= 12 and not any(p.exists() for p in planned)
     assert tables.scan_blocks().num_rows == 12
+
+
+def test_an_append_based_on_a_snapshot_another_process_expired_is_retried(tmp_path):
+    """Another writer expired the snapshot this one read last: pyiceberg's own retry cannot
+    find its starting snapshot (ValidationException); the append is retried on a fresh read."""
+    from features.offline.maintenance import expire_snapshots
+
+    ours = OfflineTables.open(tmp_path / "wh")
+    theirs = OfflineTables.open(tmp_path / "wh", catalog_key="another process")
+    ours.append_blocks([_row(0)])
+    stale = ours._tables["blocks"]
+    stale.refresh()
+    for i in range(1, 4):
+        theirs.append_blocks([_row(i)])
+    assert expire_snapshots(theirs.table("blocks"), MaintenancePolicy(keep_last=1)) >= 1
+    refreshes = []
+    real = stale.refresh
+
+    def first_refresh_is_stale():
+        refreshes.append(1)
+        return stale if len(refreshes) == 1 else real()
+
+    stale.refresh = first_refresh_is_stale
+    ours.append_blocks([_row(4)])
+    assert len(refreshes) >= 2  # retried on a fresh read
+    assert sorted(theirs.scan_blocks().column("start_ms").to_pylist()) == \
+        [T0 + i * M5 for i in range(5)]
