@@ -89,6 +89,12 @@ def batch_blocks(from_: str, to: str, names: str | None, online_sizes: str, seal
     sizes = ", ".join(f"{k // 60000}m: {v:,}" for k, v in sorted(rep.blocks.items()))
     click.echo(f"{rep.events:,} raw events -> blocks ({sizes}) for {len(rep.features)} features "
                f"in {rep.seconds:.1f}s")
+    if rep.held_back:
+        from features.timeutil import to_iso
+
+        low = min(rep.held_back.values())
+        click.echo(f"{len(rep.held_back)} of them stopped at their live flow's watermark (from "
+                   f"{to_iso(low)}): run again once it has passed --to, or --whole-range")
 
 
 @click.command("backfill")
