@@ -206,9 +206,11 @@ def run_batch_blocks(
     events = 0
     ends = {s.key: to_ts for s in specs}
     held_back: dict[str, int] = {}
-    if sealed_only and store is not None:
+    # the live flow's watermark per feature, read once (the clamp and the retention use it)
+    online_wm = {s.key: _online_watermark(store, s) for s in specs} if store is not None else {}
+    if sealed_only:
         for spec in specs:
-            wm = _online_watermark(store, spec)
+            wm = online_wm.get(spec.key)
             if wm is not None:
                 end = max(from_ts, min(to_ts, align_down(max(wm, from_ts), spec.streaming_block)))
                 if end < to_ts:
@@ -231,7 +233,7 @@ def run_batch_blocks(
             spec_to = ends[spec.key]
             res = compute_blocks(spec, cols, from_ts, spec_to)
             keep = retention(spec.windows, spec.block_sizes)
-            now = _online_watermark(store, spec) if store is not None else None
+            now = online_wm.get(spec.key)
             rows = []
             store_rows = []
             for size in res.by_size:

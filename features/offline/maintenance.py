@@ -42,7 +42,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -242,7 +241,8 @@ def _referenced(table: Table) -> set[str]:
                 refs.add(entry.data_file.file_path)
     refs.add(table.metadata_location)
     refs.update(m.metadata_file for m in table.metadata.metadata_log)
-    return {str(_local_dir(r)) for r in refs if _local_dir(r) is not None}
+    local = (_local_dir(r) for r in refs)
+    return {str(path) for path in local if path is not None}
 
 
 #: beside a table's metadata: when each unreferenced file was first seen (path -> epoch ms)
@@ -297,8 +297,8 @@ class CommitCounter:
         self._lock = threading.Lock()
 
     def after_commit(self, table: Table) -> None:
-        """Record a commit of ``table``; every ``policy.every_commits``-th one maintains it, and
-    every ``policy.expire_every``-th one in between expires its old snapshots.
+        """Record a commit of ``table``; every ``policy.every_commits``-th one maintains it,
+        and every ``policy.expire_every``-th one in between expires its old snapshots.
 
         A failed maintenance is logged and never fails the commit it follows.
         """
@@ -318,8 +318,7 @@ class CommitCounter:
             else:
                 expire_snapshots(table, self.policy)
         except Exception as exc:  # maintenance is best effort: the data is committed
-            log.warning("maintenance.failed", table=".".join(table.name()), error=repr(exc),
-                        at=datetime.now(UTC).isoformat())
+            log.warning("maintenance.failed", table=".".join(table.name()), error=repr(exc))
 
 
 #: the process-wide counter every Tessera writer reports its commits to
