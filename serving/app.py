@@ -28,9 +28,11 @@ from starlette.routing import Route
 from features.cache import FeatureCache
 from features.client import FeatureClient, HistoricalReadError, UnknownFeatureError
 from features.errors import TesseraError
+from features.snapshot_process import SnapshotBuilder
 from features.spec_loader import load_features
 from features.store import open_store
-from serving.catalog import CatalogFollower, ItemCatalog, popularity_from_store
+from serving.catalog import CatalogFollower, ItemCatalog, refresh_lists
+from serving.catalog_builder import CatalogBuilder
 from serving.config import ServingConfig
 from serving.errors import BadRequest, Overloaded, PayloadTooLarge, ServingError, Unauthorized
 from serving.forward_log import ImpressionLogger
@@ -73,14 +75,19 @@ class ServingState:
         self.ctr = CtrTracker()
         self.drift = DriftTracker()
         self.snapshots = None
+        # one child process for the background reads: feature snapshots, catalog lists
+        self.background = SnapshotBuilder(config.store_url, config.features_path) \
+            if config.feature_snapshot or config.bootstrap else None
         if config.feature_snapshot:
-            from features.snapshot_process import SnapshotBuilder
             from serving.snapshots import SnapshotKeeper
 
             self.snapshots = SnapshotKeeper(
                 self.client, self.catalog, self._snapshot_names,
-                interval_s=config.snapshot_interval_s,
-                builder=SnapshotBuilder(config.store_url, config.features_path))
+                interval_s=config.snapshot_interval_s, builder=self.background)
+        # with Kafka, the lists are built in the child (it follows ``items`` itself)
+        self.catalog_builder = CatalogBuilder(self.background, config.bootstrap) \
+            if config.bootstrap and self.background is not None else None
+        self._catalog_built = threading.Event()
         self.pipeline = FeedPipeline(config, self.client, self.catalog, self.logger, self.metrics,
                                      ctr=self.ctr, drift=self.drift, snapshots=self.snapshots)
         self.follower = CatalogFollower(config.bootstrap, self.catalog).start() \
@@ -99,7 +106,8 @@ class ServingState:
         self.watcher = None
         self._refresher = threading.Thread(target=self._refresh_loop, name="catalog-refresh",
                                            daemon=True)
-        self.refresh_catalog()
+        if self.catalog_builder is None:
+            self.refresh_catalog()  # in this process: small catalogs, tests
         self._refresher.start()
         self._start_model_watch()
         if self.snapshots is not None:
@@ -113,14 +121,25 @@ class ServingState:
         return models.item_feature_names(), models.author_feature_names()
 
     def refresh_catalog(self) -> None:
-        """Recompute trending/fresh/topic lists from the store's pre-assembled values."""
+        """Recompute trending/fresh/topic lists from the store's pre-assembled values (in
+        the background process when there is one: see ``serving.catalog_builder``)."""
         try:
-            ids = list(dict.fromkeys([*self.catalog._meta, *self.store.list_entity_ids("item", "views")]))
-            self.catalog.rebuild(popularity_from_store(self.store, ids))
+            if self.catalog_builder is not None:
+                snap = self.catalog_builder.build()
+                self.catalog.publish(snap)
+                log.info("catalog_refreshed", items=len(snap.popularity),
+                          trending=len(snap.trending), topics=len(snap.by_topic),
+                          build_s=round(self.catalog_builder.last_build_s, 3))
+            else:
+                refresh_lists(self.catalog, self.store)
         except TesseraError as exc:
             log.warning("catalog_refresh_failed", error=str(exc)[:200])
+        finally:
+            self._catalog_built.set()  # tried once: readiness does not wait on a failure
 
     def _refresh_loop(self) -> None:
+        if self.catalog_builder is not None:
+            self.refresh_catalog()  # the first lists, before /readyz answers 200
         while not self._stop.wait(self.config.refresh_interval_s):
             self.refresh_catalog()
             self.gc_freezer.refreeze()  # the rebuilt catalog (and any new model) joins it
@@ -148,6 +167,8 @@ class ServingState:
         """Ready when the item catalog was read to its end (or there is no Kafka)."""
         if self.follower is not None and not self.follower.caught_up.is_set():
             return False, "reading the item catalog"
+        if not self._catalog_built.is_set():
+            return False, "building the candidate lists"
         return True, "ok"
 
     def close(self) -> None:
@@ -156,6 +177,8 @@ class ServingState:
         self.gc_freezer.release()
         if self.snapshots is not None:
             self.snapshots.stop()
+        if self.background is not None:
+            self.background.close()
         if self.watcher is not None:
             self.watcher.stop()
         if self.follower is not None:

@@ -24,13 +24,39 @@ log = get_logger("serving.catalog")
 
 
 @dataclass(frozen=True)
+class Popularity:
+    """Popularity per item as two arrays: ``ids`` sorted (numpy unicode) and ``scores``.
+
+    Arrays, not a dict: a catalog of 100,000 items crosses from the catalog builder's process
+    as two buffers, not 100,000 Python objects to unpickle on the serving interpreter.
+    """
+
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U1"))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float64))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def of(self, ids: list[str]) -> np.ndarray:
+        """The score of each of ``ids`` (0.0 for an item without one)."""
+        out = np.zeros(len(ids), dtype=np.float64)
+        if not len(ids) or not len(self.ids):
+            return out
+        q = np.asarray(ids, dtype=str)
+        at = np.minimum(np.searchsorted(self.ids, q), len(self.ids) - 1)
+        hit = self.ids[at] == q
+        out[hit] = self.scores[at[hit]]
+        return out
+
+
+@dataclass(frozen=True)
 class CatalogSnapshot:
     """Immutable lists of candidate items."""
 
     trending: tuple[str, ...] = ()
     fresh: tuple[str, ...] = ()
     by_topic: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    popularity: dict[str, float] = field(default_factory=dict)
+    popularity: Popularity = field(default_factory=Popularity)
     built_at: float = 0.0
 
 
@@ -110,11 +136,14 @@ class ItemCatalog:
     def __len__(self) -> int:
         return len(self._meta)
 
+    def known_ids(self) -> list[str]:
+        """The items the ``items`` topic announced (and did not delete)."""
+        with self._lock:
+            return list(self._meta)
+
     def item_ids(self) -> list[str]:
         """Every item the catalog knows: from the ``items`` topic or with popularity."""
-        with self._lock:
-            known = list(self._meta)
-        return list(dict.fromkeys([*known, *self.snapshot.popularity]))
+        return list(dict.fromkeys([*self.known_ids(), *self.snapshot.popularity.ids.tolist()]))
 
     def rebuild(self, popularity: dict[str, float], *, top: int = 2_000,
                 per_topic: int = 1_000) -> CatalogSnapshot:
@@ -149,10 +178,15 @@ class ItemCatalog:
             item_of = ids[order[named[grouped]]]
             by_topic = {str(t): tuple(item_of[a:min(b, a + per_topic)].tolist())
                         for t, a, b in zip(names.tolist(), starts.tolist(), ends.tolist())}
-        snap = CatalogSnapshot(trending, fresh, by_topic, dict(zip(ids.tolist(), pop.tolist())),
+        snap = CatalogSnapshot(trending, fresh, by_topic,
+                               Popularity(ids.astype(str) if n else Popularity().ids, pop),
                                time.time())
         self.snapshot = snap
         return snap
+
+    def publish(self, snap: CatalogSnapshot) -> None:
+        """Swap in lists built elsewhere (the catalog builder's process)."""
+        self.snapshot = snap
 
 
 class CatalogFollower:
@@ -240,11 +274,12 @@ class CatalogFollower:
 
 
 def popularity_from_store(store: Any, ids: list[str], feature: str = "item_views_1d",
-                          table: str = "hot", chunk: int = 5_000) -> dict[str, float]:
+                          table: str = "hot", chunk: int = 5_000,
+                          pause_s: float = 0.002) -> dict[str, float]:
     """Read one pre-assembled value per item (missing: 0), in chunks.
 
-    Between chunks the thread sleeps briefly, so a refresh over a large catalog never holds
-    the interpreter for long against the request threads.
+    Between chunks the thread sleeps ``pause_s``, so a refresh over a large catalog on a
+    serving thread never holds the interpreter for long against the request threads.
     """
     out: dict[str, float] = {}
     for lo in range(0, len(ids), chunk):
@@ -254,5 +289,23 @@ def popularity_from_store(store: Any, ids: list[str], feature: str = "item_views
             return {}
         col = res.matrix[:, res.columns.index(feature)]
         out.update((i, float(v)) for i, v in zip(part, col.tolist()) if v == v)
-        time.sleep(0.002)
+        if pause_s:
+            time.sleep(pause_s)
     return out
+
+
+def refresh_lists(catalog: ItemCatalog, store: Any, *, pause_s: float = 0.002,
+                  chunk: int = 5_000) -> CatalogSnapshot:
+    """Rebuild ``catalog``'s lists from the store: every item it knows or the store has
+    blocks of, ranked by its pre-assembled ``item_views_1d``.
+
+    The store is listed and read ``chunk`` items at a time with a ``pause_s`` sleep between
+    chunks, so the work never takes a core for long in one piece.
+    """
+    listed: list[str] = []
+    for n, item_id in enumerate(store.list_entity_ids("item", "views"), 1):
+        listed.append(item_id)
+        if pause_s and n % chunk == 0:
+            time.sleep(pause_s)
+    ids = list(dict.fromkeys([*catalog.known_ids(), *listed]))
+    return catalog.rebuild(popularity_from_store(store, ids, chunk=chunk, pause_s=pause_s))

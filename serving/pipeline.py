@@ -277,8 +277,7 @@ class FeedPipeline:
                     degraded.append("store_unavailable")
                 self.metrics.degraded.labels(reason="store_unavailable").inc()
                 log.warning("hydrate_failed", error=str(exc)[:200])
-                pop = self.catalog.snapshot.popularity
-                item_cols = {"item_views_1d": np.array([pop.get(i, 0.0) for i in ids]),
+                item_cols = {"item_views_1d": self.catalog.snapshot.popularity.of(ids),
                              "item_ctr_1d": np.full(len(ids), 0.01)}
                 user_row = {}
         context = {"item_id": ids, "author_id": self.catalog.authors(ids),

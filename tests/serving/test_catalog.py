@@ -51,4 +51,4 @@ def test_rebuild_ranks_by_popularity_then_id_whatever_the_arrival_order():
         members = sorted((i for i, _, tt, _ in items if tt == t),
                          key=lambda i: (-popularity[i], i))
         assert got == tuple(members[:3]), t
-    assert a.popularity["only-in-store"] == 9.0 and a.popularity["i0"] == 0.0
+    assert a.popularity.of(["only-in-store", "i0", "unknown"]).tolist() == [9.0, 0.0, 0.0]

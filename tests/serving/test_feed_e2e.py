@@ -220,3 +220,33 @@ def test_a_family_read_at_its_own_end_is_not_logged_as_the_requests(stack):
     split = serve(ItemsAhead(st.client))
     assert st.metrics.degraded.labels(reason="snapshot_split")._value.get() == splits + 1
     assert split and not any("item_views_1d" in i["features"] for i in split)
+
+
+def test_the_candidate_lists_built_in_the_child_process_equal_an_in_process_build(stack):
+    """With Kafka, the trending, fresh and per-topic lists are built in the background
+    process (its own reader of ``items``, its own store handle); they are exactly the lists
+    this process would build from the same topic and store."""
+    import numpy as np
+
+    from features.store import open_store
+    from serving.catalog import CatalogFollower, ItemCatalog, refresh_lists
+
+    st = stack.server.config.app.state.serving
+    assert st.catalog_builder is not None and st.catalog_builder.last_build_s > 0
+    st.refresh_catalog()  # the child's reader has caught up since the first build
+    child = st.catalog.snapshot
+    assert len(child.trending) > 0 and len(child.by_topic) > 1 and len(child.fresh) > 0
+    catalog = ItemCatalog()
+    follower = CatalogFollower(stack.bootstrap, catalog).start()
+    try:
+        assert follower.caught_up.wait(30)
+        with open_store(stack.store_url, readonly=True) as store:
+            here = refresh_lists(catalog, store, pause_s=0.0)
+    finally:
+        follower.stop()
+    assert (child.trending, child.fresh, child.by_topic) == \
+        (here.trending, here.fresh, here.by_topic)
+    np.testing.assert_array_equal(child.popularity.ids, here.popularity.ids)
+    np.testing.assert_array_equal(child.popularity.scores, here.popularity.scores)
+    top = list(child.trending[:5])
+    assert (child.popularity.of(top) > 0).all()
