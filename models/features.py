@@ -71,18 +71,32 @@ def hash_ids(ids: Sequence[Any], buckets: int) -> np.ndarray:
     if isinstance(buckets, bool) or not isinstance(buckets, (int, np.integer)) or buckets < 2:
         raise FeatureSchemaError(f"buckets must be an int >= 2, got {buckets!r}")
     mod = int(buckets) - 1
-    cache: dict[Any, int] = {}
-    out = np.empty(len(ids), dtype=np.int64)
+    cache = _HASHES.get(mod)
+    if cache is None or len(cache) > HASH_CACHE_SIZE:
+        cache = _HASHES[mod] = {}
+    n = len(ids)
+    try:  # serving: every id seen before, one C-level pass of dict lookups
+        return np.fromiter(map(cache.__getitem__, ids), dtype=np.int64, count=n)
+    except (KeyError, TypeError):  # new ids, or not strings: hashed here
+        pass
+    out = np.empty(n, dtype=np.int64)
     for k, v in enumerate(ids):
-        h = cache.get(v)
+        h = cache.get(v) if isinstance(v, str) else None
         if h is None:
             if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
                 h = 0
             else:
                 h = 1 + zlib.crc32(str(v).encode("utf-8")) % mod
-            cache[v] = h
+            if isinstance(v, str):  # only strings: 1, 1.0 and True are one dict key
+                cache[v] = h
         out[k] = h
     return out
+
+
+#: bucket of each id already hashed, per bucket count (cleared past ``HASH_CACHE_SIZE``):
+#: a feed request hashes the same catalog ids every time
+_HASHES: dict[int, dict[Any, int]] = {}
+HASH_CACHE_SIZE = 1_000_000
 
 
 @dataclass(frozen=True)

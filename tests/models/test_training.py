@@ -406,3 +406,18 @@ def test_no_rows_is_a_clear_error() -> None:
     empty = TimeRange(START - 10 * DAY, START - 9 * DAY)
     with pytest.raises(TrainingDataError, match="no training rows for l1"):
         train_l1(source(), empty, empty, features=L1_FEATURES)
+
+
+def test_hash_ids_gives_the_same_buckets_from_its_cache_whatever_was_hashed_before() -> None:
+    """Ids hashed once are looked up afterwards; the answer never depends on the order of
+    calls, nor on equal keys of other types (1, 1.0 and True hash as different strings)."""
+    ids = ["i1", "u7", "", None, "i1"]
+    first = hash_ids(ids, 1_000)
+    again = hash_ids(ids, 1_000)
+    assert first.tolist() == again.tolist()
+    mixed = [1, 1.0, True, "1", np.str_("i1"), float("nan")]
+    want = [1 + zlib.crc32(str(v).encode()) % 999 for v in mixed[:5]] + [0]
+    assert hash_ids(mixed, 1_000).tolist() == want
+    assert hash_ids(["1", 1.0], 1_000).tolist() == [want[3], want[1]]
+    assert hash_ids(ids, 7).tolist() == [1 + zlib.crc32(b"i1") % 6, 1 + zlib.crc32(b"u7") % 6,
+                                         0, 0, 1 + zlib.crc32(b"i1") % 6]
