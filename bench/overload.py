@@ -23,7 +23,15 @@ failures, and the server's RSS (``/proc/<pid>/status`` VmRSS every second: start
 After the drop: the 1-second-window p99s and how long until one is back under the SLO (or
 the 1x p99, if larger). Ratios compare the overload phase with the 1x phase of the same run.
 
+Soak (``--soak MINUTES``, issue 19): after the capacity measurement, one server with its
+default settings runs MINUTES of open-loop load at 0.7 x the capacity, every fifth minute at
+``--overload`` x (so the shedding path runs too); the RSS of the server and its background
+child is sampled every 5 s and reported per minute with the minute's 200 p99 and failures.
+Its last line is ``RESULT soak minutes=... rss_min1_mb=... rss_end_mb=...
+rss_growth_after_min5_mb=... rss_slope_mb_per_10min=... p99_first_ms=... p99_last_ms=...``.
+
 Usage: python bench/overload.py [--quick] [--max-in-flight N] [--phase-s S] [--overload X]
+       [--soak MINUTES]
 Last line: RESULT overload capacity_rps=<c> ... default_p99_ratio=<overload admitted p99 /
 1x p99> ... sized_... (the same for the sized max_in_flight)
 """
@@ -147,11 +155,32 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-class RssSampler:
-    """Samples a process's RSS every ``interval_s`` on a thread: ``samples`` = [(time, MiB)]."""
+def tree_rss_mb(pid: int) -> float | None:
+    """RSS of ``pid`` plus its live children's (the serving process's background builder),
+    in MiB; None once ``pid`` is gone."""
+    own = rss_mb(pid)
+    if own is None:
+        return None
+    total = own
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            total += rss_mb(int(entry)) or 0.0
+    return total
 
-    def __init__(self, pid: int, interval_s: float = 1.0):
-        self.pid, self.interval = pid, interval_s
+
+class RssSampler:
+    """Samples a process's RSS every ``interval_s`` on a thread: ``samples`` = [(time, MiB)]
+    (``tree``: the process and its children together)."""
+
+    def __init__(self, pid: int, interval_s: float = 1.0, tree: bool = False):
+        self.pid, self.interval, self.tree = pid, interval_s, tree
         self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -166,7 +195,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while True:
-            v = rss_mb(self.pid)
+            v = tree_rss_mb(self.pid) if self.tree else rss_mb(self.pid)
             if v is not None:
                 self.samples.append((time.time(), v))
             if self._stop.wait(self.interval):
@@ -550,6 +579,74 @@ def report(run: dict, slo_ms: float) -> dict:
     return out
 
 
+def soak_run(tmp: Path, url: str, bootstrap: str, users: list[str], *, minutes: int,
+             rate: float, overload: float, candidates: int) -> dict:
+    """One server (default settings) under ``minutes`` of open-loop load: every 5 minutes,
+    4 at ``rate`` and 1 at ``rate * overload`` (shedding). Per minute: the RSS of the server
+    and its background child (sampled every 5 s; the last sample of the minute), 200 p99,
+    503s and other failures."""
+    server, base = start_server(tmp, url, bootstrap, max_in_flight=None, candidates=candidates)
+    try:
+        with RssSampler(server.pid, interval_s=5.0, tree=True) as sampler:
+            drive(base, {"mode": "closed", "users": users, "concurrency": [2],
+                         "step_s": 2.0})  # warm-up, not recorded
+            phases = []
+            for m in range(minutes):
+                over = m % 5 == 4
+                phases.append({"name": f"min{m + 1}", "rate": rate * overload if over else rate,
+                               "duration_s": 60.0})
+            opened = drive(base, {"mode": "open", "users": users, "phases": phases})
+            time.sleep(5.5)
+    finally:
+        stop_server(server)
+    rows = []
+    for ph in opened["phases"]:
+        recs = ph["records"]
+        rss = [v for t, v in sampler.samples if ph["wall_start"] <= t <= ph["wall_end"]]
+        ok = [r for r in recs if r[2] == 200]
+        rows.append({"minute": len(rows) + 1, "offered_rps": ph["rate"],
+                     "rss_mb": rss[-1] if rss else float("nan"),
+                     "rss_max_mb": max(rss) if rss else float("nan"),
+                     "ok": len(ok), "shed": sum(1 for r in recs if r[2] == 503),
+                     "other": sum(1 for r in recs if r[2] not in (200, 503)),
+                     "p99_ms": _p(recs, 99, 200)})
+    return {"rows": rows, "samples": sampler.samples}
+
+
+def soak_report(run: dict, rate: float, overload: float, minutes: int) -> str:
+    """Print the per-minute table and return the RESULT line."""
+    rows = run["rows"]
+    print(f"\nsoak: {minutes} minutes open loop, {rate:.1f} rps with every fifth minute at "
+          f"{overload:g}x; RSS of the server and its background child (MiB, last sample of "
+          "the minute; sampled every 5 s)")
+    print(f"{'minute':>6} {'offered':>8} {'200':>6} {'503':>6} {'other':>6} {'200 p99':>8} "
+          f"{'RSS':>7} {'RSS max':>8}")
+    for r in rows:
+        print(f"{r['minute']:>6} {r['offered_rps']:>8.1f} {r['ok']:>6} {r['shed']:>6} "
+              f"{r['other']:>6} {_fmt(r['p99_ms']):>8} {_fmt(r['rss_mb'], '.0f'):>7} "
+              f"{_fmt(r['rss_max_mb'], '.0f'):>8}")
+    warm = min(5, len(rows)) - 1  # the level once caches and the snapshot are built
+    steady = [r["rss_mb"] for r in rows[warm:]]
+    minutes_after = np.arange(len(steady), dtype=np.float64)
+    slope = float(np.polyfit(minutes_after, steady, 1)[0] * 10) if len(steady) > 2 else 0.0
+    base_rows = [r for r in rows if r["offered_rps"] == rate]
+    first, last = base_rows[:4], base_rows[-4:]
+    p99_first = float(np.nanmax([r["p99_ms"] for r in first])) if first else float("nan")
+    p99_last = float(np.nanmax([r["p99_ms"] for r in last])) if last else float("nan")
+    other = sum(r["other"] for r in rows)
+    print(f"RSS {rows[0]['rss_mb']:.0f} MiB after minute 1, {rows[warm]['rss_mb']:.0f} after "
+          f"minute {warm + 1}, {rows[-1]['rss_mb']:.0f} at the end: {steady[-1] - steady[0]:+.0f} "
+          f"MiB after minute {warm + 1} (least-squares slope {slope:+.1f} MiB per 10 minutes); "
+          f"worst per-minute 200 p99 at {rate:.1f} rps: first 4 such minutes {p99_first:.1f} "
+          f"ms, last 4 {p99_last:.1f} ms; failures other than 503: {other}")
+    return (f"RESULT soak minutes={minutes} rate_rps={rate:.1f} overload_x={overload:g} "
+            f"rss_min1_mb={rows[0]['rss_mb']:.0f} rss_min{warm + 1}_mb={rows[warm]['rss_mb']:.0f} "
+            f"rss_end_mb={rows[-1]['rss_mb']:.0f} "
+            f"rss_growth_after_min{warm + 1}_mb={steady[-1] - steady[0]:.0f} "
+            f"rss_slope_mb_per_10min={slope:.1f} p99_first_ms={p99_first:.1f} "
+            f"p99_last_ms={p99_last:.1f} other_failures={other}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small world, short phases")
@@ -565,10 +662,15 @@ def main() -> None:
     ap.add_argument("--max-in-flight", type=int, default=None,
                     help="run only this server max_in_flight (default: ServingConfig's, then "
                     "one sized from the capacity measurement)")
+    ap.add_argument("--soak", type=int, default=None, metavar="MINUTES",
+                    help="instead of the overload phases: MINUTES of steady load at 0.7x the "
+                    "capacity, every fifth minute at --overload x, RSS per minute")
     args = ap.parse_args()
     if args.quick:
         args.items, args.views, args.users = 3_000, 20_000, 500
         args.step_s, args.phase_s = 3.0, 8.0
+    if args.soak is not None and args.soak < 2:
+        ap.error("--soak needs at least 2 minutes")
 
     from serving.config import ServingConfig
     from tessera.broker import EmbeddedBroker
@@ -601,6 +703,14 @@ def main() -> None:
         for r in cap.rows:
             print(f"{r['concurrency']:>7} {r['rps']:>8.1f} {_fmt(r['p50']):>8} "
                   f"{_fmt(r['p99']):>8} {r['failed']:>7}")
+        if args.soak is not None:
+            rate = round(0.7 * cap.rps, 1)
+            run = soak_run(tmp, url, info.bootstrap, users, minutes=args.soak, rate=rate,
+                           overload=args.overload, candidates=args.candidates)
+            line = soak_report(run, rate, args.overload, args.soak)
+            print(f"\ntotal run time {time.perf_counter() - t_start:.0f}s")
+            print("\n" + line)
+            return
         sized = max(2, 2 * cap.clients)
         print(f"capacity: {cap.rps:.1f} rps at {cap.clients} clients; max_in_flight sized from "
               f"it: 2 x {cap.clients} = {sized}", flush=True)

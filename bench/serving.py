@@ -718,7 +718,10 @@ def same_top_items(a: str, b: str, users: list[str]) -> tuple[int, int, list[str
             exact += ia == ib and [i["score"] for i in ra["items"]] == \
                 [i["score"] for i in rb["items"]]
         elif len(bad) < 3:
-            k = next((j for j, (x, y) in enumerate(zip(ia, ib)) if x != y), min(len(ia), len(ib)))
+            k = next((j for j, (x, y) in enumerate(zip(ia, ib)) if x != y), None)
+            if k is None:  # the same items in the same order: where do the scores differ?
+                k = next((j for j, (x, y) in enumerate(zip(ra["items"], rb["items"]))
+                          if x["score"] != y["score"]), min(len(ia), len(ib)))
             sa = [round(i["score"], 9) for i in ra["items"][k:k + 3]]
             sb = [round(i["score"], 9) for i in rb["items"][k:k + 3]]
             bad.append(f"user {u}: first difference at position {k} (tessera {ia[k:k + 3]} "
@@ -1042,9 +1045,11 @@ def main() -> None:
         print("feast peer stage means over the run (ms): "
               + ", ".join(f"{k}={v * 1000:.2f}" for k, v in fstages.items()))
         via = metric_total(fmetrics, "bench_feast_hydrate_total", 'result="feast"')
+        older = metric_total(fmetrics, "bench_feast_hydrate_total", 'result="feast_older_end"')
         fell = metric_total(fmetrics, "bench_feast_hydrate_total", 'result="fallback"')
-        print(f"feast peer hydrations: {via:g} through Feast, {fell:g} "
-              "fell back to Tessera's store (request end moved); degraded requests "
+        print(f"feast peer hydrations: {via + older:g} through Feast ({older:g} of them while "
+              f"the store's end had moved past the one Feast was loaded at), {fell:g} fell "
+              "back to Tessera's store (models read other names); degraded requests "
               f"{metric_total(fmetrics, 'tessera_degraded_total', ''):g}")
     print(f"latency is client-side, from each request's scheduled send time; the load "
           f"generator, server, broker and blocks/sequences workers share {os.cpu_count()} cores "
