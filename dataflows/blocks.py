@@ -75,6 +75,12 @@ class BlocksFlowConfig:
             raise ValueError(f"lateness_ms must be >= 0, got {self.lateness_ms}")
         if not self.topics:
             object.__setattr__(self, "topics", self.features.sources)
+        short = {t: ms for t, ms in self.features.deduplicate.items()
+                 if t in self.topics and ms < self.lateness_ms}
+        if short:
+            raise ValueError(f"deduplicate horizons {short} (ms) are shorter than the allowed "
+                             f"lateness ({self.lateness_ms} ms): a late copy of an event "
+                             "could be counted again; lengthen them in the features file")
         unknown = [t for t in self.topics if not self.features.for_source(t)]
         if unknown:
             raise ValueError(f"no feature reads topics {unknown}; features read "
@@ -94,6 +100,12 @@ class BlocksFlowConfig:
                         keep[size] = max(keep.get(size, 0), ms + self.lateness_ms)
                 out[(etype, topic)] = keep
         return out
+
+    @cached_property
+    def deduplicate(self) -> dict[str, int]:
+        """Per topic this flow reads, the horizon its event ids are counted once within
+        (``deduplicate:`` in the features file)."""
+        return {t: ms for t, ms in self.features.deduplicate.items() if t in self.topics}
 
     @cached_property
     def entity_fields(self) -> dict[str, tuple[str, ...]]:
@@ -261,7 +273,7 @@ def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = 
         start_offsets=config.start_offsets,
         stop_at_ts=config.event_range[1] if config.event_range else None,
         max_future_ms=config.max_future_ms, validate=True,
-        idle_timeout_ms=config.idle_timeout_ms,
+        idle_timeout_ms=config.idle_timeout_ms, deduplicate=config.deduplicate,
     )
     parts_by_topic: dict[str, list[str]] = {}
     for p in source.partition_keys():

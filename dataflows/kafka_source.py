@@ -55,6 +55,8 @@ import numpy as np
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from features.blockstate import classify_late
+from features.dedup import SeenIds
+from features.interning import hash_strings
 from features.watermarks import IDLE_WATERMARK
 from schemas.bulk import decode_messages
 from schemas.codec import DeadLetter
@@ -104,6 +106,8 @@ class SourceBatch:
     #: when ``columns`` hold only some fields (a projected read): the poll's raw messages,
     #: and for each event its message and its position in that message
     messages: MessageRows | None = None
+    #: events of this poll dropped as repeats of an event id seen within the horizon
+    duplicates: int = 0
 
     @property
     def part(self) -> str:
@@ -200,6 +204,25 @@ def invalid_events(cols: EventColumns, now_ms: int,
     return bad, why
 
 
+def admit_event_ids(seen: SeenIds, cols: EventColumns, ts: np.ndarray) -> np.ndarray:
+    """Mask of the events whose ``event_id`` ``seen`` admits (an event without an id always
+    counts); the ids are hashed once per distinct value of the column's dictionary."""
+    col = cols.columns["event_id"]
+    if isinstance(col, DictColumn):
+        codes = np.asarray(col.codes)
+        dict_hashes = hash_strings(col.dictionary)
+    else:  # a plain object column
+        values = np.asarray(col, dtype=object)
+        codes = np.where(values == None, -1, np.arange(len(values)))  # noqa: E711
+        dict_hashes = hash_strings(np.where(codes >= 0, values, ""))
+    has_id = codes >= 0
+    fresh = np.ones(len(codes), dtype=bool)
+    rows = np.flatnonzero(has_id)
+    if len(rows):
+        fresh[rows] = seen.admit(dict_hashes[codes[rows]], ts[rows])
+    return fresh
+
+
 def rejected_deadletters(topic: str, partition: int, bad_cols: EventColumns,
                          offsets: np.ndarray, reasons: list[str]) -> list[DeadLetter]:
     """Dead letters (stage ``validate``) for rejected events, each re-encoded on its own.
@@ -264,6 +287,9 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         self._verified_at = 0.0
         self._reset_pending = False  # the next emitted batch carries ``log_reset``
         self._events_per_message = 1.0  # running mean: sizes the next poll (envelopes)
+        horizon = source.deduplicate.get(topic)
+        #: event ids admitted within the horizon (not snapshotted: see ``deduplicate``)
+        self._seen = SeenIds(horizon) if horizon else None
         self._consumer: Any = self._new_consumer()
 
     # -- consumers -------------------------------------------------------------------
@@ -547,6 +573,14 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
                 keep = np.flatnonzero(~bad)
                 cols, offsets, ts = cols.take(keep), offsets[keep], ts[keep]
                 messages = messages.take(keep) if messages is not None else None
+        duplicates = 0
+        if self._seen is not None and len(ts):
+            fresh = admit_event_ids(self._seen, cols, ts)
+            duplicates = int(len(fresh) - np.count_nonzero(fresh))
+            if duplicates:
+                keep = np.flatnonzero(fresh)
+                cols, offsets, ts = cols.take(keep), offsets[keep], ts[keep]
+                messages = messages.take(keep) if messages is not None else None
         late, new_max = classify_late(self._cursor.max_ts, ts, self._source.lateness)
         self._cursor = PartitionCursor(
             offset=next_offset, max_ts=new_max,
@@ -559,7 +593,7 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             topic=self._topic, partition=self._partition, columns=cols, late=late,
             watermark=new_max - self._source.lateness if new_max > NO_TIME else NO_TIME,
             first_offset=first, next_offset=next_offset, deadletters=dead,
-            offsets=offsets, log_reset=reset, messages=messages,
+            offsets=offsets, log_reset=reset, messages=messages, duplicates=duplicates,
         )]
 
     def _poll_size(self) -> int:
@@ -639,6 +673,11 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         fields: per topic, the only fields to decode (a projection: the others are skipped
             in the bulk decode); batches then keep their raw messages so that
             ``SourceBatch.full_columns`` gives every field of late or rejected events.
+        deduplicate: per topic, a horizon (ms of event time): an event whose ``event_id``
+            the partition admitted within it is dropped and counted
+            (``SourceBatch.duplicates``; ``features.dedup.SeenIds``). The ids are not part
+            of the resume state: after a restart, a copy of an event read before the
+            restored snapshot is counted again (copies within one run never are).
     """
 
     def __init__(
@@ -659,6 +698,7 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         validate: bool = False,
         batch_events: int | None = None,
         fields: Mapping[str, Sequence[str]] | None = None,
+        deduplicate: Mapping[str, int] | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.topics = tuple(topics)
@@ -666,7 +706,10 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
         self.bounded = bounded
         self.batch_messages = batch_messages
         self.batch_events = batch_events
-        self.fields = {t: tuple(f) for t, f in (fields or {}).items()}
+        self.deduplicate = dict(deduplicate or {})
+        # a deduplicated topic's projection must carry its event ids
+        self.fields = {t: tuple(dict.fromkeys([*f, "event_id"])) if t in self.deduplicate
+                       else tuple(f) for t, f in (fields or {}).items()}
         self.poll_s = poll_s
         self.start_offsets = dict(start_offsets or {})
         self.consumer_overrides = dict(consumer_overrides or {})

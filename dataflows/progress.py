@@ -43,6 +43,8 @@ class FlowProgress:
     late_from: int | None = None
     late_to: int | None = None
     deadlettered: int = 0
+    #: events dropped as repeats of an event id within its topic's ``deduplicate`` horizon
+    duplicates: int = 0
     partition_watermarks: dict[str, int] = field(default_factory=dict)
     #: per partition, the offset after the last message read (what a replay has covered)
     next_offsets: dict[str, int] = field(default_factory=dict)
@@ -68,6 +70,9 @@ class FlowProgress:
                 self.late_from = lo if self.late_from is None else min(self.late_from, lo)
                 self.late_to = hi if self.late_to is None else max(self.late_to, hi)
             self.deadlettered += len(batch.deadletters)
+            dup = getattr(batch, "duplicates", 0)
+            self.duplicates += dup
+            self.events += dup  # read from Kafka, then dropped
             part = batch.part
             if IDLE_WATERMARK > batch.watermark > self.partition_watermarks.get(part,
                                                                                NO_WATERMARK):
@@ -99,7 +104,7 @@ class FlowProgress:
 
     def _fields(self) -> dict[str, Any]:
         return {"events": self.events, "late": self.late, "deadlettered": self.deadlettered,
-                "blocks_written": self.blocks_written, "watermarks": self.watermarks()}
+                "duplicates": self.duplicates, "blocks_written": self.blocks_written, "watermarks": self.watermarks()}
 
     def summary(self) -> dict[str, Any]:
         """Totals so far, with the mean rate since the first batch."""

@@ -21,7 +21,8 @@ as if every event had been written once.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import bytewax.operators as op
 import numpy as np
@@ -82,6 +83,9 @@ class SequencesFlowConfig:
     #: events further ahead of the wall clock are dead-lettered (None: no check)
     max_future_ms: int | None = 3_600_000
     deadletter_topic: str = "deadletter"
+    #: topic -> horizon (ms) within which an event id is read once (the features file's
+    #: ``deduplicate:``; the sequence writes are idempotent on event id besides)
+    deduplicate: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "topics", tuple(self.topics))
@@ -233,6 +237,7 @@ def build_sequences_flow(config: SequencesFlowConfig, progress: FlowProgress | N
         bounded=config.bounded,
         batch_messages=config.batch_messages,
         max_future_ms=config.max_future_ms, validate=True,
+        deduplicate={t: ms for t, ms in config.deduplicate.items() if t in config.topics},
     )
     flow = Dataflow("tessera_sequences")
     batches = op.input("kafka", flow, source)

@@ -164,6 +164,9 @@ class FeatureSet:
     derived: tuple[DerivedFeatureSpec, ...] = ()
     source_file: str | None = None
     declared: tuple[SourceSpec, ...] = ()
+    #: topic -> horizon (ms of event time) within which an event id is counted once
+    #: (``deduplicate:`` in the features file; topics not listed count every message)
+    deduplicate: Mapping[str, int] = field(default_factory=dict)
 
     def declared_source(self, name: str) -> SourceSpec | None:
         """The declared source called ``name`` (None for a built-in topic or an unknown name)."""

@@ -39,7 +39,7 @@ NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 MAX_WINDOW = 400 * DAY
 DEFAULT_FRESHNESS = 15 * MINUTE
 
-TOP_LEVEL_KEYS = ("sources", "defaults", "features", "derived")
+TOP_LEVEL_KEYS = ("sources", "defaults", "deduplicate", "features", "derived")
 SOURCE_KEYS = ("name", "fields", "schema", "event_time", "event_id")
 EVENT_TIME_KEYS = ("field", "unit")
 TIME_UNITS = ("ms", "s", "us", "iso")
@@ -268,7 +268,28 @@ class _Loader:
         for i in range(len(derived_items)):
             derived.append(self.derived(i, derived_items, features, derived))
         return FeatureSet(features=features, derived=tuple(derived), source_file=self.file,
-                          declared=declared)
+                          declared=declared,
+                          deduplicate=self.deduplicate(data.get("deduplicate")))
+
+    def deduplicate(self, raw: Any) -> dict[str, int]:
+        """Validate ``deduplicate:``, a mapping of topic to horizon (``{views: 10m}``)."""
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            raise self.error("'deduplicate' must be a mapping of topic to horizon, such as "
+                             "{views: 10m, engagements: 10m}")
+        out: dict[str, int] = {}
+        for topic, horizon in raw.items():
+            if topic not in self.schemas:
+                raise self.error(
+                    f"deduplicate: unknown topic {topic!r}"
+                    f"{_did_you_mean(str(topic), list(self.schemas))}; topics: "
+                    f"{_quoted(sorted(self.schemas))}")
+            ms = self.duration(horizon, f"deduplicate horizon of {topic!r}", None)
+            if ms <= 0:
+                raise self.error(f"deduplicate: the horizon of {topic!r} must be positive")
+            out[str(topic)] = ms
+        return out
 
     def check_keys(
         self,

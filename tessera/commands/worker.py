@@ -402,9 +402,11 @@ def echo_totals(what: str, progress, late_note: str = "") -> None:
     logged as ``<flow>.done``)."""
     totals = progress.log_summary()
     late = f"{totals['late']:,} late" + (f" ({late_note})" if late_note and totals["late"] else "")
+    dup = (f", {totals['duplicates']:,} duplicates dropped (repeated event ids)"
+           if totals.get("duplicates") else "")
     click.echo(f"tessera worker {what}: {totals['events']:,} events in {totals['seconds']} s "
                f"({totals['events_per_s']:,}/s), {late}, {totals['deadlettered']:,} "
-               f"dead-lettered; watermarks {totals['watermarks']}", err=True)
+               f"dead-lettered{dup}; watermarks {totals['watermarks']}", err=True)
 
 
 def late_hint(progress, late_warehouse: Path | None, features_file: Path) -> str | None:
@@ -484,7 +486,8 @@ def sequences(
         except FeatureSpecError as exc:
             raise _fail(str(exc)) from exc
         wanted = [*fs.sources, *(d.name for d in fs.declared)]
-        topics = {"topics": tuple(dict.fromkeys(t for t in wanted if is_sequence_topic(t)))}
+        topics = {"topics": tuple(dict.fromkeys(t for t in wanted if is_sequence_topic(t))),
+                  "deduplicate": dict(fs.deduplicate)}
     try:
         config = SequencesFlowConfig(
             bootstrap=_bootstrap(bootstrap), store_url=store_url, max_len=max_len, bounded=bounded,

@@ -52,3 +52,56 @@ def test_blocks_flow_equals_oracle_and_dead_letters_malformed(fresh_broker, tmp_
         wms = store.get_watermarks("blocks/")
     assert len(wms) == 3 * sum(len({f.entity for f in FEATURES.for_source(t)})
                                for t in FEATURES.sources)
+
+
+def test_a_retrying_producer_s_copies_are_counted_once_with_deduplicate(fresh_broker, tmp_path,
+                                                                        monkeypatch):
+    """Every views and engagements message is produced twice in a row (a producer retrying
+    after a lost acknowledgement: same event ids, new offsets). With ``deduplicate`` the
+    blocks equal the oracle of the world produced once; without it they do not."""
+    import dataclasses
+
+    from dataflows.progress import FlowProgress
+    from tessera.synth import sinks
+
+    produce_once = sinks._Producer.produce
+
+    def produce_twice(self, topic, value, *, partition, key):
+        produce_once(self, topic, value, partition=partition, key=key)
+        if topic in ("views", "engagements"):
+            produce_once(self, topic, value, partition=partition, key=key)
+
+    monkeypatch.setattr(sinks._Producer, "produce", produce_twice)
+    world = small_world()
+    produce_world(fresh_broker, world, batch_events=20)
+    oracle = oracle_for(fresh_broker, world, FEATURES)
+    ids = entity_ids_of(oracle, FEATURES)
+
+    dedup = dataclasses.replace(FEATURES, deduplicate={"views": 600_000,
+                                                       "engagements": 600_000})
+    url = f"lmdb://{tmp_path}/dedup"
+    progress = FlowProgress("blocks")
+    run_flow(build_blocks_flow(BlocksFlowConfig(
+        bootstrap=fresh_broker, store_url=url, features=dedup, bounded=True, shards=2,
+        lateness_ms=LATENESS_MS, warehouse=tmp_path / "w1"), progress))
+    assert compare_to_oracle(store_blocks(url, FEATURES, ids), oracle, FEATURES,
+                             expiry_for(url, FEATURES)) == []
+    views = sum(1 for k in oracle if k[0].startswith("item_views"))
+    assert progress.duplicates > 0 and views > 0
+
+    plain = f"lmdb://{tmp_path}/plain"
+    counted = dataclasses.replace(FEATURES, deduplicate={})
+    run_flow(build_blocks_flow(BlocksFlowConfig(
+        bootstrap=fresh_broker, store_url=plain, features=counted, bounded=True, shards=2,
+        lateness_ms=LATENESS_MS, warehouse=tmp_path / "w2")))
+    assert compare_to_oracle(store_blocks(plain, FEATURES, ids), oracle, FEATURES,
+                             expiry_for(plain, FEATURES)) != []
+
+
+def test_a_deduplicate_horizon_shorter_than_the_lateness_is_refused():
+    import dataclasses
+
+    short = dataclasses.replace(FEATURES, deduplicate={"views": 30_000})
+    with pytest.raises(ValueError, match="shorter than the allowed lateness"):
+        BlocksFlowConfig(bootstrap="x:1", store_url="lmdb:///tmp/x", features=short,
+                         lateness_ms=60_000)

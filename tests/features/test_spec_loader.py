@@ -428,7 +428,7 @@ MISTAKES: list[tuple[str, list[dict[str, Any]], dict[str, Any], str | None, str]
         None,
         (
             "unknown key 'featurs' in the top level (did you mean 'features'?); allowed keys: "
-            "defaults, derived, features"
+            "deduplicate, defaults, derived, features"
         ),
     ),
     (
@@ -771,3 +771,15 @@ def test_a_declared_source_from_an_avsc_file(tmp_path: Path) -> None:
         " windows: [1d]}\n")
     with pytest.raises(FeatureSpecError, match="field 'ok' has type 'boolean'"):
         load_features(tmp_path / "bad.yaml")
+
+
+def test_deduplicate_maps_topics_to_horizons_and_names_its_mistakes() -> None:
+    fs = load(feature(), deduplicate={"views": "10m", "engagements": "1h"})
+    assert fs.deduplicate == {"views": 10 * MINUTE, "engagements": HOUR}
+    assert load(feature()).deduplicate == {}
+    assert "unknown topic 'veiws'" in str(reason_of(feature(), deduplicate={"veiws": "10m"}))
+    assert "did you mean 'views'" in str(reason_of(feature(), deduplicate={"veiws": "10m"}))
+    assert "a number needs a unit" in str(reason_of(feature(), deduplicate={"views": 600}))
+    assert "must be a mapping of topic to horizon" in str(
+        reason_of(feature(), deduplicate=["views"]))
+    assert load_features(EXAMPLE).deduplicate  # the shipped file deduplicates its topics
