@@ -128,12 +128,14 @@ class ServingState:
                 snap = self.catalog_builder.build()
                 self.catalog.publish(snap)
                 log.info("catalog_refreshed", items=len(snap.popularity),
-                          trending=len(snap.trending), topics=len(snap.by_topic),
-                          build_s=round(self.catalog_builder.last_build_s, 3))
+                         trending=len(snap.trending), topics=len(snap.by_topic),
+                         build_s=round(self.catalog_builder.last_build_s, 3))
             else:
                 refresh_lists(self.catalog, self.store)
         except TesseraError as exc:
             log.warning("catalog_refresh_failed", error=str(exc)[:200])
+        except Exception as exc:  # a bug must not stop the refresher thread for good
+            log.exception("catalog_refresh_failed", error=str(exc)[:200])
         finally:
             self._catalog_built.set()  # tried once: readiness does not wait on a failure
 
