@@ -501,10 +501,12 @@ def kill9_labels(tmp: Path, sz: Sizes) -> Row:
         if ref is not None and any(r[f"label_{a}"] != ref[f"label_{a}"] for a in LABEL_ACTIONS):
             wrong_labels += 1
     row.double_counted += wrong_labels
-    row.note(f"{at_kill} rows committed when killed; {stored} rows stored "
-             f"({stored - len(got)} re-appended copies, deduplicated on read by "
-             "(impression_id, version)); label mismatches vs join_reference: "
-             f"{wrong_labels}")
+    copies = stored - len(got)  # physical rows on disk beyond one per example
+    row.double_counted += copies
+    row.note(f"{at_kill} rows committed when killed; {stored} rows stored on disk for "
+             f"{len(got)} examples ({copies} re-appended copies; a read would deduplicate "
+             "them by (impression_id, version), a DuckDB query or a user's reader would not); "
+             f"label mismatches vs join_reference: {wrong_labels}")
     row.passed = (row.lost == 0 and row.double_counted == 0 and row.events_in > 100
                   and at_kill < len(want))
     return row

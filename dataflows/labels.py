@@ -18,10 +18,14 @@ whose window the final watermark has not passed stay unwritten (a later run over
 data, or the tailing worker, emits them); nothing immature is ever written, so a row's
 labels are always final.
 
-Delivery: the sink is a ``FixedPartitionedSink`` whose snapshot is its not yet committed
-rows, so rows emitted by the join survive a crash with the join state that no longer holds
-them. A crash after a commit and before the next snapshot re-appends rows:
-at-least-once, deduplicated by ``TrainingTables.scan_examples``.
+Delivery, exactly once on disk: the sink is a ``FixedPartitionedSink`` whose snapshot is
+its not yet committed rows, so rows emitted by the join survive a crash with the join state
+that no longer holds them, and the table's data sequence number after its last commit. A
+crash after a commit and before the next snapshot replays rows it already committed; on
+resume the sink reads the ``(impression_id, version)`` of every file added after that
+sequence number (``TrainingTables.keys_added_after``: the commits since the snapshot, a few
+files) and never appends those rows again. The reads' deduplication
+(``TrainingTables.scan_examples``) stays as a second guard.
 """
 
 from __future__ import annotations
@@ -158,16 +162,32 @@ class LabelShardLogic(StatefulLogic[LabelInput, list[dict[str, Any]], dict[str, 
         return self.join.snapshot()
 
 
-class _TrainingPartition(StatefulSinkPartition[list[dict[str, Any]], list[dict[str, Any]]]):
+class _TrainingPartition(StatefulSinkPartition[list[dict[str, Any]], dict[str, Any]]):
     def __init__(self, warehouse: Path | str, version: str, commit_interval_ms: int,
-                 pending: list[dict[str, Any]] | None):
+                 state: dict[str, Any] | list[dict[str, Any]] | None):
         self.warehouse = warehouse
         self.version = version
         self.commit_interval_s = commit_interval_ms / 1000
-        self.pending: list[dict[str, Any]] = list(pending or [])
-        self.tables = None
+        if isinstance(state, list):  # a snapshot from before the sequence number was kept
+            state = {"pending": state, "sequence": None}
+        self.pending: list[dict[str, Any]] = list((state or {}).get("pending") or [])
+        self.tables = TrainingTables.open(warehouse)
+        #: the table's data sequence number after this partition's last commit (or when it
+        #: started): files added later are commits the snapshot does not know about
+        self.sequence: int = self.tables.last_sequence_number()
+        #: rows committed after the restored snapshot (before a crash): never appended again
+        self.committed_keys: set[tuple[str, str]] = set()
+        if state is not None:
+            after = state.get("sequence")
+            if after is None:
+                after = 0  # an old snapshot: check every live file once
+            self.committed_keys = self.tables.keys_added_after(int(after))
+            log.info("training_sink_resumed", after_sequence=after,
+                     rows_committed_since=len(self.committed_keys),
+                     pending=len(self.pending))
         self.last_commit = time.monotonic()
         self.written = 0
+        self.skipped = 0
 
     def write_batch(self, values: list[list[dict[str, Any]]]) -> None:
         for rows in values:
@@ -178,26 +198,33 @@ class _TrainingPartition(StatefulSinkPartition[list[dict[str, Any]], list[dict[s
     def _commit(self) -> None:
         if not self.pending:
             return
-        if self.tables is None:
-            self.tables = TrainingTables.open(self.warehouse)
-        n = self.tables.append_rows(self.pending, self.version)
+        rows = self.pending
+        if self.committed_keys:  # replayed after a crash: drop what is already on disk
+            done = self.committed_keys
+            rows = [r for r in rows if (r["impression_id"], self.version) not in done]
+            self.skipped += len(self.pending) - len(rows)
+        n = self.tables.append_rows(rows, self.version) if rows else 0
+        if n:
+            self.sequence = self.tables.last_sequence_number()
         self.written += n
-        log.info("training_examples_committed", rows=n, total=self.written)
+        log.info("training_examples_committed", rows=n, total=self.written,
+                 skipped_as_committed=self.skipped)
         self.pending = []
         self.last_commit = time.monotonic()
 
-    def snapshot(self) -> list[dict[str, Any]]:
-        return list(self.pending)
+    def snapshot(self) -> dict[str, Any]:
+        return {"pending": list(self.pending), "sequence": self.sequence}
 
     def close(self) -> None:
         self._commit()
 
 
-class TrainingSink(FixedPartitionedSink[list[dict[str, Any]], list[dict[str, Any]]]):
+class TrainingSink(FixedPartitionedSink[list[dict[str, Any]], dict[str, Any]]):
     """Append example rows to ``training_examples``, committing every ``commit_interval_ms``.
 
-    Its snapshot is the rows not yet committed, so a crash loses none of them (see the
-    module docstring for the delivery guarantee).
+    Its snapshot is the rows not yet committed and the table's sequence number after its
+    last commit, so a crash loses none of them and appends none twice (see the module
+    docstring for the delivery guarantee).
     """
 
     def __init__(self, warehouse: Path | str, *, version: str = BASE_VERSION,
@@ -214,7 +241,8 @@ class TrainingSink(FixedPartitionedSink[list[dict[str, Any]], list[dict[str, Any
         return zlib.crc32(item_key.encode())
 
     def build_part(self, step_id: str, for_part: str,
-                   resume_state: list[dict[str, Any]] | None) -> _TrainingPartition:
+                   resume_state: dict[str, Any] | list[dict[str, Any]] | None
+                   ) -> _TrainingPartition:
         return _TrainingPartition(self.warehouse, self.version, self.commit_interval_ms,
                                   resume_state)
 

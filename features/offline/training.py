@@ -333,6 +333,34 @@ class TrainingTables:
         data = _dedupe_latest(data, ("impression_id", "version"), "matured_at")
         return data.select(want)
 
+    def last_sequence_number(self) -> int:
+        """The table's newest data sequence number (0 before the first commit): every later
+        commit adds files with a higher one."""
+        return int(self.table().metadata.last_sequence_number)
+
+    def keys_added_after(self, sequence_number: int) -> set[tuple[str, str]]:
+        """``(impression_id, version)`` of every row in a live data file added by a commit
+        after ``sequence_number`` (also rows a compaction rewrote since: a superset)."""
+        table = self.table()
+        snapshot = table.current_snapshot()
+        out: set[tuple[str, str]] = set()
+        if snapshot is None:
+            return out
+        import pyarrow.parquet as pq
+
+        for manifest in snapshot.manifests(table.io):
+            if manifest.sequence_number is not None and \
+                    manifest.sequence_number <= sequence_number:
+                continue  # every entry of a manifest is at most its own sequence number
+            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
+                if entry.sequence_number is None or entry.sequence_number <= sequence_number:
+                    continue
+                with table.io.new_input(entry.data_file.file_path).open() as f:
+                    part = pq.read_table(f, columns=["impression_id", "version"])
+                out.update(zip(part.column("impression_id").to_pylist(),
+                               part.column("version").to_pylist()))
+        return out
+
     def count_rows(self) -> int:
         """Stored rows, duplicates included (from the snapshot summary)."""
         snapshot = self.table().current_snapshot()

@@ -325,3 +325,33 @@ def test_label_flow_equals_reference(fresh_broker, tmp_path, workers):
     assert OfflineTables.open(tmp_path / "wh").count_rows("late_events") == n_late > 0
     dead = [DeadLetter.decode(m.value()) for m in read_to_end(fresh_broker, "deadletter")]
     assert len(dead) == 1 and dead[0].topic == "impressions"
+
+
+def test_training_sink_replayed_after_a_crash_appends_every_row_once_on_disk(tmp_path):
+    """A sink partition commits, is snapshotted, commits more and dies; a new partition
+    resumed from the snapshot gets the rows after it again (the replay) plus new ones: the
+    table ends with each row once, physically (``count_rows``), not only on read."""
+    from dataflows.labels import _TrainingPartition
+
+    [base] = join_reference([imp("a", 1_000)], [eng("e1", "a", 2_000)], W)
+    rows = [dict(base, impression_id=f"i{k}", matured_at=W) for k in range(9)]
+    wh = tmp_path / "wh"
+    first = _TrainingPartition(wh, BASE_VERSION, 0, None)
+    first.write_batch([rows[0:3]])
+    state = first.snapshot()
+    first.write_batch([rows[3:6]])  # committed after the snapshot, then the crash
+    tables = TrainingTables.open(wh)
+    assert tables.count_rows() == 6
+
+    resumed = _TrainingPartition(wh, BASE_VERSION, 0, state)
+    resumed.write_batch([rows[3:6] + rows[6:9]])  # the replay, then what is new
+    resumed.close()
+    assert tables.count_rows() == 9
+    assert sorted(tables.scan_examples().column("impression_id").to_pylist()) == \
+        [f"i{k}" for k in range(9)]
+    assert resumed.skipped == 3
+
+    # a snapshot written before the sequence number was kept (a plain list of pending rows)
+    legacy = _TrainingPartition(wh, BASE_VERSION, 0, [rows[8]])
+    legacy.close()
+    assert tables.count_rows() == 9
