@@ -301,8 +301,10 @@ def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = 
     op.output("deadletter_out", dead, DeadLetterSink(config.bootstrap, config.deadletter_topic))
     late_warehouse = config.late_warehouse or config.warehouse
     if late_warehouse is not None:
-        late = op.filter_map("late", batches, lambda b: b if b.late.any() else None)
-        op.output("late_out", late, LateEventSink(late_warehouse))
+        # batches with late events, and a reset log's first batch (its offsets restart)
+        late = op.filter_map("late", batches,
+                             lambda b: b if b.late.any() or b.log_reset else None)
+        op.output("late_out", late, LateEventSink(late_warehouse, "blocks"))
     keyed = op.flat_map("route", batches, lambda b: route(config, b))
     blocks = op.stateful("blocks", keyed, _KeyedBuilder(builder_for))
     op.output("store_out", blocks, StoreSink(config.store_url, config.warehouse,

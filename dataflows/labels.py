@@ -271,8 +271,9 @@ def build_label_flow(config: LabelFlowConfig, progress: FlowProgress | None = No
     op.inspect("progress", batches, lambda _step, b: counter.observe(b))
     dead = op.flat_map("deadletters", batches, lambda b: b.deadletters)
     op.output("deadletter_out", dead, DeadLetterSink(config.bootstrap, config.deadletter_topic))
-    late = op.filter_map("late", batches, lambda b: b if b.late.any() else None)
-    op.output("late_out", late, LateEventSink(config.warehouse))  # type: ignore[arg-type]
+    # batches with late events, and a reset log's first batch (its offsets restart)
+    late = op.filter_map("late", batches, lambda b: b if b.late.any() or b.log_reset else None)
+    op.output("late_out", late, LateEventSink(config.warehouse, "labels"))  # type: ignore[arg-type]
     keyed = op.flat_map("route", batches, lambda b: route(config, b))
     examples = op.stateful(
         "join", keyed, lambda state: LabelShardLogic(join_config.build(state), parts)

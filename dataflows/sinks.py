@@ -217,9 +217,12 @@ class DeadLetterSink(DynamicSink[Any]):
 
 
 class _LatePartition(StatelessSinkPartition[Any]):
-    def __init__(self, warehouse: Path):
+    def __init__(self, warehouse: Path, writer: str):
         self.warehouse = warehouse
+        self.writer = writer
         self.tables = None
+        #: partitions whose Kafka log was reset under the source while this worker ran
+        self.reset: set[str] = set()
 
     def write_batch(self, items: list[Any]) -> None:
         from schemas.codec import encode
@@ -228,6 +231,8 @@ class _LatePartition(StatelessSinkPartition[Any]):
         rows = []
         now = int(time.time() * 1000)
         for batch in items:
+            if batch.log_reset:
+                self.reset.add(batch.part)
             idx = batch.late.nonzero()[0]
             late_cols, ok = batch.full_columns(idx)
             idx = idx[ok]
@@ -241,15 +246,20 @@ class _LatePartition(StatelessSinkPartition[Any]):
             from features.offline.tables import OfflineTables
 
             self.tables = OfflineTables.open(self.warehouse)
-        self.tables.append_late_events(rows)
-        log.info("late_events_kept", rows=len(rows))
+        written = self.tables.append_late_events(rows, writer=self.writer, reset=self.reset)
+        log.info("late_events_kept", rows=written,
+                 skipped_as_committed=len(rows) - written)
 
 
 class LateEventSink(DynamicSink[Any]):
-    """Keep late events in the Iceberg ``late_events`` table for batch correction."""
+    """Keep late events in the Iceberg ``late_events`` table for batch correction, exactly
+    once: ``writer`` names the flow (``blocks``, ``labels``), whose highest committed offset
+    per partition each commit records; a replay after a crash skips what is at or below it
+    (a worker's partitions reach its sink in offset order)."""
 
-    def __init__(self, warehouse: Path):
+    def __init__(self, warehouse: Path, writer: str):
         self.warehouse = warehouse
+        self.writer = writer
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _LatePartition:
-        return _LatePartition(self.warehouse)
+        return _LatePartition(self.warehouse, self.writer)

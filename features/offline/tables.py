@@ -71,7 +71,12 @@ from pyiceberg.types import (
 )
 
 from features.errors import TesseraError
-from features.offline.maintenance import COMMITS, TABLE_PROPERTIES, ensure_properties
+from features.offline.maintenance import (
+    COMMITS,
+    MARKED_PREFIX,
+    TABLE_PROPERTIES,
+    ensure_properties,
+)
 
 __all__ = [
     "BLOCKS_SCHEMA",
@@ -203,6 +208,24 @@ def _dedupe_latest(table: pa.Table, key: Sequence[str], version: str) -> pa.Tabl
         new_key = differs if new_key is None else pc.or_(new_key, differs)
     keep = pa.concat_arrays([pa.array([True]), new_key])
     return table.filter(keep)
+
+
+#: snapshot summary properties of the late-events writers: ``tessera.late.<writer>.<topic>:<p>``
+LATE_MARK_PREFIX = f"{MARKED_PREFIX}late."
+
+
+def _late_marks_of(table: Table) -> dict[str, int]:
+    """The late-event marks of the newest snapshot carrying any (compactions carry none),
+    as ``{"<writer>.<topic>:<partition>": offset}``."""
+    from pyiceberg.table.snapshots import ancestors_of
+
+    for snapshot in ancestors_of(table.current_snapshot(), table.metadata):
+        props = snapshot.summary.additional_properties if snapshot.summary is not None else {}
+        marks = {k[len(LATE_MARK_PREFIX):]: int(v) for k, v in props.items()
+                 if k.startswith(LATE_MARK_PREFIX)}
+        if marks:
+            return marks
+    return {}
 
 
 def _check_no_nulls(data: pa.Table, what: str) -> None:
@@ -397,8 +420,13 @@ class OfflineTables:
             raise OfflineTableError(f"unknown table {name!r}; expected one of {list(TABLE_NAMES)}")
         return self._tables[name].refresh()
 
-    def _append(self, name: str, data: pa.Table) -> None:
-        """Append ``data`` to table ``name`` in one commit, retrying lost commit races."""
+    def _append(self, name: str, data: pa.Table,
+                properties: Callable[[Table], dict[str, str]] | None = None) -> None:
+        """Append ``data`` to table ``name`` in one commit, retrying lost commit races.
+
+        ``properties(table)``: snapshot summary properties of the commit, computed from the
+        table as refreshed for each attempt (marks carried forward from other writers).
+        """
         if data.num_rows == 0:
             return
         table = self._tables[name]
@@ -408,7 +436,10 @@ class OfflineTables:
             table.refresh()
             for attempt in range(self._retries + 1):
                 try:
-                    table.append(data)
+                    if properties is None:
+                        table.append(data)
+                    else:
+                        table.append(data, snapshot_properties=properties(table))
                     COMMITS.after_commit(table)
                     return
                 except (CommitFailedException, ValidationException) as exc:
@@ -590,17 +621,55 @@ class OfflineTables:
 
     # -- late events ------------------------------------------------------------
 
+    def late_marks(self, writer: str | None = None) -> dict[str, int]:
+        """``{"<writer>.<topic>:<partition>": offset}``: the highest offset each writer's
+        late events were committed up to (one writer's only, without the prefix, if given)."""
+        table = self._tables["late_events"].refresh()
+        marks = _late_marks_of(table)
+        if writer is None:
+            return marks
+        head = f"{writer}."
+        return {k[len(head):]: v for k, v in marks.items() if k.startswith(head)}
+
     def append_late_events(
         self,
         rows: Sequence[LateEventRow | tuple[str, int, int, int, str, bytes, int]],
+        *,
+        writer: str | None = None,
+        reset: Iterable[str] = (),
     ) -> int:
         """Append late events in one Iceberg commit; return the number of rows written.
 
         Args:
             rows: ``(topic, partition, offset, event_ts, event_id, payload, detected_ms)``.
+            writer: a flow writing late events in offset order per partition (``blocks``,
+                ``labels``). Exactly once: rows at or below the offset this writer already
+                committed for their partition (a replay after a crash) are skipped, and the
+                commit records the new highest offsets in its snapshot summary.
+            reset: ``topic:partition`` whose Kafka log was reset (a broker restarted empty):
+                their offsets start again, so their old marks are ignored and replaced.
         """
         if not rows:
             return 0
+        marks_for = None
+        if writer is not None:
+            reset = set(reset)
+            done = {k: v for k, v in self.late_marks(writer).items() if k not in reset}
+            rows = [r for r in rows if r[2] < 0 or r[2] > done.get(f"{r[0]}:{r[1]}", -1)]
+            if not rows:
+                return 0
+            newest: dict[str, int] = {}
+            for r in rows:
+                if r[2] >= 0:
+                    key = f"{LATE_MARK_PREFIX}{writer}.{r[0]}:{r[1]}"
+                    newest[key] = max(newest.get(key, -1), int(r[2]))
+
+            def marks_for(table: Table) -> dict[str, str]:
+                merged = {f"{LATE_MARK_PREFIX}{k}": v for k, v in _late_marks_of(table).items()}
+                restarted = {f"{LATE_MARK_PREFIX}{writer}.{p}" for p in reset}
+                for k, v in newest.items():
+                    merged[k] = v if k in restarted else max(merged.get(k, -1), v)
+                return {k: str(v) for k, v in sorted(merged.items())}
         cols = list(zip(*rows, strict=True))
         if len(cols) != 7:
             raise OfflineTableError(
@@ -627,7 +696,7 @@ class OfflineTables:
                 f"bad late event rows: {exc}; a field is null or of the wrong type"
             ) from exc
         _check_no_nulls(data, "late event")
-        self._append("late_events", data)
+        self._append("late_events", data, marks_for)
         return data.num_rows
 
     def scan_late_events(

@@ -322,3 +322,28 @@ def test_catalog_properties(tmp_path: Path) -> None:
     tables.append_blocks([("user", "u1", "views", T0, M5, b"x")], written_ms=1)
     assert tables.scan_blocks().num_rows == 1
     assert not (wh / "catalog.db").exists()
+
+
+def test_a_writer_s_late_events_replayed_after_a_crash_are_written_once(
+        tables: OfflineTables) -> None:
+    """A late-events writer records its highest committed offset per partition in each
+    commit; a replay skips what is at or below it. Marks survive other writers' commits and
+    commits without marks (compaction); a partition whose log was reset starts over."""
+    def late(p: int, off: int) -> LateEventRow:
+        return LateEventRow("views", p, off, T0 + off, f"e{p}-{off}", b"\x00", T0)
+
+    assert tables.append_late_events([late(0, k) for k in range(1, 6)], writer="blocks") == 5
+    assert tables.append_late_events([late(1, 4)], writer="labels") == 1
+    tables.append_late_events([late(9, 1)])  # no writer: no marks in this commit
+    assert tables.late_marks("blocks") == {"views:0": 5}
+    assert tables.late_marks() == {"blocks.views:0": 5, "labels.views:1": 4}
+    # the replay after a crash: 3..5 again, then 6..8
+    assert tables.append_late_events([late(0, k) for k in range(3, 9)], writer="blocks") == 3
+    assert tables.append_late_events([late(0, 2)], writer="blocks") == 0
+    # another writer reads the same partition on its own marks
+    assert tables.append_late_events([late(0, 3)], writer="labels") == 1
+    assert tables.count_rows("late_events") == 5 + 1 + 1 + 3 + 1
+    # the broker restarted empty: offsets of views:0 start again at 0
+    assert tables.append_late_events([late(0, 0), late(0, 1)], writer="blocks",
+                                     reset=["views:0"]) == 2
+    assert tables.late_marks("blocks") == {"views:0": 1}
