@@ -55,6 +55,10 @@ class BlocksFlowConfig:
     warehouse: Path | None = None
     #: where late events are kept (the ``late_events`` table); None: ``warehouse``
     late_warehouse: Path | None = None
+    #: the name this flow's late-event commits are marked with (exactly once per writer:
+    #: ``LateEventSink``); a replay uses its own, so it never skips what the live flow has
+    #: not written yet
+    late_writer: str = "blocks"
     deadletter_topic: str = "deadletter"
     #: most messages per Kafka poll: one event each from real producers, so polls are large
     batch_messages: int = 5_000
@@ -304,7 +308,7 @@ def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = 
         # batches with late events, and a reset log's first batch (its offsets restart)
         late = op.filter_map("late", batches,
                              lambda b: b if b.late.any() or b.log_reset else None)
-        op.output("late_out", late, LateEventSink(late_warehouse, "blocks"))
+        op.output("late_out", late, LateEventSink(late_warehouse, config.late_writer))
     keyed = op.flat_map("route", batches, lambda b: route(config, b))
     blocks = op.stateful("blocks", keyed, _KeyedBuilder(builder_for))
     op.output("store_out", blocks, StoreSink(config.store_url, config.warehouse,

@@ -248,7 +248,7 @@ def run_replay(
     counter = FlowProgress("replay", interval_s=30.0)
     config = BlocksFlowConfig(bootstrap=bootstrap, store_url=store_url, features=subset,
                               topics=read_topics, bounded=True, lateness_ms=lateness_ms,
-                              warehouse=warehouse,
+                              warehouse=warehouse, late_writer="replay",
                               event_range=(from_ts, to_ts if to_ts is not None else END))
     done = threading.Event()
     start = time.monotonic()
