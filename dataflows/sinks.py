@@ -234,6 +234,8 @@ class _LatePartition(StatelessSinkPartition[Any]):
             if batch.log_reset:
                 self.reset.add(batch.part)
             idx = batch.late.nonzero()[0]
+            if not len(idx):
+                continue  # a reset log's first batch without late events: only noted
             late_cols, ok = batch.full_columns(idx)
             idx = idx[ok]
             offsets = batch.offsets[idx] if batch.offsets is not None else [-1] * len(idx)
