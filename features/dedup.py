@@ -11,8 +11,7 @@ Memory: 8 bytes per remembered id (plus sort buffers while runs merge); ids are 
 sorted runs merged like a log-structured tree (two neighbours merge when the older is less
 than twice the newer's size and their newest events are within a quarter horizon), and a
 run is dropped once its newest event is past the horizon: what is kept is about 1.25
-horizons of ids. Ids are compared by hash:
-two different ids collide with probability about n^2 / 2^65 for n ids remembered (one in
+horizons of ids. Ids are compared by hash: two different ids collide with probability about n^2 / 2^65 for n ids remembered (one in
 ~400,000 for 10 million), and the later one would be dropped as a duplicate.
 """
 
@@ -20,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-NO_TIME = -(2**62)
+from features.watermarks import NO_WATERMARK as NO_TIME
 
 
 class SeenIds:
