@@ -12,6 +12,8 @@ The flow is thin: aggregation, lateness and sealing live in ``features.blockstat
 
 from __future__ import annotations
 
+import hashlib
+import json
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -139,6 +141,18 @@ class BlocksFlowConfig:
             out[topic] = tuple(sorted(names))
         return out
 
+    def sealed_writer(self) -> str:
+        """The name this flow's sealed-block commits are marked with (``StoreSink``).
+
+        The live flow is ``late_writer`` (``blocks``); any other (a replay) adds a digest of
+        its features and event range, whose blocks no other run writes: a replay re-run
+        after a crash skips what it committed, and never what another replay did.
+        """
+        if self.late_writer == "blocks":
+            return "blocks"
+        what = json.dumps([sorted(f.key for f in self.features.features), self.event_range])
+        return f"{self.late_writer}-{hashlib.sha256(what.encode()).hexdigest()[:10]}"
+
     def shard_configs(self) -> dict[tuple[str, str], BlockShardConfig]:
         """One shard config per (topic, entity field) that features aggregate on."""
         out: dict[tuple[str, str], BlockShardConfig] = {}
@@ -240,7 +254,7 @@ class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
         self.next_flush = after(self._interval())
         cfg = self.shard.config
         return [ShardOutput(entity_type=cfg.entity_type, family=cfg.topic, flush=flushed,
-                            watermark_key=f"blocks/{self.key}", watermark=wm)]
+                            watermark_key=f"blocks/{self.key}", watermark=wm, shard=self.key)]
 
     def on_item(self, value: ShardInput):
         self.shard.add_batch(value.columns)
@@ -312,6 +326,7 @@ def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = 
     keyed = op.flat_map("route", batches, lambda b: route(config, b))
     blocks = op.stateful("blocks", keyed, _KeyedBuilder(builder_for))
     op.output("store_out", blocks, StoreSink(config.store_url, config.warehouse,
+                                             writer=config.sealed_writer(),
                                              retention=config.retention(), progress=counter))
     return flow
 

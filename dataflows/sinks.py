@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from features.blockstate import ShardFlush
@@ -66,22 +67,33 @@ class ShardOutput:
     flush: ShardFlush
     watermark_key: str
     watermark: int
+    #: the shard (``<topic>/<entity field>/<n>``): a block it seals ends by ``watermark``
+    shard: str = ""
+
+
+def sealed_rows(entity_type: str, batch: BlockBatch, keep: np.ndarray) -> list[tuple]:
+    """The blocks table rows of ``batch``'s blocks where ``keep`` is set."""
+    idx = np.flatnonzero(keep)
+    blob, off = batch.blob, batch.offsets
+    ent, feat = batch.entity_idx[idx].tolist(), batch.feature_idx[idx].tolist()
+    starts, sizes = batch.starts[idx].tolist(), batch.sizes[idx].tolist()
+    lo, hi = off[idx].tolist(), off[idx + 1].tolist()
+    return [(entity_type, batch.entity_ids[e], batch.feature_keys[f], st, sz, bytes(blob[a:b]))
+            for e, f, st, sz, a, b in zip(ent, feat, starts, sizes, lo, hi)]
 
 
 class _StorePartition(StatelessSinkPartition[Any]):
-    def __init__(self, store_url: str, warehouse: Path | None, commit_interval_s: float,
+    def __init__(self, store_url: str, warehouse: Path | None, writer: str,
                  retention: dict[tuple[str, str], dict[int, int]], progress: Any = None):
         from features.store import open_store
 
         self.store = open_store(store_url)
         self.progress = progress
         self.warehouse = warehouse
+        self.writer = writer
         self.tables = None
-        self.pending_sealed: list[tuple] = []
-        #: when each pending sealed row was written online (its ``written_ms`` offline)
-        self.pending_stamps: list[int] = []
-        self.commit_interval_s = commit_interval_s
-        self.last_commit = time.monotonic()
+        #: {shard: watermark} through which the shard's sealed blocks are in the table
+        self.sealed_through: dict[str, int] | None = None
         self.blocks_written = 0
         self.retention = retention
 
@@ -89,11 +101,7 @@ class _StorePartition(StatelessSinkPartition[Any]):
         by_record: dict[tuple[str, str], list[BlockBatch]] = {}
         record_wm: dict[tuple[str, str], int] = {}
         watermarks: dict[str, int] = {}
-        # Sealed rows are stamped now, before this write publishes them online, not when
-        # they are committed to Iceberg seconds later: a batch correction of the same block
-        # (``tessera batch blocks``, which waits for this watermark) is stamped after, so
-        # the offline table keeps its version, as the online store does.
-        stamp = int(time.time() * 1000)
+        sealed: list[tuple[str, BlockBatch, np.ndarray]] = []
         for _key, out in items:
             batch = out.flush.batch
             if len(batch):
@@ -101,11 +109,7 @@ class _StorePartition(StatelessSinkPartition[Any]):
                 by_record.setdefault(group, []).append(batch)
                 record_wm[group] = min(record_wm.get(group, out.watermark), out.watermark)
                 if self.warehouse is not None and out.flush.sealed.any():
-                    for (e, f, st, sz, rep), sealed in zip(batch.to_rows(),
-                                                           out.flush.sealed.tolist()):
-                        if sealed:
-                            self.pending_sealed.append((out.entity_type, e, f, st, sz, rep))
-                            self.pending_stamps.append(stamp)
+                    sealed.append((out.entity_type, batch, self._not_committed(out)))
             if out.watermark > watermarks.get(out.watermark_key, -(2**62)):
                 watermarks[out.watermark_key] = out.watermark
         writes: list[BlockBatchWrite] = []
@@ -119,30 +123,58 @@ class _StorePartition(StatelessSinkPartition[Any]):
             for batch in batches:
                 writes.extend(BlockBatchWrite(entity_type, family, chunk, keep_after)
                               for chunk in batch.chunks(WRITE_CHUNK_ENTITIES))
+        # Sealed rows are stamped now, before this write publishes them online: a batch
+        # correction of the same block (``tessera batch blocks``, which waits for this
+        # watermark) is stamped after, so the offline table keeps its version, as the online
+        # store does.
+        stamp = int(time.time() * 1000)
         # one call: few transactions, and the watermarks only after the blocks they vouch for
         write_until_stored("blocks", lambda: self.store.put_block_batches(writes, watermarks))
         written = sum(len(w.batch) for w in writes)
         self.blocks_written += written
         if self.progress is not None:
             self.progress.add_blocks(written)
-        if self.pending_sealed and time.monotonic() - self.last_commit > self.commit_interval_s:
-            self._commit_sealed()
+        if sealed:
+            self._commit_sealed(sealed, {out.shard: out.watermark for _k, out in items
+                                         if out.shard}, stamp)
 
-    def _commit_sealed(self) -> None:
-        if not self.pending_sealed:
-            return
+    def _not_committed(self, out: ShardOutput) -> np.ndarray:
+        """Which blocks of ``out`` seal now and are not in the table yet (a replay after a
+        crash seals again what the table's marks already cover)."""
+        batch = out.flush.batch
+        keep = np.asarray(out.flush.sealed, dtype=bool)
+        if self.sealed_through is None:
+            self.sealed_through = self._tables().sealed_marks(self.writer)
+        mark = self.sealed_through.get(out.shard)
+        if mark is not None:
+            keep = keep & (batch.starts + batch.sizes > mark)
+        return keep
+
+    def _tables(self):
         if self.tables is None:
             from features.offline.tables import OfflineTables
 
             self.tables = OfflineTables.open(self.warehouse)
-        self.tables.append_blocks(self.pending_sealed, written_ms=self.pending_stamps)
-        log.info("sealed_blocks_committed", rows=len(self.pending_sealed))
-        self.pending_sealed, self.pending_stamps = [], []
-        self.last_commit = time.monotonic()
+        return self.tables
+
+    def _commit_sealed(self, sealed: list[tuple[str, BlockBatch, np.ndarray]],
+                       through: dict[str, int], stamp: int) -> None:
+        """Append this write's sealed blocks in one commit that also raises the shards' marks.
+
+        The commit happens before ``write_batch`` returns, so the epoch a snapshot closes
+        never holds a sealed block that is only in memory: exactly once on disk.
+        """
+        rows = [r for entity_type, batch, keep in sealed
+                for r in sealed_rows(entity_type, batch, keep)]
+        if not rows:
+            return
+        self._tables().append_blocks(rows, written_ms=stamp, writer=self.writer,
+                                     sealed_through=through)
+        for shard, wm in through.items():
+            self.sealed_through[shard] = max(self.sealed_through.get(shard, wm), wm)
+        log.info("sealed_blocks_committed", rows=len(rows), shards=len(through))
 
     def close(self) -> None:
-        if self.warehouse is not None:
-            self._commit_sealed()
         self.store.close()
 
 
@@ -150,29 +182,31 @@ class StoreSink(DynamicSink[Any]):
     """Write shard flushes to the online store; sealed blocks also to the Iceberg blocks table.
 
     Block writes are full-rep overwrites, so a replay after a crash converges to the same
-    store contents. Iceberg appends are at least once; readers deduplicate by block key.
-    ``retention`` ({(entity_type, family): {size: ms}}) drops, as records are rewritten,
-    blocks older than any window can read (``features.tiling.retention``) behind the
-    watermark.
+    store contents. Sealed blocks reach Iceberg exactly once: each write's sealed blocks
+    are committed before the write returns, with each shard's watermark as a mark in the
+    same commit (``OfflineTables.append_blocks``); a replay leaves out the blocks the
+    marks of ``writer`` cover. ``retention`` ({(entity_type, family): {size: ms}}) drops,
+    as records are rewritten, blocks older than any window can read
+    (``features.tiling.retention``) behind the watermark.
     """
 
     def __init__(
         self,
         store_url: str,
         warehouse: Path | None,
-        commit_interval_s: float = 5.0,
+        writer: str = "blocks",
         retention: dict[tuple[str, str], dict[int, int]] | None = None,
         progress: Any = None,
     ):
         self.store_url = store_url
         self.warehouse = warehouse
-        self.commit_interval_s = commit_interval_s
+        self.writer = writer
         self.retention = dict(retention or {})
         self.progress = progress  # a FlowProgress: counts the blocks written
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _StorePartition:
-        return _StorePartition(self.store_url, self.warehouse, self.commit_interval_s,
-                               self.retention, self.progress)
+        return _StorePartition(self.store_url, self.warehouse, self.writer, self.retention,
+                               self.progress)
 
 
 class _DeadLetterPartition(StatelessSinkPartition[Any]):

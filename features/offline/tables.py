@@ -212,20 +212,43 @@ def _dedupe_latest(table: pa.Table, key: Sequence[str], version: str) -> pa.Tabl
 
 #: snapshot summary properties of the late-events writers: ``tessera.late.<writer>.<topic>:<p>``
 LATE_MARK_PREFIX = f"{MARKED_PREFIX}late."
+#: snapshot summary properties of the sealed-block writers: ``tessera.sealed.<writer>.<shard>``
+#: (the shard's watermark: every block of the shard ending by it is in the table)
+SEALED_MARK_PREFIX = f"{MARKED_PREFIX}sealed."
 
 
-def _late_marks_of(table: Table) -> dict[str, int]:
-    """The late-event marks of the newest snapshot carrying any (compactions carry none),
-    as ``{"<writer>.<topic>:<partition>": offset}``."""
+def _marks_of(table: Table, prefix: str) -> dict[str, int]:
+    """The marks under ``prefix`` of the newest snapshot carrying any (compactions and batch
+    replacements carry none), as ``{"<writer>.<what>": value}``. Each marked commit carries
+    every writer's marks forward, so the newest marked snapshot holds them all."""
     from pyiceberg.table.snapshots import ancestors_of
 
     for snapshot in ancestors_of(table.current_snapshot(), table.metadata):
         props = snapshot.summary.additional_properties if snapshot.summary is not None else {}
-        marks = {k[len(LATE_MARK_PREFIX):]: int(v) for k, v in props.items()
-                 if k.startswith(LATE_MARK_PREFIX)}
+        marks = {k[len(prefix):]: int(v) for k, v in props.items() if k.startswith(prefix)}
         if marks:
             return marks
     return {}
+
+
+def _writer_marks(marks: Mapping[str, int], writer: str | None) -> dict[str, int]:
+    """``marks`` of one ``writer``, without its prefix (all of them when ``writer`` is None)."""
+    if writer is None:
+        return dict(marks)
+    head = f"{writer}."
+    return {k[len(head):]: v for k, v in marks.items() if k.startswith(head)}
+
+
+def _merged_marks(table: Table, prefix: str, writer: str, newest: Mapping[str, int],
+                  restarted: Iterable[str] = ()) -> dict[str, str]:
+    """The summary properties of a marked commit: the table's marks under ``prefix`` with
+    ``writer``'s ``newest`` raised in (replacing those named in ``restarted``)."""
+    merged = {f"{prefix}{k}": v for k, v in _marks_of(table, prefix).items()}
+    restarted = {f"{prefix}{writer}.{p}" for p in restarted}
+    for what, v in newest.items():
+        k = f"{prefix}{writer}.{what}"
+        merged[k] = v if k in restarted else max(merged.get(k, v), v)
+    return {k: str(v) for k, v in sorted(merged.items())}
 
 
 def _check_no_nulls(data: pa.Table, what: str) -> None:
@@ -457,6 +480,9 @@ class OfflineTables:
         self,
         rows: Sequence[BlockRow | tuple[str, str, str, int, int, bytes]],
         written_ms: int | Sequence[int] | None = None,
+        *,
+        writer: str | None = None,
+        sealed_through: Mapping[str, int] | None = None,
     ) -> int:
         """Append sealed blocks in one Iceberg commit; return the number of rows written.
 
@@ -465,12 +491,31 @@ class OfflineTables:
             written_ms: the write time stamped on every row (defaults to the clock), or one
                 per row. A block appended twice is returned once by :meth:`scan_blocks`:
                 the row with the latest stamp.
+            writer, sealed_through: a streaming flow (``writer``) records in the same commit,
+                per shard, the watermark through which every block it sealed is now in the
+                table (``{shard: watermark}``, raised, never lowered; see
+                :meth:`sealed_marks`). A replay after a crash leaves out the blocks these
+                marks cover, so each sealed block is on disk once.
         """
         if not rows:
             return 0
+        marks_for = None
+        if writer is not None and sealed_through:
+            newest = dict(sealed_through)
+
+            def marks_for(table: Table) -> dict[str, str]:
+                return _merged_marks(table, SEALED_MARK_PREFIX, writer, newest)
         data = self._block_data(rows, written_ms)
-        self._append("blocks", data)
+        self._append("blocks", data, marks_for)
         return data.num_rows
+
+    def sealed_marks(self, writer: str | None = None) -> dict[str, int]:
+        """``{"<writer>.<shard>": watermark}``: per streaming writer and shard, the watermark
+        through which every block the shard sealed is in the table (one writer's only,
+        without the prefix, if given). A block of that shard ending at or before its mark
+        is committed; after a crash, the writer leaves such blocks out."""
+        table = self._tables["blocks"].refresh()
+        return _writer_marks(_marks_of(table, SEALED_MARK_PREFIX), writer)
 
     def replace_blocks(
         self,
@@ -625,11 +670,7 @@ class OfflineTables:
         """``{"<writer>.<topic>:<partition>": offset}``: the highest offset each writer's
         late events were committed up to (one writer's only, without the prefix, if given)."""
         table = self._tables["late_events"].refresh()
-        marks = _late_marks_of(table)
-        if writer is None:
-            return marks
-        head = f"{writer}."
-        return {k[len(head):]: v for k, v in marks.items() if k.startswith(head)}
+        return _writer_marks(_marks_of(table, LATE_MARK_PREFIX), writer)
 
     def append_late_events(
         self,
@@ -661,15 +702,11 @@ class OfflineTables:
             newest: dict[str, int] = {}
             for r in rows:
                 if r[2] >= 0:
-                    key = f"{LATE_MARK_PREFIX}{writer}.{r[0]}:{r[1]}"
-                    newest[key] = max(newest.get(key, -1), int(r[2]))
+                    part = f"{r[0]}:{r[1]}"
+                    newest[part] = max(newest.get(part, -1), int(r[2]))
 
             def marks_for(table: Table) -> dict[str, str]:
-                merged = {f"{LATE_MARK_PREFIX}{k}": v for k, v in _late_marks_of(table).items()}
-                restarted = {f"{LATE_MARK_PREFIX}{writer}.{p}" for p in reset}
-                for k, v in newest.items():
-                    merged[k] = v if k in restarted else max(merged.get(k, -1), v)
-                return {k: str(v) for k, v in sorted(merged.items())}
+                return _merged_marks(table, LATE_MARK_PREFIX, writer, newest, reset)
         cols = list(zip(*rows, strict=True))
         if len(cols) != 7:
             raise OfflineTableError(

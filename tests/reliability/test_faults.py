@@ -4,6 +4,8 @@ against an oracle: nothing lost, nothing counted twice.
 kill -9 of the blocks and archive workers is tested in ``tests/dataflows``; here:
 
 * kill -9 of the sequences worker and of the label-join worker, restart from recovery;
+* the blocks worker SIGKILLed inside its Iceberg commits: each sealed block and late event
+  on disk once;
 * the broker frozen (SIGSTOP) under load, then resumed (SIGCONT);
 * the online store unavailable: serving degrades to popularity and says so, then recovers;
 * the Aerospike server stopped and restarted under serving and a tailing blocks worker:
@@ -57,6 +59,17 @@ def test_kill_9_sequences_worker_then_restart_loses_and_repeats_nothing(tmp_path
 @pytest.mark.slow
 def test_kill_9_label_worker_then_restart_matches_join_reference(tmp_path):
     _check(faults.kill9_labels(tmp_path, SIZES))
+
+
+@pytest.mark.slow
+def test_blocks_worker_killed_inside_its_iceberg_commits_writes_each_row_once(tmp_path):
+    """SIGKILL inside the sealed-block and late-event commits, before and after the catalog
+    moves: the store equals the oracle, and every sealed block and late event is on disk
+    exactly once (fails with the marks ignored: the replay appends the sealed blocks of the
+    commit it did not see returning again)."""
+    row = faults.kill_in_commit(tmp_path, SIZES)
+    _check(row)
+    assert row.physical_duplicates == 0, "\n".join(row.notes)
 
 
 @pytest.mark.slow

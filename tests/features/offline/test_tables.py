@@ -347,3 +347,20 @@ def test_a_writer_s_late_events_replayed_after_a_crash_are_written_once(
     assert tables.append_late_events([late(0, 0), late(0, 1)], writer="blocks",
                                      reset=["views:0"]) == 2
     assert tables.late_marks("blocks") == {"views:0": 1}
+
+
+def test_sealed_block_marks_are_raised_per_writer_and_shard_and_carried_forward(tmp_path):
+    """A marked commit keeps every writer's marks (its own raised, never lowered); an
+    unmarked commit (a batch replacement) does not hide them."""
+    tables = OfflineTables.open(tmp_path / "wh")
+    row = ("item", "i1", "f@1", 0, 300_000, b"\x01")
+    tables.append_blocks([row], writer="blocks", sealed_through={"views/item_id/0": 600_000})
+    tables.append_blocks([row[:3] + (300_000,) + row[4:]], writer="replay-x",
+                         sealed_through={"views/item_id/0": 300_000})
+    tables.append_blocks([row[:3] + (600_000,) + row[4:]], writer="blocks",
+                         sealed_through={"views/item_id/0": 300_000, "views/item_id/1": 900_000})
+    tables.append_blocks([row[:3] + (900_000,) + row[4:]])  # no writer: no marks
+    assert tables.sealed_marks("blocks") == {"views/item_id/0": 600_000,
+                                             "views/item_id/1": 900_000}
+    assert tables.sealed_marks("replay-x") == {"views/item_id/0": 300_000}
+    assert tables.sealed_marks("other") == {}
