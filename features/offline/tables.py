@@ -24,10 +24,12 @@ needs no timestamp column, no transform support at write time, and any engine
 can filter on it; the scans here add the matching ``*_day`` predicate so
 partitions are pruned.
 
-Delivery is at-least-once: after a crash a dataflow re-appends blocks it had
-already committed. A sealed block's ``rep`` is a deterministic function of
-its events, so duplicates are identical; :meth:`OfflineTables.scan_blocks`
-returns each block key once (the row with the latest ``written_ms``).
+The streaming writers append exactly once: each marked commit records how far
+its writer got (sealed blocks: a watermark per shard; late events: an offset per
+partition), and a replay after a crash leaves out what the marks cover. A block
+may still be written again by another writer (a batch correction, a replay of
+the feature), so :meth:`OfflineTables.scan_blocks` returns each block key once
+(the row with the latest ``written_ms``).
 """
 
 from __future__ import annotations

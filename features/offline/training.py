@@ -16,7 +16,8 @@ Partitioning: ``identity(event_day)``, the UTC date of ``event_ts`` (the same de
 workaround as ``features.offline.tables``: Iceberg's ``day`` transform wants a timestamp
 column, our times are epoch-millisecond longs).
 
-Delivery is at-least-once (a dataflow replays after a crash), so
+The label join appends exactly once (its sink skips, after a crash, the rows of the
+commits its snapshot does not know about); other writers may not, so
 :meth:`TrainingTables.scan_examples` returns one row per ``(version, impression_id)``.
 """
 
