@@ -1097,6 +1097,7 @@ def broker_bounce(tmp: Path, sz: Sizes) -> Row:
         row.recovery_s = time.monotonic() - t0
         time.sleep(2)  # a late duplicate would show now
         alive = worker.poll() is None
+        rc = worker.returncode
         counts = [count(i) for i in items]
     finally:
         if worker is not None:
@@ -1110,7 +1111,12 @@ def broker_bounce(tmp: Path, sz: Sizes) -> Row:
     row.lost = sum(max(0, per_log - c) for c in must)
     row.double_counted = sum(max(0, c - per_log) for c in counts)
     row.note(f"views counted per log (first, {BOUNCES - 1} cut short by the next restart, "
-             f"last): {counts} of {per_log} each; worker alive after the bounces: {alive}")
+             f"last): {counts} of {per_log} each; worker alive after the bounces: {alive}"
+             + ("" if alive else f" (exit status {rc})"))
+    import confluent_kafka
+
+    row.note(f"librdkafka {confluent_kafka.libversion()[0]} (2.12 segfaults in about one run "
+             "of three here; the locked 2.16 passed 6 of 6)")
     row.note("a log the next restart cuts short may lose unread events with the memory-only "
              "broker; none may be counted twice")
     row.passed = alive and row.lost == 0 and row.double_counted == 0
@@ -1124,6 +1130,7 @@ def broker_restart(tmp: Path, sz: Sizes) -> Row:
     """Stop the broker with serving and a tail worker running; restart it on the same port."""
     from confluent_kafka import Producer
 
+    from features.offline.raw import RawTables
     from features.store import open_store
     from schemas.columnar import (
         columns_to_records,
@@ -1140,7 +1147,8 @@ def broker_restart(tmp: Path, sz: Sizes) -> Row:
     broker = EmbeddedBroker(port=port, state_dir=tmp / "broker")
     bs = broker.start(timeout_s=30).bootstrap
     create_topics(bs, PLATFORM_TOPICS, partitions=2)
-    worker = None
+    worker = archiver = None
+    wh = tmp / "warehouse"
     try:
         store_url = f"lmdb://{tmp}/store"
         build_store(bs, store_url)
@@ -1154,6 +1162,12 @@ def broker_restart(tmp: Path, sz: Sizes) -> Row:
         if not wait_for(lambda: "source.partition_open" in _text(tmp / "worker.log"), 120, 0.2):
             raise RuntimeError(f"the blocks worker did not start:\n{_text(tmp / 'worker.log')}")
 
+        # the archive: the durable copy of what the memory-only broker acknowledged
+        archiver = spawn([*TESSERA[:-2], "--log-level", "INFO", "worker", "archive",
+                          "--bootstrap", bs, "--warehouse",
+                          str(wh), "--tail", "--topics", "impressions",
+                          "--commit-interval", "200ms"], tmp / "archive.log")
+
         def logged() -> Counter:
             out: Counter = Counter()
             for m in read_to_end(bs, "impressions", idle_timeout_s=2):
@@ -1161,9 +1175,19 @@ def broker_restart(tmp: Path, sz: Sizes) -> Row:
                     out[r["impression_id"]] += 1
             return out
 
+        def archived() -> Counter:
+            with contextlib.suppress(Exception):  # no commit yet
+                raw = RawTables.open(wh)
+                return Counter(raw.scan("impressions", columns=["impression_id"])
+                               ["impression_id"].to_pylist())
+            return Counter()
+
         with serving(tmp, bs, store_url) as stack:
             pre = [i["impression_id"] for k in range(3)
                    for i in feed(stack.base_url, f"f-u{k}").json()["items"]]
+            # Kafka acknowledged these; the embedded broker keeps them in memory only, so
+            # they survive its restart only in the archive: stop it once they are there
+            wait_for(lambda: all(archived()[i] >= 1 for i in pre), 60, 0.2)
             broker.stop(timeout_s=2)
             t_down = time.monotonic()
             outage: list[str] = []
@@ -1217,16 +1241,27 @@ def broker_restart(tmp: Path, sz: Sizes) -> Row:
 
             worker_ok = wait_for(worker_counted, 120, 0.5)
             after_ok = wait_for(lambda: all(logged()[i] >= 1 for i in after), 30, 0.5)
+            wait_for(lambda: all(archived()[i] >= 1 for i in outage), 60, 0.5)
+            kept = archived()
+            archiver_rc = archiver.poll()
     finally:
-        if worker is not None:
-            stop_proc(worker)
+        for proc in (worker, archiver):
+            if proc is not None:
+                stop_proc(proc)
         broker.stop(timeout_s=1)
-    row.events_in = len(outage)
-    row.events_out = sum(got[i] for i in outage)
-    row.lost = sum(1 for i in outage if got[i] == 0)
+    row.events_in = len(pre) + len(outage)
+    row.events_out = sum(min(kept[i], 1) for i in pre) + sum(got[i] for i in outage)
+    row.lost = sum(1 for i in pre if kept[i] == 0) + sum(1 for i in outage if got[i] == 0)
     row.double_counted = sum(got[i] - 1 for i in outage if got[i] > 1)
-    row.note(f"{len(pre)} impressions acknowledged before the stop were lost with the "
-             "memory-only broker (by design: the archive holds the durable copy)")
+    row.physical_duplicates = sum(kept[i] - 1 for i in pre + outage if kept[i] > 1)
+    outage_archived = all(kept[i] >= 1 for i in outage)
+    row.note(f"{len(pre)} impressions acknowledged before the stop: {sum(kept[i] >= 1 for i in pre)} "
+             "in the raw archive (the broker keeps its log in memory only, so the archive is "
+             "their durable copy; the broker is stopped once they are there), "
+             f"{row.physical_duplicates} copies; {len(outage)} impressions of the outage in "
+             f"the new broker's log, {sum(kept[i] >= 1 for i in outage)} of them archived by "
+             "the end" + ("" if archiver_rc is None else
+                          f" (the archive worker exited with status {archiver_rc})"))
     row.note(f"during the outage: status codes {dict(codes)}, slowest page {slow:.2f}s, "
              f"{spooled} messages on the spool; worker survived the outage: "
              f"{worker_survived}; worker consumed events produced after the restart: "
@@ -1234,8 +1269,12 @@ def broker_restart(tmp: Path, sz: Sizes) -> Row:
     if not worker_ok:
         tail = (tmp / "worker.log").read_text(errors="replace").strip().splitlines()[-2:]
         row.note(f"worker log tail: {' / '.join(t[-200:] for t in tail) or '(empty)'}")
+    if not outage_archived:
+        row.note("NOT ALL OUTAGE IMPRESSIONS ARCHIVED within 60 s of the restart (seen in 2 of "
+                 "about 26 runs on 2026-12-06, cause not found; they are in the new log, so "
+                 "not counted lost here)")
     row.passed = (all_in and row.lost == 0 and row.double_counted == 0 and codes[200] ==
-                  sz.requests and worker_ok and after_ok)
+                  sz.requests and worker_ok and after_ok and row.physical_duplicates == 0)
     return row
 
 
@@ -1706,7 +1745,12 @@ EXPLAIN = {
     "survive: every feed request is answered during the outage; impressions of those pages "
     "spool to disk and reach the new broker exactly once; the worker keeps running and "
     "consumes events produced after the topics are recreated; the store keeps its state. "
-    "events in/out are the outage impressions. recovery = restart until all arrived.",
+    "An archive worker runs beside them: the impressions Kafka acknowledged before the stop "
+    "must be in the raw archive (their only durable copy with a memory-only broker; the "
+    "broker is stopped once they are there), each once as stored; the note also says how "
+    "many outage impressions the archive took from the new log. events in/out are the "
+    "acknowledged and the outage impressions. "
+    "recovery = restart until all arrived.",
     "broker_bounce": "A tail blocks worker reads `views`; the broker is stopped and started "
     "again empty on the same port five times in a row, each restart right after the previous "
     "one's log was produced (so it lands inside the worker's poll loop, with fetches in "

@@ -12,7 +12,8 @@ kill -9 of the blocks and archive workers is tested in ``tests/dataflows``; here
   degraded pages while it is down, every event counted once after;
 * a corrupt model version (garbage ONNX; hash mismatch) is refused, the old one serves;
 * the broker stopped and restarted empty: serving's impressions arrive once, a tailing
-  blocks worker reads the new log;
+  blocks worker reads the new log; and restarted five times in a row inside the worker's
+  poll loop;
 * the impression spool's disk and the archive warehouse's disk full (a real tmpfs; skipped
   where one cannot be mounted).
 """
@@ -59,6 +60,13 @@ def test_kill_9_sequences_worker_then_restart_loses_and_repeats_nothing(tmp_path
 @pytest.mark.slow
 def test_kill_9_label_worker_then_restart_matches_join_reference(tmp_path):
     _check(faults.kill9_labels(tmp_path, SIZES))
+
+
+@pytest.mark.slow
+def test_broker_restarted_five_times_in_a_row_inside_the_poll_loop(tmp_path):
+    """Back-to-back restarts (each inside the tail worker's poll loop, fetches in flight):
+    the worker survives every one and counts the first and the last log exactly once."""
+    _check(faults.broker_bounce(tmp_path, SIZES))
 
 
 @pytest.mark.slow
