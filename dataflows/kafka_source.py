@@ -78,6 +78,10 @@ class PartitionCursor:
     #: fingerprint of the message at ``offset - 1`` (see :func:`message_fingerprint`); None
     #: when unknown (nothing read yet, or a snapshot from before this field existed)
     last_fp: int | None = None
+    #: a deduplicated topic: the lowest offset of the messages whose event ids are still
+    #: remembered (``SeenIds.oldest_offset``); a resumed partition reads again from here
+    #: up to ``offset``, admitting the ids without emitting the events. -1: nothing to read.
+    dedup_from: int = -1
 
 
 def message_fingerprint(msg: Any) -> int:
@@ -204,9 +208,11 @@ def invalid_events(cols: EventColumns, now_ms: int,
     return bad, why
 
 
-def admit_event_ids(seen: SeenIds, cols: EventColumns, ts: np.ndarray) -> np.ndarray:
+def admit_event_ids(seen: SeenIds, cols: EventColumns, ts: np.ndarray,
+                    offset: int | None = None) -> np.ndarray:
     """Mask of the events whose ``event_id`` ``seen`` admits (an event without an id always
-    counts); the ids are hashed once per distinct value of the column's dictionary."""
+    counts); the ids are hashed once per distinct value of the column's dictionary.
+    ``offset``: the first message's offset of the batch (``SeenIds.admit``)."""
     col = cols.columns["event_id"]
     if isinstance(col, DictColumn):
         codes = np.asarray(col.codes)
@@ -219,7 +225,7 @@ def admit_event_ids(seen: SeenIds, cols: EventColumns, ts: np.ndarray) -> np.nda
     fresh = np.ones(len(codes), dtype=bool)
     rows = np.flatnonzero(has_id)
     if len(rows):
-        fresh[rows] = seen.admit(dict_hashes[codes[rows]], ts[rows])
+        fresh[rows] = seen.admit(dict_hashes[codes[rows]], ts[rows], offset)
     return fresh
 
 
@@ -288,8 +294,15 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         self._reset_pending = False  # the next emitted batch carries ``log_reset``
         self._events_per_message = 1.0  # running mean: sizes the next poll (envelopes)
         horizon = source.deduplicate.get(topic)
-        #: event ids admitted within the horizon (not snapshotted: see ``deduplicate``)
+        #: event ids admitted within the horizon (rebuilt from the log on resume: the
+        #: messages from ``cursor.dedup_from`` to ``cursor.offset`` are read again first)
         self._seen = SeenIds(horizon) if horizon else None
+        #: while rebuilding: the next offset to re-read (-1: done, or nothing to rebuild)
+        self._rewarm_at = cursor.dedup_from if (
+            self._seen is not None and 0 <= cursor.dedup_from < cursor.offset) else -1
+        self._rewarm_from = self._rewarm_at
+        self._rewarmed = 0
+        self._rewarm_t0 = 0.0
         self._consumer: Any = self._new_consumer()
 
     # -- consumers -------------------------------------------------------------------
@@ -303,7 +316,8 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         if self._tail:
             config["error_cb"] = self._error_cb_for(config.get("error_cb"))
         consumer = Consumer(config)
-        start = self._cursor.offset if self._cursor.offset >= 0 else OFFSET_BEGINNING
+        at = self._rewarm_at if self._rewarm_at >= 0 else self._cursor.offset
+        start = at if at >= 0 else OFFSET_BEGINNING
         consumer.assign([TopicPartition(self._topic, self._partition, start)])
         return consumer
 
@@ -405,6 +419,9 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
                         old_offset=self._cursor.offset, new_offset=low)
             self._cursor = replace(self._cursor, offset=low, last_fp=None)
             self._reset_pending = True
+            if self._seen is not None:
+                self._seen.rebase(low)  # the ids read before are in no log any more
+                self._rewarm_at = -1
         else:
             log.info("source.position_verified", topic=self._topic, partition=self._partition,
                      offset=self._cursor.offset)
@@ -505,6 +522,8 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
                 continue
             raise RuntimeError(f"kafka error on {self._topic}:{self._partition}: {err}")
         dead: list[DeadLetter] = []
+        if records and self._rewarm_at >= 0:
+            records = self._rewarm(records)
         if records:
             first, last = records[0].offset(), records[-1]
             next_offset = last.offset() + 1
@@ -575,7 +594,7 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
                 messages = messages.take(keep) if messages is not None else None
         duplicates = 0
         if self._seen is not None and len(ts):
-            fresh = admit_event_ids(self._seen, cols, ts)
+            fresh = admit_event_ids(self._seen, cols, ts, first)
             duplicates = int(len(fresh) - np.count_nonzero(fresh))
             if duplicates:
                 keep = np.flatnonzero(fresh)
@@ -595,6 +614,38 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             first_offset=first, next_offset=next_offset, deadletters=dead,
             offsets=offsets, log_reset=reset, messages=messages, duplicates=duplicates,
         )]
+
+    def _rewarm(self, records: list[Any]) -> list[Any]:
+        """Admit the event ids of the records read again below the resumed ``offset``
+        (rebuilding the deduplication memory a restart lost); return the records after it.
+
+        Their events were emitted (and their dead letters sent) before the restart: only
+        ids are taken, of the events that were valid then.
+        """
+        end = self._cursor.offset
+        if not self._rewarmed:
+            self._rewarm_t0 = time.monotonic()
+        offsets = np.fromiter((m.offset() for m in records), np.int64, len(records))
+        split = int(np.searchsorted(offsets, end))
+        again, rest = records[:split], records[split:]
+        if again:
+            cols, _, _, _ = self._decode(again)
+            ts = np.asarray(cols.columns["event_ts"], dtype=np.int64)
+            if self._source.validate and len(ts):
+                bad, _ = invalid_events(cols, int(time.time() * 1000), self._source.max_future_ms)
+                keep = np.flatnonzero(~bad)
+                cols, ts = cols.take(keep), ts[keep]
+            if len(ts):
+                admit_event_ids(self._seen, cols, ts, int(offsets[0]))
+            self._rewarmed += len(again)
+            self._rewarm_at = int(offsets[split - 1]) + 1
+        if rest or self._rewarm_at >= end:
+            log.info("source.dedup_rebuilt", topic=self._topic, partition=self._partition,
+                     messages=self._rewarmed, ids=len(self._seen), offset=end,
+                     took_s=round(time.monotonic() - self._rewarm_t0, 2) if self._rewarmed
+                     else 0.0)
+            self._rewarm_at = -1
+        return rest
 
     def _poll_size(self) -> int:
         """Messages to ask for: about ``batch_events`` events, at most ``batch_messages``."""
@@ -637,7 +688,12 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
         return self._awake_at
 
     def snapshot(self) -> PartitionCursor:
-        return self._cursor
+        if self._seen is None:
+            return self._cursor
+        if self._rewarm_at >= 0:  # still rebuilding: the restored cursor's start holds
+            return replace(self._cursor, dedup_from=self._rewarm_from)
+        oldest = self._seen.oldest_offset
+        return replace(self._cursor, dedup_from=-1 if oldest is None else oldest)
 
     def close(self) -> None:
         self._drop_consumer()
@@ -675,9 +731,10 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, PartitionCursor]):
             ``SourceBatch.full_columns`` gives every field of late or rejected events.
         deduplicate: per topic, a horizon (ms of event time): an event whose ``event_id``
             the partition admitted within it is dropped and counted
-            (``SourceBatch.duplicates``; ``features.dedup.SeenIds``). The ids are not part
-            of the resume state: after a restart, a copy of an event read before the
-            restored snapshot is counted again (copies within one run never are).
+            (``SourceBatch.duplicates``; ``features.dedup.SeenIds``). The ids are not in
+            the snapshot; its ``dedup_from`` is where they start in the log, and a resumed
+            partition reads the log again from there to its offset, admitting ids only:
+            a copy after a restart is dropped like one within a run.
     """
 
     def __init__(

@@ -61,3 +61,20 @@ def test_memory_stays_flat_over_a_long_stream_of_unique_ids():
 def test_a_positive_horizon_is_required():
     with pytest.raises(ValueError, match="horizon_ms must be positive"):
         SeenIds(0)
+
+
+def test_oldest_offset_follows_what_is_remembered():
+    seen = SeenIds(horizon_ms=10_000)
+    seen.STAGE_IDS = 4
+    assert seen.oldest_offset is None
+    seen.admit(np.array([1, 2], dtype=np.uint64), np.array([0, 0]), offset=100)
+    assert seen.oldest_offset == 100
+    seen.admit(np.array([3, 4, 5], dtype=np.uint64), np.array([5_000] * 3), offset=110)
+    assert seen.oldest_offset == 100  # sealed into one run with the first ids
+    # a batch of repeats only remembers nothing new: its offset does not count
+    seen.admit(np.array([1, 3], dtype=np.uint64), np.array([6_000, 6_000]), offset=90)
+    assert seen.oldest_offset == 100
+    seen.admit(np.array([6], dtype=np.uint64), np.array([30_000]), offset=120)
+    assert seen.oldest_offset == 120  # the older run expired past the horizon
+    seen.rebase(0)  # the log started over
+    assert seen.oldest_offset == 0

@@ -6,6 +6,8 @@ kill -9 of the blocks and archive workers is tested in ``tests/dataflows``; here
 * kill -9 of the sequences worker and of the label-join worker, restart from recovery;
 * the blocks worker SIGKILLed inside its Iceberg commits: each sealed block and late event
   on disk once;
+* the blocks worker SIGKILLed, then every views message sent again: the restarted worker
+  drops every copy (its event-id memory rebuilt from the log);
 * the broker frozen (SIGSTOP) under load, then resumed (SIGCONT);
 * the online store unavailable: serving degrades to popularity and says so, then recovers;
 * the Aerospike server stopped and restarted under serving and a tailing blocks worker:
@@ -76,6 +78,16 @@ def test_blocks_worker_killed_inside_its_iceberg_commits_writes_each_row_once(tm
     exactly once (fails with the marks ignored: the replay appends the sealed blocks of the
     commit it did not see returning again)."""
     row = faults.kill_in_commit(tmp_path, SIZES)
+    _check(row)
+    assert row.physical_duplicates == 0, "\n".join(row.notes)
+
+
+@pytest.mark.slow
+def test_copies_sent_after_a_kill_9_are_dropped_by_the_restarted_blocks_worker(tmp_path):
+    """kill -9 mid-stream, every views message sent again, restart: the resumed source
+    rebuilds its event-id memory from the log and drops every copy (fails when the
+    rebuild is skipped: the copies are counted again)."""
+    row = faults.duplicates_after_restart(tmp_path, SIZES)
     _check(row)
     assert row.physical_duplicates == 0, "\n".join(row.notes)
 
