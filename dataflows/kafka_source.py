@@ -465,17 +465,7 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             self._set_suspect()  # checked, then a new consumer takes over
             return
         if offset <= 0:
-            # nothing read: the position is valid in any log, but the consumer may hold a
-            # stale view of the topic (seen after a broker restart: a consumer made while
-            # the topic was being recreated answered (0, 0) for a minute and more while the
-            # log held messages); a fresh client's view decides
-            fresh = self._fresh_marks()
-            if fresh is not None and fresh[1] > max(offset, fresh[0]):
-                log.warning("source.consumer_stalled", topic=self._topic,
-                            partition=self._partition, offset=offset, high=fresh[1],
-                            consumer_high=high, idle_s=self.VERIFY_IDLE_S)
-                self._set_suspect()
-            return
+            return  # nothing read: the consumer's position is valid in any log
         if high >= offset:
             return
         if (low, high, offset) == self._verified and \
@@ -486,21 +476,6 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             self._verified, self._verified_at = (low, high, offset), time.monotonic()
         else:
             self._set_suspect()
-
-    def _fresh_marks(self) -> tuple[int, int] | None:
-        """The partition's (low, high) offsets as a new client sees them (None: no answer)."""
-        from confluent_kafka import Consumer, KafkaException, TopicPartition
-
-        source = self._source
-        probe = Consumer(consumer_config(source.bootstrap, fast=False,
-                                         **source.consumer_overrides))
-        try:
-            return probe.get_watermark_offsets(TopicPartition(self._topic, self._partition),
-                                               timeout=self.VERIFY_TIMEOUT_S, cached=False)
-        except KafkaException:
-            return None
-        finally:
-            probe.close()
 
     def _set_suspect(self) -> None:
         if not self._suspect:
