@@ -638,6 +638,9 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, PartitionCursor]):
             if len(ts):
                 admit_event_ids(self._seen, cols, ts, int(offsets[0]))
             self._rewarmed += len(again)
+            # reading, not idle: a long rebuild must not let the idle timeout move the
+            # partition's watermark to the wall clock
+            self._records_at = self._idle_since = self._quiet_since = time.monotonic()
             self._rewarm_at = int(offsets[split - 1]) + 1
         if rest or self._rewarm_at >= end:
             log.info("source.dedup_rebuilt", topic=self._topic, partition=self._partition,
