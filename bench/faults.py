@@ -314,8 +314,19 @@ def _check_blocks_run(row: Row, bs: str, w, summary, store_url: str, wh: Path) -
                   and row.double_counted == 0 and row.physical_duplicates == 0)
 
 
-def kill9_blocks(tmp: Path, sz: Sizes) -> Row:
+def _kill_blocks_mid_stream(cmd: list[str], store_url: str, tmp: Path, row: Row) -> bool:
+    """Start the blocks worker ``cmd`` and SIGKILL it once it has written blocks (False,
+    with a note, if it finished first)."""
     from features.store import open_store
+
+    def started() -> bool:
+        with open_store(store_url, readonly=True) as store:
+            return bool(store.get_watermarks("blocks/"))
+
+    return kill_mid_stream(spawn(cmd, tmp / "worker.log"), started, row)
+
+
+def kill9_blocks(tmp: Path, sz: Sizes) -> Row:
     from tests.dataflows.flowcheck import produce_world
 
     row = Row("kill9_blocks", "kill -9 of the blocks worker mid-stream, restart from "
@@ -327,13 +338,7 @@ def kill9_blocks(tmp: Path, sz: Sizes) -> Row:
         summary = produce_world(bs, w, batch_events=50)
         store_url = f"lmdb://{tmp}/store"
         cmd = [*TESSERA, *_blocks_cmd(bs, store_url, tmp, wh)]
-
-        def started() -> bool:
-            with open_store(store_url, readonly=True) as store:
-                return bool(store.get_watermarks("blocks/"))
-
-        proc = spawn(cmd, tmp / "worker.log")
-        if not kill_mid_stream(proc, started, row):
+        if not _kill_blocks_mid_stream(cmd, store_url, tmp, row):
             return row
         t0 = time.monotonic()
         run_to_end(cmd, tmp / "worker.log")
@@ -473,7 +478,6 @@ def duplicates_after_restart(tmp: Path, sz: Sizes) -> Row:
     world's span (30 days), so every copy is a duplicate however old."""
     import yaml
 
-    from features.store import open_store
     from tessera.synth import generate_records, sinks
     from tests.dataflows.flowcheck import produce_world
 
@@ -491,13 +495,7 @@ def duplicates_after_restart(tmp: Path, sz: Sizes) -> Row:
         store_url = f"lmdb://{tmp}/store"
         cmd = [*TESSERA, "--log-level", "INFO", *_blocks_cmd(bs, store_url, tmp, wh),
                "--features", str(ffile)]
-
-        def started() -> bool:
-            with open_store(store_url, readonly=True) as store:
-                return bool(store.get_watermarks("blocks/"))
-
-        proc = spawn(cmd, tmp / "worker.log")
-        if not kill_mid_stream(proc, started, row):
+        if not _kill_blocks_mid_stream(cmd, store_url, tmp, row):
             return row
         produce_once = sinks._Producer.produce
 
