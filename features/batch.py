@@ -17,9 +17,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
 
 from features.aggregations import build_aggregation
 from features.blockstate import _value_column
@@ -145,6 +146,103 @@ def _rep_bytes(agg, reps) -> list[bytes]:
     return [agg.to_bytes(r) for r in reps]
 
 
+#: the columns of a feature's computed blocks (:func:`blocks_table`), whatever the engine
+BLOCK_TABLE_SCHEMA = pa.schema([("feature_key", pa.string()), ("entity_id", pa.string()),
+                                ("start_ms", pa.int64()), ("size_ms", pa.int64()),
+                                ("rep", pa.binary())])
+
+
+def blocks_table(spec: FeatureSpec, res: FeatureBlocksResult) -> pa.Table:
+    """``res`` as a :data:`BLOCK_TABLE_SCHEMA` table (plain strings, so tables of the same
+    feature from different shards concatenate)."""
+    t = res.to_arrow()
+    return pa.table({
+        "feature_key": pa.repeat(pa.scalar(spec.key, pa.string()), t.num_rows),
+        "entity_id": t.column("entity_id").cast(pa.string()),
+        "start_ms": t.column("start_ms"),
+        "size_ms": t.column("size_ms"),
+        "rep": t.column("rep").cast(pa.binary()),
+    }, schema=BLOCK_TABLE_SCHEMA)
+
+
+def shard_blocks(topic: str, jobs: Sequence[tuple[FeatureSpec, int]], from_ts: int,
+                 data: pa.Table) -> pa.Table:
+    """The blocks of every ``(spec, end)`` of ``jobs`` over ``[from_ts, end)`` from raw rows of
+    ``topic`` (``raw_<topic>`` columns): all of its rows, or every row of some entities.
+
+    Events are put in :data:`features.offline.raw.EVENT_ORDER` first, so a shard holding all
+    events of its entities gives exactly their blocks of a whole-table run.
+    """
+    from features.offline.raw import events_from_arrow
+
+    cols = events_from_arrow(topic, data)
+    parts = [blocks_table(spec, compute_blocks(spec, cols, from_ts, end)) for spec, end in jobs]
+    return pa.concat_tables(parts) if parts else BLOCK_TABLE_SCHEMA.empty_table()
+
+
+class BlocksEngine(Protocol):
+    """Computes the blocks of one topic's features from its raw table."""
+
+    def topic_blocks(self, topic: str, jobs: Sequence[tuple[FeatureSpec, int]], from_ts: int
+                     ) -> tuple[int, dict[str, pa.Table]]:
+        """Return (raw events read, ``{spec.key: blocks_table}``) for each ``(spec, end)``."""
+        ...
+
+
+@dataclass
+class LocalBlocksEngine:
+    """Every block in this process, from one scan of the raw table per topic."""
+
+    raw: Any  # features.offline.raw.RawTables
+
+    def topic_blocks(self, topic: str, jobs: Sequence[tuple[FeatureSpec, int]], from_ts: int
+                     ) -> tuple[int, dict[str, pa.Table]]:
+        cols = self.raw.scan_columns(topic, from_ts, max(end for _, end in jobs))
+        return len(cols), {spec.key: blocks_table(spec, compute_blocks(spec, cols, from_ts, end))
+                           for spec, end in jobs}
+
+
+def _count_by_size(spec: FeatureSpec, blocks: pa.Table) -> dict[int, int]:
+    if not blocks.num_rows:
+        return {}
+    sizes = blocks.column("size_ms").to_numpy()
+    return {size: int((sizes == size).sum()) for size in spec.block_sizes}
+
+
+def _offline_rows(spec: FeatureSpec, blocks: pa.Table) -> pa.Table:
+    """The blocks as rows of the Iceberg blocks table (written_ms added by the writer)."""
+    return pa.table({
+        "entity_type": pa.repeat(pa.scalar(spec.entity_type, pa.string()), blocks.num_rows),
+        "entity_id": blocks.column("entity_id"), "feature_key": blocks.column("feature_key"),
+        "start_ms": blocks.column("start_ms"), "size_ms": blocks.column("size_ms"),
+        "rep": blocks.column("rep")})
+
+
+def _store_rows(spec: FeatureSpec, blocks: pa.Table, online_sizes: str, now: int | None
+                ) -> list[tuple[str, str, int, int, bytes]]:
+    """The blocks a read at the store's watermark ``now`` can still need (all sizes, or the
+    roll-ups only with ``online_sizes='coarse'``), as store rows."""
+    if not blocks.num_rows:
+        return []
+    starts = blocks.column("start_ms").to_numpy()
+    sizes = blocks.column("size_ms").to_numpy()
+    keep = retention(spec.windows, spec.block_sizes)
+    oldest_end = np.full(len(sizes), -(2**62), np.int64)
+    if now is not None:
+        for size, span in keep.items():
+            oldest_end[sizes == size] = now - span
+    wanted = starts + sizes > oldest_end
+    if online_sizes != "all":
+        wanted &= sizes != spec.streaming_block
+    idx = np.flatnonzero(wanted)
+    if not len(idx):
+        return []
+    sel = blocks.take(pa.array(idx))
+    return list(zip(sel.column("entity_id").to_pylist(), [spec.key] * len(idx),
+                    sel.column("start_ms").to_pylist(), sel.column("size_ms").to_pylist(),
+                    sel.column("rep").to_pylist()))
+
+
 @dataclass(frozen=True)
 class BatchReport:
     """What one batch run wrote."""
@@ -177,6 +275,7 @@ def run_batch_blocks(
     online_sizes: str = "all",
     sealed_only: bool = False,
     progress: Callable[[str], None] | None = None,
+    engine: BlocksEngine | None = None,
 ) -> BatchReport:
     """Recompute and write the blocks of ``[from, to)`` for the chosen features.
 
@@ -194,6 +293,9 @@ def run_batch_blocks(
             online and offline; a correction written before that would be undone offline
             and kept online. The flow publishes its watermark after the blocks, and stamps
             them before, so a correction made after reading it is the newer version in both.
+        engine: where the blocks are computed: :class:`LocalBlocksEngine` (the default, this
+            process) or ``features.ray_engine.RayBlocksEngine`` (a Ray cluster). Either
+            returns the same blocks; the writes below are the same for both.
     """
 
     t0 = time.perf_counter()
@@ -221,36 +323,28 @@ def run_batch_blocks(
                 held = [n for n, e in held_back.items() if e == end]
                 progress(f"up to {to_iso(end)}, the live blocks flow's watermark, for "
                          f"{', '.join(held)}: the flow seals the later blocks itself")
+    engine = engine or LocalBlocksEngine(raw)
     for topic in sorted({s.source for s in specs}):
         topic_specs = [s for s in specs if s.source == topic and ends[s.key] > from_ts]
         if not topic_specs:
             continue
-        cols = raw.scan_columns(topic, from_ts, max(ends[s.key] for s in topic_specs))
-        events += len(cols)
+        jobs = [(s, ends[s.key]) for s in topic_specs]
+        n_events, tables_by_key = engine.topic_blocks(topic, jobs, from_ts)
+        events += n_events
         if progress:
-            progress(f"{topic}: {len(cols):,} raw events")
+            progress(f"{topic}: {n_events:,} raw events")
         for spec in topic_specs:
-            spec_to = ends[spec.key]
-            res = compute_blocks(spec, cols, from_ts, spec_to)
-            keep = retention(spec.windows, spec.block_sizes)
-            now = online_wm.get(spec.key)
-            rows = []
-            store_rows = []
-            for size in res.by_size:
-                ids, starts, reps = res.rows(size)
-                blocks_count[size] = blocks_count.get(size, 0) + len(ids)
-                online = online_sizes == "all" or size != spec.streaming_block
-                oldest_end = -(2**62) if now is None else now - keep[size]
-                for e, s, r in zip(ids, starts, reps):
-                    rows.append((spec.entity_type, e, spec.key, s, size, r))
-                    if online and s + size > oldest_end:
-                        store_rows.append((e, spec.key, s, size, r))
+            blocks = tables_by_key[spec.key]
+            for size, count in _count_by_size(spec, blocks).items():
+                blocks_count[size] = blocks_count.get(size, 0) + count
             # replace this feature's blocks of the range in one commit (idempotent)
-            tables.replace_blocks(spec.key, from_ts, spec_to, rows, sizes=spec.block_sizes)
+            tables.replace_blocks(spec.key, from_ts, ends[spec.key], _offline_rows(spec, blocks),
+                                  sizes=spec.block_sizes)
+            store_rows = _store_rows(spec, blocks, online_sizes, online_wm.get(spec.key))
             if store is not None and store_rows:
                 store.put_block_batch(spec.entity_type, spec.source,
                                       BlockBatch.from_rows(store_rows))
             if progress:
-                progress(f"{spec.name}: {res.count():,} blocks")
+                progress(f"{spec.name}: {blocks.num_rows:,} blocks")
     return BatchReport(from_ts, to_ts, tuple(s.name for s in specs), blocks_count, events,
                        time.perf_counter() - t0, held_back)

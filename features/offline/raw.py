@@ -222,6 +222,19 @@ def _to_arrow(
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+#: the order of a topic's raw events everywhere they are read: event time, then where in
+#: Kafka each was read (a ``last_n`` list depends on it)
+EVENT_ORDER = [("event_ts", "ascending"), ("_partition", "ascending"), ("_offset", "ascending")]
+
+
+def events_from_arrow(topic: str, data: pa.Table) -> EventColumns:
+    """Rows of ``raw_<topic>`` (any subset of them) as :class:`EventColumns` in
+    :data:`EVENT_ORDER`: what :meth:`RawTables.scan_columns` returns for the same rows."""
+    if data.num_rows > 1:
+        data = data.sort_by(EVENT_ORDER)
+    return _from_arrow(topic, data)
+
+
 def _from_arrow(topic: str, data: pa.Table) -> EventColumns:
     cols: dict[str, Any] = {}
     for info in topic_schema(topic).fields:
@@ -433,9 +446,15 @@ class RawTables:
             columns: the columns to return (default: all).
         """
         table = self.table(topic)
-        preds: list[BooleanExpression] = _range_predicates("event_ts", "event_date", from_ts, to_ts)
         selected: tuple[str, ...] = ("*",) if columns is None else tuple(columns)
-        return table.scan(row_filter=_and_all(preds), selected_fields=selected).to_arrow()
+        return table.scan(row_filter=self.scan_filter(from_ts, to_ts),
+                          selected_fields=selected).to_arrow()
+
+    def scan_filter(self, from_ts: int | None = None, to_ts: int | None = None
+                    ) -> BooleanExpression:
+        """The Iceberg row filter of :meth:`scan` (``from_ts <= event_ts < to_ts``, with
+        partition pruning by ``event_date``), for an engine that scans the table itself."""
+        return _and_all(_range_predicates("event_ts", "event_date", from_ts, to_ts))
 
     def scan_columns(
         self, topic: str, from_ts: int | None = None, to_ts: int | None = None
@@ -446,11 +465,7 @@ class RawTables:
         ``DictColumn``, integers int64, maps as object arrays of dicts), sorted by
         ``(event_ts, _partition, _offset)``.
         """
-        data = self.scan(topic, from_ts, to_ts)
-        if data.num_rows > 1:
-            data = data.sort_by([("event_ts", "ascending"), ("_partition", "ascending"),
-                                 ("_offset", "ascending")])
-        return _from_arrow(topic, data)
+        return events_from_arrow(topic, self.scan(topic, from_ts, to_ts))
 
     def count_rows(self, topic: str) -> int:
         """Return the rows of ``raw_<topic>`` from its snapshot summary (no data read)."""

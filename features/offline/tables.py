@@ -253,6 +253,15 @@ def _merged_marks(table: Table, prefix: str, writer: str, newest: Mapping[str, i
     return {k: str(v) for k, v in sorted(merged.items())}
 
 
+def _as_array(values: Any, typ: pa.DataType) -> pa.Array:
+    """``values`` (a Python sequence or an Arrow column) as one Arrow array of ``typ``."""
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks().cast(typ)
+    if isinstance(values, pa.Array):
+        return values.cast(typ)
+    return pa.array(values, typ)
+
+
 def _check_no_nulls(data: pa.Table, what: str) -> None:
     """Raise if a column has nulls (``from_arrays`` does not enforce non-nullable fields)."""
     nulls = [
@@ -418,6 +427,19 @@ class OfflineTables:
 
     # -- tables -----------------------------------------------------------------
 
+    @property
+    def catalog_config(self) -> dict[str, Any]:
+        """What ``pyiceberg.catalog.load_catalog`` needs to open this catalog in another
+        process (``name`` included): how a distributed engine's workers reach the tables."""
+        props = dict(self.catalog.properties)
+        if isinstance(self.catalog, SqlCatalog):
+            props.setdefault("type", "sql")
+        return {"name": self.catalog.name, **props}
+
+    def identifier(self, name: str) -> str:
+        """The namespaced identifier of table ``name`` (``tessera.blocks``)."""
+        return self._identifier(name)
+
     def _identifier(self, name: str) -> str:
         return f"{self.namespace}.{name}"
 
@@ -524,7 +546,7 @@ class OfflineTables:
         feature_key: str,
         start_from: int,
         start_to: int,
-        rows: Sequence[BlockRow | tuple[str, str, str, int, int, bytes]],
+        rows: Sequence[BlockRow | tuple[str, str, str, int, int, bytes]] | pa.Table,
         written_ms: int | None = None,
         *,
         sizes: Sequence[int],
@@ -540,7 +562,7 @@ class OfflineTables:
         delete must cover; the whole replacement is then retried on the new snapshot.
         """
 
-        data = self._block_data(rows, written_ms) if rows else None
+        data = self._block_data(rows, written_ms) if len(rows) else None
         if data is not None:
             start = data.column("start_ms")
             size = data.column("size_ms")
@@ -593,7 +615,9 @@ class OfflineTables:
         rows: Sequence[BlockRow | tuple[str, str, str, int, int, bytes]],
         written_ms: int | Sequence[int] | None,
     ) -> pa.Table:
-        """Validated Arrow rows of the blocks table (one stamp for all rows, or one per row)."""
+        """Validated Arrow rows of the blocks table (one stamp for all rows, or one per row);
+        ``rows`` are tuples, or a table with the columns ``entity_type, entity_id,
+        feature_key, start_ms, size_ms, rep``."""
         if written_ms is None:
             written_ms = self._clock_ms()
         if isinstance(written_ms, int | np.integer):
@@ -603,7 +627,11 @@ class OfflineTables:
             if len(stamps) != len(rows):
                 raise OfflineTableError(
                     f"{len(stamps)} written_ms stamps for {len(rows)} block rows")
-        cols = list(zip(*rows, strict=True))
+        if isinstance(rows, pa.Table):
+            cols = [rows.column(n) for n in ("entity_type", "entity_id", "feature_key",
+                                              "start_ms", "size_ms", "rep")]
+        else:
+            cols = list(zip(*rows, strict=True))
         if len(cols) != 6:
             raise OfflineTableError(
                 f"block rows must have 6 fields (entity_type, entity_id, feature_key, start_ms, "
@@ -611,15 +639,15 @@ class OfflineTables:
             )
         arrow_schema = BLOCKS_SCHEMA.as_arrow()
         try:
-            start = pa.array(cols[3], pa.int64())
+            start = _as_array(cols[3], pa.int64())
             data = pa.Table.from_arrays(
                 [
-                    pa.array(cols[0], pa.large_string()),
-                    pa.array(cols[1], pa.large_string()),
-                    pa.array(cols[2], pa.large_string()),
+                    _as_array(cols[0], pa.large_string()),
+                    _as_array(cols[1], pa.large_string()),
+                    _as_array(cols[2], pa.large_string()),
                     start,
-                    pa.array(cols[4], pa.int64()),
-                    pa.array(cols[5], pa.large_binary()),
+                    _as_array(cols[4], pa.int64()),
+                    _as_array(cols[5], pa.large_binary()),
                     stamps,
                     _days_column(start),
                 ],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -17,6 +19,36 @@ _WAREHOUSE = click.option("--warehouse", type=click.Path(file_okay=False, path_t
                           help="Iceberg warehouse directory (SQLite catalog inside).")
 _STORE = click.option("--store", "store_url", default=default_store_url, show_default=STORE_DEFAULT_TEXT,
                       help="Online store URL.")
+
+
+_ENGINE = click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+                       show_default=True,
+                       help="Where the job runs: this process, or a Ray cluster (Ray Data; "
+                            "pip install -e '.[ray]'). Both write the same rows.")
+_RAY_ADDRESS = click.option("--ray-address", default=None,
+                            help="With --engine ray: an existing cluster (ray://host:10001 or "
+                                 "auto); default: start a local one for the job.")
+_RAY_WORKERS = click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+                            help="With --engine ray and no --ray-address: the local cluster's "
+                                 "worker processes (CPUs; default: this machine's).")
+
+
+@contextmanager
+def _engine(name: str, raw, address: str | None, workers: int | None) -> Iterator[object]:
+    """The blocks engine ``name`` over ``raw``, its Ray runtime up while it is in use."""
+    if name == "local":
+        if address or workers:
+            raise click.UsageError("--ray-address and --ray-workers need --engine ray")
+        yield None
+        return
+    from features.ray_engine import RayBlocksEngine, RayUnavailableError, ray_runtime
+
+    try:
+        with ray_runtime(address, workers) as cpus:
+            click.echo(f"  ray: {cpus} CPUs ({address or 'local cluster'})", err=True)
+            yield RayBlocksEngine(raw)
+    except RayUnavailableError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _time(text: str, option: str) -> int:
@@ -63,26 +95,34 @@ def batch() -> None:
 @_FEATURES
 @_WAREHOUSE
 @_STORE
+@_ENGINE
+@_RAY_ADDRESS
+@_RAY_WORKERS
 def batch_blocks(from_: str, to: str, names: str | None, online_sizes: str, sealed_only: bool,
-                 features_file: Path, warehouse: Path, store_url: str) -> None:
+                 features_file: Path, warehouse: Path, store_url: str, engine: str,
+                 ray_address: str | None, ray_workers: int | None) -> None:
     """Recompute blocks of a range from the raw tables (late events count) and roll them up.
 
     Streaming-size blocks are recomputed from every archived event of the range and rolled
     up into 1h and 1d blocks; the range's blocks are replaced in the Iceberg blocks table
     and written to the online store (those a read can still need). Running it twice changes
     nothing. By default a feature's range ends at its live flow's watermark.
+
+    With --engine ray the raw events are read, shuffled by entity and aggregated on a Ray
+    cluster (the same kernels; the same blocks are written).
     """
     from features.batch import run_batch_blocks
     from features.offline.raw import RawTables
     from features.store import open_store
 
     fs = _load(features_file)
+    from_ms, to_ms = _time(from_, "--from"), _time(to, "--to")
     raw = RawTables.open(warehouse)
-    with open_store(store_url) as store:
+    with open_store(store_url) as store, _engine(engine, raw, ray_address, ray_workers) as eng:
         try:
-            rep = run_batch_blocks(raw, raw.offline, store, fs, _time(from_, "--from"),
-                                   _time(to, "--to"), names=_names(names),
-                                   online_sizes=online_sizes, sealed_only=sealed_only,
+            rep = run_batch_blocks(raw, raw.offline, store, fs, from_ms, to_ms,
+                                   names=_names(names), online_sizes=online_sizes,
+                                   sealed_only=sealed_only, engine=eng,
                                    progress=lambda m: click.echo(f"  {m}", err=True))
         except (TesseraError, ValueError) as exc:
             raise click.ClickException(str(exc)) from exc
