@@ -20,12 +20,13 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from features.expressions import parse_derived
-from features.pointintime import earliest_start, point_in_time, query_ends
+from features.pointintime import WindowValues, earliest_start, point_in_time, query_ends
 from features.spec import FeatureSet, FeatureSpec
 
 
@@ -82,16 +83,26 @@ def resolve_names(features: FeatureSet, names: Sequence[str]) -> tuple[dict, lis
 def _window_values(examples: pa.Table, features: FeatureSet, names: Sequence[str],
                    scan_blocks: Callable[..., pa.Table], ts: np.ndarray, wm: np.ndarray,
                    warn: Callable[[str], None] | None = None,
-                   progress: Callable[[str], None] | None = None) -> tuple[list, list]:
+                   progress: Callable[[str], None] | None = None,
+                   engine: BackfillEngine | None = None) -> tuple[list, list]:
     """Every requested window value of every row (``WindowValues``), and the derived specs;
-    ``warn`` hears of a feature with no block at all in the range the rows need."""
+    ``warn`` hears of a feature with no block at all in the range the rows need (local
+    engine). ``engine`` computes the values elsewhere (``features.ray_engine``)."""
     windows, derived = resolve_names(features, names)
-    values = []
-    t0 = time.perf_counter()
-    for done, (spec, ws) in enumerate(windows.values(), start=1):
+    for spec, _ in windows.values():
         if spec.entity not in examples.column_names:
             raise KeyError(f"the rows have no column {spec.entity!r}, the entity of "
                            f"{spec.name!r}; columns: {', '.join(examples.column_names)}")
+    if engine is not None:
+        t0 = time.perf_counter()
+        values = engine.window_values(examples, list(windows.values()), ts, wm)
+        if progress is not None:
+            progress(f"{len(windows)} features for {examples.num_rows:,} rows on "
+                     f"{type(engine).__name__}, {time.perf_counter() - t0:.1f}s")
+        return values, derived
+    values = []
+    t0 = time.perf_counter()
+    for done, (spec, ws) in enumerate(windows.values(), start=1):
         ends = query_ends(ts, wm, spec.streaming_block)
         ids = np.asarray(examples.column(spec.entity).cast(pa.string()).to_pylist(),
                          dtype=object)
@@ -108,21 +119,33 @@ def _window_values(examples: pa.Table, features: FeatureSet, names: Sequence[str
     return values, derived
 
 
+class BackfillEngine(Protocol):
+    """Computes window values of many rows somewhere else than in this process."""
+
+    def window_values(self, rows: pa.Table, jobs: Sequence[tuple[FeatureSpec, list[int]]],
+                      ts: np.ndarray, wm: np.ndarray) -> list[WindowValues]:
+        """``WindowValues`` of each ``(spec, windows)`` for every row, in ``jobs`` order."""
+        ...
+
+
 def backfill_columns(
     examples: pa.Table,
     features: FeatureSet,
     names: Sequence[str],
     scan_blocks: Callable[..., pa.Table],
+    engine: BackfillEngine | None = None,
 ) -> dict[str, np.ndarray]:
     """Compute ``{window or derived name: values}`` for every row of ``examples``.
 
     Args:
         examples: rows with ``event_ts``, ``feature_watermark`` and the entity key columns.
         scan_blocks: ``OfflineTables.scan_blocks`` (or any function with its keywords).
+        engine: compute the window values there instead (the same values).
     """
     ts = examples.column("event_ts").to_numpy()
     wm = examples.column("feature_watermark").to_numpy()
-    values, derived = _window_values(examples, features, names, scan_blocks, ts, wm)
+    values, derived = _window_values(examples, features, names, scan_blocks, ts, wm,
+                                     engine=engine)
     out: dict[str, np.ndarray] = {}
     for wv in values:
         if wv.lists is not None:  # last_n lists travel as JSON text (models read them)
@@ -146,6 +169,7 @@ def spine_columns(
     watermark: str | None = None,
     warn: Callable[[str], None] | None = None,
     progress: Callable[[str], None] | None = None,
+    engine: BackfillEngine | None = None,
 ) -> pa.Table:
     """Return ``spine`` with one column per requested window value and derived feature.
 
@@ -157,6 +181,7 @@ def spine_columns(
         scan_blocks: ``OfflineTables.scan_blocks`` (or any function with its keywords).
         warn: called with a message for each feature that has no block at all in range.
         progress: called with a line after each feature.
+        engine: compute the window values there instead (the same values).
 
     A window with no data gives null (``last_n``: an empty list), never a default; derived
     features are computed from their inputs with the inputs' defaults.
@@ -168,7 +193,7 @@ def spine_columns(
     wm = spine_times(spine, watermark) if watermark is not None else ts
     try:
         values, derived = _window_values(spine, features, names, scan_blocks, ts, wm, warn,
-                                         progress)
+                                         progress, engine)
     except KeyError as exc:
         raise SpineError(exc.args[0]) from None
     out = spine
@@ -268,6 +293,7 @@ def run_backfill(
     *,
     base_version: str = "v1",
     version: str | None = None,
+    engine: BackfillEngine | None = None,
 ) -> BackfillReport:
     """Write a new version of the training table with backfilled feature columns.
 
@@ -276,11 +302,13 @@ def run_backfill(
         tables: ``features.offline.tables.OfflineTables`` (offline blocks).
         base_version: the version whose rows are extended.
         version: the new version's name (default ``backfill-<epoch ms>``).
+        engine: where the window values are computed (default: this process;
+            ``features.ray_engine.RayBackfillEngine``: a Ray cluster). The same values.
     """
     t0 = time.perf_counter()
     examples = training.scan_examples(version=base_version, from_ts=from_ts, to_ts=to_ts)
     version = version or f"backfill-{int(time.time() * 1000)}"
-    cols = backfill_columns(examples, features, names, tables.scan_blocks)
+    cols = backfill_columns(examples, features, names, tables.scan_blocks, engine)
     data = examples.drop_columns([c for c in ("version",) if c in examples.column_names])
     for name, values in cols.items():
         col = f"feature_{name}"

@@ -46,6 +46,7 @@ COMMON_FIELDS: tuple[str, ...] = ("event_id", "event_ts")
 #: declared sources' schema ids are this plus a hash of the schema (built-in ids are below)
 DECLARED_ID_BASE = 1000
 _DECLARED: dict[str, TopicSchema] = {}
+_DECLARED_FIELDS: dict[str, dict[str, str]] = {}
 _DECLARED_LOCK = threading.Lock()
 _CACHES: list[Any] = []
 
@@ -205,10 +206,18 @@ def register_source(name: str, fields: Mapping[str, str]) -> TopicSchema:
         schema = TopicSchema(name=name, schema_id=schema_id, raw=raw, parsed=parse_schema(raw),
                              fields=tuple(_field_info(name, f) for f in raw["fields"]))
         _DECLARED[name] = schema
+        _DECLARED_FIELDS[name] = dict(fields)
         if known is not None:
             for cached in _CACHES:
                 cached.cache_clear()
         return schema
+
+
+def declared_sources() -> dict[str, dict[str, str]]:
+    """Every source declared in this process, ``{name: fields}``: what another process (a
+    distributed job's worker) passes to :func:`register_source` to know the same topics."""
+    with _DECLARED_LOCK:
+        return {name: dict(fields) for name, fields in _DECLARED_FIELDS.items()}
 
 
 def topic_schema(topic: str) -> TopicSchema:

@@ -78,6 +78,8 @@ def get_historical_features(
     watermark: str | None = None,
     warn=None,
     progress=None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ):
     """Feature values at any (entity, time) rows, computed from the offline blocks.
 
@@ -93,6 +95,9 @@ def get_historical_features(
         warn: called with a message for each feature with no block at all in range
             (default: ``warnings.warn``).
         progress: called with a line after each feature (default: nothing).
+        engine: ``local`` (this process) or ``ray`` (a Ray cluster: ``ray_address``, an
+            already initialized Ray runtime, or a local one started for the call; needs
+            ``pip install -e '.[ray]'``). Both give the same values.
 
     Returns:
         The spine with one column per window value and derived feature; a window with no
@@ -114,8 +119,17 @@ def get_historical_features(
 
         def warn(message: str) -> None:
             warnings.warn(message, stacklevel=3)
-    return spine_columns(spine, fs, names, tables.scan_blocks, timestamp=timestamp,
-                         watermark=watermark, warn=warn, progress=progress)
+    if engine == "local":
+        return spine_columns(spine, fs, names, tables.scan_blocks, timestamp=timestamp,
+                             watermark=watermark, warn=warn, progress=progress)
+    if engine != "ray":
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    from features.ray_engine import RayBackfillEngine, ray_runtime
+
+    with ray_runtime(ray_address):
+        return spine_columns(spine, fs, names, tables.scan_blocks, timestamp=timestamp,
+                             watermark=watermark, warn=warn, progress=progress,
+                             engine=RayBackfillEngine(tables))
 
 
 def get_sequences(

@@ -196,8 +196,9 @@ def _days_column(ms: pa.Array) -> pa.Array:
     return pc.cast(pc.cast(days, pa.int32()), pa.date32())
 
 
-def _dedupe_latest(table: pa.Table, key: Sequence[str], version: str) -> pa.Table:
-    """Keep one row per ``key``: the one with the largest ``version``; sort by ``key``."""
+def dedupe_latest(table: pa.Table, key: Sequence[str], version: str) -> pa.Table:
+    """Keep one row per ``key``: the one with the largest ``version``; sort by ``key``
+    (what every scan of an at-least-once table returns)."""
     if table.num_rows <= 1:
         return table
     order = [(k, "ascending") for k in key] + [(version, "descending")]
@@ -681,6 +682,24 @@ class OfflineTables:
             A table with columns ``entity_type, entity_id, feature_key, start_ms,
             size_ms, rep, written_ms``.
         """
+        preds = self._block_predicates(feature_keys, entity_type, start_from, start_to, size,
+                                       entity_ids)
+        data = self._scan("blocks", preds, _BLOCK_COLUMNS)
+        return dedupe_latest(data, BLOCK_KEY, "written_ms")
+
+    def blocks_filter(self, *, feature_keys: Iterable[str] | None = None,
+                      start_from: int | None = None, start_to: int | None = None
+                      ) -> BooleanExpression:
+        """The Iceberg row filter :meth:`scan_blocks` pushes down for these arguments, for an
+        engine that scans the table itself (its rows then still need :func:`dedupe_latest`
+        by :data:`BLOCK_KEY`)."""
+        return _and_all(self._block_predicates(feature_keys, None, start_from, start_to))
+
+    @staticmethod
+    def _block_predicates(feature_keys: Iterable[str] | None, entity_type: str | None,
+                          start_from: int | None, start_to: int | None,
+                          size: int | None = None, entity_ids: Iterable[str] | None = None
+                          ) -> list[BooleanExpression]:
         preds: list[BooleanExpression] = []
         if feature_keys is not None:
             preds.append(In("feature_key", set(feature_keys)))
@@ -690,9 +709,7 @@ class OfflineTables:
             preds.append(EqualTo("entity_type", entity_type))
         if size is not None:
             preds.append(EqualTo("size_ms", int(size)))
-        preds += _range_predicates("start_ms", "start_day", start_from, start_to)
-        data = self._scan("blocks", preds, _BLOCK_COLUMNS)
-        return _dedupe_latest(data, BLOCK_KEY, "written_ms")
+        return preds + _range_predicates("start_ms", "start_day", start_from, start_to)
 
     # -- late events ------------------------------------------------------------
 
@@ -783,7 +800,7 @@ class OfflineTables:
             preds.append(EqualTo("topic", topic))
         preds += _range_predicates("event_ts", "event_day", from_ts, to_ts)
         data = self._scan("late_events", preds, _LATE_COLUMNS)
-        return _dedupe_latest(data, LATE_EVENT_KEY, "detected_ms")
+        return dedupe_latest(data, LATE_EVENT_KEY, "detected_ms")
 
     # -- helpers ----------------------------------------------------------------
 

@@ -44,9 +44,9 @@ from features.offline.tables import (
     _and_all,
     _commit_lock,
     _days_column,
-    _dedupe_latest,
     _range_predicates,
     create_concurrently,
+    dedupe_latest,
 )
 
 __all__ = [
@@ -331,7 +331,7 @@ class TrainingTables:
         want = list(columns) if columns is not None else self.columns()
         read = list(dict.fromkeys([*want, "impression_id", "version", "matured_at"]))
         data = self.table().scan(row_filter=_and_all(preds), selected_fields=tuple(read)).to_arrow()
-        data = _dedupe_latest(data, ("impression_id", "version"), "matured_at")
+        data = dedupe_latest(data, ("impression_id", "version"), "matured_at")
         return data.select(want)
 
     def last_sequence_number(self) -> int:

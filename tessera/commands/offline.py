@@ -34,21 +34,33 @@ _RAY_WORKERS = click.option("--ray-workers", type=click.IntRange(min=1), default
 
 
 @contextmanager
-def _engine(name: str, raw, address: str | None, workers: int | None) -> Iterator[object]:
-    """The blocks engine ``name`` over ``raw``, its Ray runtime up while it is in use."""
-    if name == "local":
+def _on_ray(engine: str, address: str | None, workers: int | None) -> Iterator[bool]:
+    """Whether the job runs on Ray; with ``--engine ray`` a Ray runtime is up meanwhile."""
+    if engine == "local":
         if address or workers:
             raise click.UsageError("--ray-address and --ray-workers need --engine ray")
-        yield None
+        yield False
         return
-    from features.ray_engine import RayBlocksEngine, RayUnavailableError, ray_runtime
+    from features.ray_engine import RayUnavailableError, ray_runtime
 
     try:
         with ray_runtime(address, workers) as cpus:
             click.echo(f"  ray: {cpus} CPUs ({address or 'local cluster'})", err=True)
-            yield RayBlocksEngine(raw)
+            yield True
     except RayUnavailableError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _ray_blocks(raw):
+    from features.ray_engine import RayBlocksEngine
+
+    return RayBlocksEngine(raw)
+
+
+def _ray_backfill(tables):
+    from features.ray_engine import RayBackfillEngine
+
+    return RayBackfillEngine(tables)
 
 
 def _time(text: str, option: str) -> int:
@@ -118,11 +130,12 @@ def batch_blocks(from_: str, to: str, names: str | None, online_sizes: str, seal
     fs = _load(features_file)
     from_ms, to_ms = _time(from_, "--from"), _time(to, "--to")
     raw = RawTables.open(warehouse)
-    with open_store(store_url) as store, _engine(engine, raw, ray_address, ray_workers) as eng:
+    with open_store(store_url) as store, _on_ray(engine, ray_address, ray_workers) as on_ray:
         try:
             rep = run_batch_blocks(raw, raw.offline, store, fs, from_ms, to_ms,
                                    names=_names(names), online_sizes=online_sizes,
-                                   sealed_only=sealed_only, engine=eng,
+                                   sealed_only=sealed_only,
+                                   engine=_ray_blocks(raw) if on_ray else None,
                                    progress=lambda m: click.echo(f"  {m}", err=True))
         except (TesseraError, ValueError) as exc:
             raise click.ClickException(str(exc)) from exc
@@ -160,10 +173,14 @@ def batch_blocks(from_: str, to: str, names: str | None, online_sizes: str, seal
 @click.option("--definitions", "features_file", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("features.yaml"), show_default=True, help="Feature definition file.")
 @_WAREHOUSE
+@_ENGINE
+@_RAY_ADDRESS
+@_RAY_WORKERS
 def backfill(names: str, from_: str | None, to: str | None, spine: Path | None,
              out: Path | None, timestamp_column: str, watermark_column: str | None,
              base_version: str, version: str | None, features_file: Path,
-             warehouse: Path) -> None:
+             warehouse: Path, engine: str, ray_address: str | None,
+             ray_workers: int | None) -> None:
     """Add point-in-time feature columns to the training examples, as a new version; or,
     with --spine, to any rows, written to --out.
 
@@ -171,46 +188,56 @@ def backfill(names: str, from_: str | None, to: str | None, spine: Path | None,
     (ending at its logged feature watermark) from the offline blocks: no data at or after
     the watermark is read. A spine row's window ends at align_down(time, 5m) (or at its
     --watermark-column, if earlier); a window with no data gives null.
+
+    With --engine ray the rows and the blocks are shuffled by entity on a Ray cluster and
+    each shard is computed there (the same values).
     """
     from features.backfill import run_backfill
 
     fs = _load(features_file)
     if spine is not None:
-        _spine_backfill(fs, names, spine, out, timestamp_column, watermark_column, warehouse)
+        with _on_ray(engine, ray_address, ray_workers) as on_ray:
+            _spine_backfill(fs, names, spine, out, timestamp_column, watermark_column,
+                            warehouse, on_ray)
         return
     if from_ is None or to is None:
         raise click.UsageError("give --from and --to (impressions), or --spine FILE --out FILE")
     from features.offline.training import TrainingTables
 
+    from_ms, to_ms = _time(from_, "--from"), _time(to, "--to")
     training = TrainingTables.open(warehouse)
-    try:
-        rep = run_backfill(training, training.offline, fs, _names(names), _time(from_, "--from"),
-                           _time(to, "--to"), base_version=base_version, version=version)
-    except (TesseraError, KeyError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    with _on_ray(engine, ray_address, ray_workers) as on_ray:
+        try:
+            rep = run_backfill(training, training.offline, fs, _names(names), from_ms, to_ms,
+                               base_version=base_version, version=version,
+                               engine=_ray_backfill(training.offline) if on_ray else None)
+        except (TesseraError, KeyError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
     click.echo(f"version {rep.version}: {rep.rows:,} impressions x {len(rep.features)} features "
                f"in {rep.seconds:.1f}s ({rep.rows_per_s:,.0f} rows/s)")
 
 
 def _spine_backfill(fs, names: str, spine: Path, out: Path | None, timestamp: str,
-                    watermark: str | None, warehouse: Path) -> None:
+                    watermark: str | None, warehouse: Path, on_ray: bool) -> None:
     import time
 
     import pyarrow.parquet as pq
 
-    from features.backfill import SpineError
-    from tessera.api import get_historical_features, read_spine
+    from features.backfill import SpineError, spine_columns
+    from features.offline.tables import OfflineTables
+    from tessera.api import read_spine
 
     if out is None:
         raise click.UsageError("--spine needs --out FILE.parquet")
     t0 = time.perf_counter()
     try:
         rows = read_spine(spine)
-        table = get_historical_features(rows, _names(names) or [], features=fs,
-                                        warehouse=warehouse, timestamp=timestamp,
-                                        watermark=watermark,
-                                        warn=lambda m: click.echo(f"warning: {m}", err=True),
-                                        progress=lambda m: click.echo(f"  {m}", err=True))
+        tables = OfflineTables.open(warehouse)
+        table = spine_columns(rows, fs, _names(names) or [], tables.scan_blocks,
+                              timestamp=timestamp, watermark=watermark,
+                              warn=lambda m: click.echo(f"warning: {m}", err=True),
+                              progress=lambda m: click.echo(f"  {m}", err=True),
+                              engine=_ray_backfill(tables) if on_ray else None)
     except (SpineError, KeyError) as exc:
         raise click.ClickException(str(exc.args[0] if isinstance(exc, KeyError) else exc)) \
             from exc

@@ -1,20 +1,33 @@
-"""The batch blocks job on Ray writes exactly what the local engine writes.
+"""The offline jobs on Ray compute exactly what the local engine computes.
 
-A generated world's raw events go into two warehouses; ``run_batch_blocks`` runs once with
-the local engine and once on a local Ray cluster of 1 and of 2 worker processes (Ray Data
-reads the raw table, shuffles by entity hash and aggregates each shard). Every block row of
-the Iceberg blocks table (reps as bytes, sketches included) and every online store record must
-be equal.
+A generated world's raw events go into Iceberg; the local engine runs the batch blocks job,
+the impression backfill and a spine backfill once, and a local Ray cluster of 1 and of 2
+worker processes runs them again (Ray Data reads the tables, shuffles by entity hash, and each
+shard runs the local kernels). Every block row of the Iceberg blocks table (reps as bytes,
+sketches included), every online store record, and every backfilled value (lists, sketch
+estimates and a derived feature included) must be equal.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
+import pyarrow as pa
 import pytest
 
+from features.backfill import resolve_names, run_backfill, spine_columns
 from features.batch import run_batch_blocks
 from features.offline.raw import RawTables
-from features.ray_engine import RayBlocksEngine, ray_runtime, tag_shards
+from features.offline.training import TrainingTables
+from features.ray_engine import (
+    RayBackfillEngine,
+    RayBlocksEngine,
+    entity_shards,
+    ray_runtime,
+)
 from features.spec_loader import load_features
 from features.store import open_store
 from features.timeutil import DAY, HOUR
@@ -29,19 +42,31 @@ WORLD = WorldConfig(seed=11, n_users=60, n_items=120, n_authors=10, n_topics=6,
 #: every aggregation kind the shipped file has is a views feature (count, sum, mean, min,
 #: max, KLL quantile, HLL distinct, last_n), over three entities
 NAMES = [f.name for f in FEATURES.for_source("views")]
+#: window values of every kind, lists and sketches included, and a derived feature
+BACKFILL = ["item_views", "item_dwell_mean", "item_dwell_p50", "item_unique_viewers",
+            "user_clicks", "user_recent_items", "user_recent_topics", "user_topics_distinct",
+            "user_dwell_max", "author_views", "item_ctr_1d"]
+SPINE = ["item_views_1d", "user_recent_items_1d", "item_unique_viewers_1d", "author_views_7d",
+         "item_ctr_1d"]
+BACKFILL_COLUMNS = [n for spec, ws in resolve_names(FEATURES, BACKFILL)[0].values()
+                    for n in map(spec.window_name, ws)] + ["item_ctr_1d"]
+#: quantile features: KLL sketches, compared as estimates (``_close``)
+KLL = [f.name for f in FEATURES.features if f.aggregation == "approx_quantile"]
 BLOCK_KEY = ["entity_type", "entity_id", "feature_key", "start_ms", "size_ms"]
 
 
-def _world(path, records) -> RawTables:
+def _world(path, records, topics=("views",)) -> RawTables:
     raw = RawTables.open(path)
-    views = records["views"]
-    # four commits (four data files: Ray reads them as separate blocks, so an entity's
-    # events meet only through the shuffle); two Kafka partitions (the order's tie-breaks)
-    for lo in range(0, len(views), len(views) // 4 + 1):
-        hi = min(lo + len(views) // 4 + 1, len(views))
-        cols = records_to_columns("views", views[lo:hi])
-        at = np.arange(lo, hi, dtype=np.int64)
-        raw.append("views", cols, at % 2, at, {0: hi, 1: hi})
+    for topic in topics:
+        events = records[topic]
+        # four commits (four data files: Ray reads them as separate blocks, so an entity's
+        # events meet only through the shuffle); two Kafka partitions (the order's tie-breaks)
+        step = len(events) // 4 + 1
+        for lo in range(0, len(events), step):
+            hi = min(lo + step, len(events))
+            cols = records_to_columns(topic, events[lo:hi])
+            at = np.arange(lo, hi, dtype=np.int64)
+            raw.append(topic, cols, at % 2, at, {0: hi, 1: hi})
     return raw
 
 
@@ -60,43 +85,128 @@ def _records(store, records) -> dict:
     return out
 
 
-@pytest.mark.integration
-def test_ray_engine_writes_the_local_engines_blocks_with_1_and_2_workers(tmp_path):
+@dataclass
+class Baseline:
+    """What the local engine wrote and computed, once for the module."""
+
+    records: dict
+    from_ts: int
+    to_ts: int
+    report: Any
+    blocks: pa.Table
+    store_records: dict
+    training: TrainingTables  # every feature's blocks (local engine) and impressions
+    backfilled: dict[str, list]
+    spine: pa.Table
+
+
+def _impressions(records, training: TrainingTables) -> None:
+    rng = np.random.default_rng(3)
+    rows = []
+    for r in records["impressions"][::7]:
+        rows.append({**r, "feature_watermark": r["event_ts"] - int(rng.integers(0, 30)) * 60_000,
+                     **{f"label_{a}": 0 for a in ("click", "like", "share", "save", "hide")},
+                     "first_engagement_ms": None, "label_window_ms": 1_800_000,
+                     "matured_at": r["event_ts"] + 1_800_000})
+    training.append_rows(rows)
+
+
+def _backfilled(training: TrainingTables, version: str) -> dict[str, list]:
+    t = training.scan_examples(version=version).sort_by("impression_id")
+    return {c: t.column(c).to_pylist() for c in t.column_names
+            if c.startswith("feature_") and c != "feature_watermark"}
+
+
+def _spine(records) -> pa.Table:
+    views = records["views"][::5]
+    return pa.table({"user_id": [r["user_id"] for r in views],
+                     "item_id": [r["item_id"] for r in views],
+                     "author_id": [r["author_id"] for r in views],
+                     "ts": [r["event_ts"] for r in views]})
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> Baseline:
+    tmp = tmp_path_factory.mktemp("ray-local")
     records = generate_records(WORLD)
     start = WORLD.start_ts
     # a range that cuts the first and last hours: roll-ups it cannot complete are left out
     from_ts, to_ts = start + HOUR + 10 * 60_000, start + 2 * DAY - HOUR
+    local = _world(tmp / "local", records)
+    with open_store(f"lmdb://{tmp}/store-local") as store:
+        report = run_batch_blocks(local, local.offline, store, FEATURES, from_ts, to_ts,
+                                  names=NAMES, sealed_only=False)
+        store_records = _records(store, records)
+    blocks = _blocks(local)
+    assert blocks.num_rows > 5_000 and sum(v is not None for v in store_records.values()) > 100
 
-    local = _world(tmp_path / "local", records)
-    with open_store(f"lmdb://{tmp_path}/store-local") as store:
-        want_report = run_batch_blocks(local, local.offline, store, FEATURES, from_ts, to_ts,
-                                       names=NAMES, sealed_only=False)
-        want_records = _records(store, records)
-    want = _blocks(local)
-    assert want.num_rows > 5_000 and sum(v is not None for v in want_records.values()) > 100
+    full = _world(tmp / "full", records, topics=("views", "engagements", "impressions"))
+    run_batch_blocks(full, full.offline, None, FEATURES, start - DAY, start + 3 * DAY,
+                     sealed_only=False)
+    training = TrainingTables(full.offline)
+    _impressions(records, training)
+    run_backfill(training, full.offline, FEATURES, BACKFILL, start, start + 3 * DAY,
+                 version="local")
+    backfilled = _backfilled(training, "local")
+    assert len(backfilled) == len(BACKFILL_COLUMNS) and len(backfilled["feature_item_ctr_1d"]) > 300
+    spine = spine_columns(_spine(records), FEATURES, SPINE, full.offline.scan_blocks,
+                          timestamp="ts")
+    return Baseline(records, from_ts, to_ts, report, blocks, store_records, training,
+                    backfilled, spine)
 
-    for workers in (1, 2):
-        raw = _world(tmp_path / f"ray{workers}", records)
-        with ray_runtime(workers=workers) as cpus, \
-                open_store(f"lmdb://{tmp_path}/store-ray{workers}") as store:
-            assert cpus == workers
-            report = run_batch_blocks(raw, raw.offline, store, FEATURES, from_ts, to_ts,
+
+@pytest.mark.integration
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_engine_computes_what_the_local_engine_does(baseline, tmp_path, workers):
+    b = baseline
+    raw = _world(tmp_path / "ray", b.records)
+    with ray_runtime(workers=workers) as cpus:
+        assert cpus == workers
+        with open_store(f"lmdb://{tmp_path}/store-ray") as store:
+            report = run_batch_blocks(raw, raw.offline, store, FEATURES, b.from_ts, b.to_ts,
                                       names=NAMES, sealed_only=False,
                                       engine=RayBlocksEngine(raw))
-            got_records = _records(store, records)
-        got = _blocks(raw)
-        assert (report.events, report.blocks) == (want_report.events, want_report.blocks)
-        assert got.num_rows == want.num_rows
-        assert got.equals(want), f"{workers} Ray workers wrote other block rows"
-        assert got_records == want_records, f"{workers} Ray workers wrote other store records"
+            got_records = _records(store, b.records)
+        engine = RayBackfillEngine(b.training.offline)
+        start = WORLD.start_ts
+        run_backfill(b.training, b.training.offline, FEATURES, BACKFILL, start,
+                     start + 3 * DAY, version=f"ray{workers}", engine=engine)
+        spine = spine_columns(_spine(b.records), FEATURES, SPINE,
+                              b.training.offline.scan_blocks, timestamp="ts", engine=engine)
+    got = _blocks(raw)
+    assert (report.events, report.blocks) == (b.report.events, b.report.blocks)
+    assert got.num_rows == b.blocks.num_rows
+    assert got.equals(b.blocks), f"{workers} Ray workers wrote other block rows"
+    assert got_records == b.store_records, f"{workers} Ray workers wrote other store records"
+    backfilled = _backfilled(b.training, f"ray{workers}")
+    for name, want in b.backfilled.items():
+        same = _close if name.startswith(tuple(f"feature_{k}" for k in KLL)) else _same
+        assert same(backfilled[name], want), f"{name} differs on {workers} Ray workers"
+    assert spine.column_names == b.spine.column_names
+    for name in b.spine.column_names:
+        assert _same(spine.column(name).to_pylist(), b.spine.column(name).to_pylist()), name
 
 
-def test_shards_are_the_same_for_an_id_in_every_batch():
-    import pyarrow as pa
+def _same(a: list, b: list) -> bool:
+    """Equal, NaN equal to NaN (a window with no data)."""
+    return len(a) == len(b) and all(
+        x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x)
+                   and math.isnan(y)) for x, y in zip(a, b))
 
-    a = pa.table({"user_id": ["u1", "u2", None, "u3"]})
-    b = pa.table({"user_id": ["u3", "u9", "u1"]})
-    sa = tag_shards(a, ["user_id"], 7).column("_shard_user_id").to_pylist()
-    sb = tag_shards(b, ["user_id"], 7).column("_shard_user_id").to_pylist()
+
+def _close(a: list, b: list) -> bool:
+    """Equal as KLL estimates: DataSketches' KLL compacts with random coin flips, so merging
+    the same blocks twice (in one process or two) can answer a quantile a rank or two apart;
+    within 5% of the value, and most rows exactly equal."""
+    differ = [(x, y) for x, y in zip(a, b) if not _same([x], [y])]
+    return len(a) == len(b) and len(differ) <= len(a) // 10 and all(
+        abs(x - y) <= 0.05 * max(abs(x), abs(y)) for x, y in differ)
+
+
+def test_an_id_has_the_same_shard_in_every_batch():
+    a = pa.array(["u1", "u2", None, "u3"])
+    b = pa.chunked_array([["u3", "u9"], ["u1"]])
+    sa, sb = entity_shards(a, 7).tolist(), entity_shards(b, 7).tolist()
     assert sa[0] == sb[2] and sa[3] == sb[0] and sa[2] == 0
     assert all(0 <= s < 7 for s in sa + sb)
+    assert len(set(entity_shards(pa.array([f"u{i}" for i in range(1000)]), 7).tolist())) == 7
