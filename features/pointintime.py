@@ -77,15 +77,21 @@ def point_in_time(
     if agg.rep_dtype is not None:
         reps = _fixed_reps(agg, reps_bin, blocks.num_rows)
         index = BlockIndex(blk_codes, sizes, starts, reps, spec.block_sizes) if len(reps) else None
+        # the rows in (entity, end) order: each run's block lookups then search the sorted
+        # index in increasing key order (a binary search of 4M sorted keys in 5.5M blocks
+        # took 0.11 s here against 3.6 s for the same keys in random order)
+        order = np.lexsort((ends, q_codes))
+        s_ends, s_codes = ends[order], q_codes[order]
         for w in windows:
             hop = tail_hop(w, spec.block_sizes)
-            lo = ends - w
+            lo = s_ends - w
             lo = lo - lo % hop
-            runs = cover_runs_many(lo, ends, spec.block_sizes)
+            runs = cover_runs_many(lo, s_ends, spec.block_sizes)
             if index is None:
                 rep_rows = agg.identity_array(n)
             else:
-                rep_rows = index.assemble_runs(agg, np.maximum(q_codes, 0), runs)
+                rep_rows = np.empty(n, dtype=agg.rep_dtype)
+                rep_rows[order] = index.assemble_runs(agg, np.maximum(s_codes, 0), runs)
                 rep_rows[~has_entity] = agg.identity_array(int((~has_entity).sum()))
             vals, missing = _finalize_fixed(agg, rep_rows, spec.default)
             out.append(WindowValues(spec.window_name(w), vals, missing))
