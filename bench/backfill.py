@@ -48,14 +48,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features.batch import FeatureBlocksResult, compute_blocks
-from features.pointintime import point_in_time, query_ends
-from features.spec import FeatureSpec
-from features.tiling import tail_hop
-from features.timeutil import DAY, HOUR, MINUTE, format_duration
-from schemas.columnar import DictColumn, EventColumns
-from tessera.synth import World, WorldConfig, generate_events
-from tessera.synth.world import ACTIONS
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python bench/backfill.py` from a checkout
+    sys.path.insert(0, str(REPO))
+
+from features.batch import FeatureBlocksResult, compute_blocks  # noqa: E402
+from features.pointintime import point_in_time, query_ends  # noqa: E402
+from features.spec import FeatureSpec  # noqa: E402
+from features.tiling import tail_hop  # noqa: E402
+from features.timeutil import DAY, HOUR, MINUTE, format_duration  # noqa: E402
+from schemas.columnar import DictColumn, EventColumns  # noqa: E402
+from tessera.synth import World, WorldConfig, generate_events  # noqa: E402
+from tessera.synth.world import ACTIONS  # noqa: E402
 
 WINDOWS = (HOUR, DAY, 7 * DAY, 30 * DAY)
 BLOCK = 5 * MINUTE
@@ -180,11 +184,10 @@ def blocks_table(res: FeatureBlocksResult) -> pa.Table:
 
 def run_tessera(h: History, lo: int, hi: int):
     """Blocks from raw events, then every window of every query row; returns values, timings."""
-    ids, q_nums = {}, {}
+    ids = {}
     for spec in FEATURES:  # query input (not timed): entity id strings of each row
         _, q_num, names = feature_inputs(h, spec)
         ids[spec.name] = names[q_num]
-        q_nums[spec.name] = q_num
     timing = {"blocks": 0.0, "point_in_time": 0.0}
     values: dict[str, np.ndarray] = {}
     tables: dict[str, pa.Table] = {}
@@ -196,13 +199,10 @@ def run_tessera(h: History, lo: int, hi: int):
         blocks = blocks_table(res)
         t1 = time.perf_counter()
         ends = query_ends(h.q_ts, h.q_wm, spec.streaming_block)
-        # rows sorted by (entity, end): the block lookups then search in increasing key
-        # order, which keeps them in cache (several times faster than time order)
-        order = np.lexsort((ends, q_nums[spec.name]))
-        for wv in point_in_time(spec, WINDOWS, ids[spec.name][order], ends[order], blocks):
-            v = np.empty(len(order))
-            v[order] = wv.values
-            values[wv.name] = v
+        # rows in time order, as the training table gives them (point_in_time orders its
+        # block lookups itself)
+        for wv in point_in_time(spec, WINDOWS, ids[spec.name], ends, blocks):
+            values[wv.name] = wv.values
         t2 = time.perf_counter()
         timing["blocks"] += t1 - t0
         timing["point_in_time"] += t2 - t1
@@ -210,6 +210,84 @@ def run_tessera(h: History, lo: int, hi: int):
         n_blocks += blocks.num_rows
     timing["total"] = timing["blocks"] + timing["point_in_time"]
     return values, timing, tables, ids, n_blocks
+
+
+# ------------------------------------------------------------------------------ Ray
+def _event_columns(topic: str, n: int, given: dict) -> EventColumns:
+    """``given`` columns plus a constant for every other field of ``topic``'s schema (the
+    raw tables hold whole events; the two benchmark features read only ``given``)."""
+    from schemas.registry import topic_schema
+
+    cols: dict = {}
+    for f in topic_schema(topic).fields:
+        if f.name in given:
+            cols[f.name] = given[f.name]
+        elif f.kind in ("string", "enum"):
+            cols[f.name] = DictColumn(np.zeros(n, np.int32),
+                                      np.array([(f.symbols or ("x",))[0]], dtype=object))
+        elif f.kind in ("double", "float"):
+            cols[f.name] = np.zeros(n, np.float64)
+        else:
+            cols[f.name] = np.zeros(n, np.int64)
+    return EventColumns(topic, n, cols)
+
+
+def write_raw(h: History, path: Path, chunk: int = 2_000_000):
+    """The views and engagements of ``h`` as raw Iceberg tables (several commits, so several
+    data files); return the ``RawTables``."""
+    from features.offline.raw import RawTables
+
+    raw = RawTables.open(path)
+    for spec in FEATURES:
+        cols, _, _ = feature_inputs(h, spec)
+        n = len(cols)
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            given = {k: (DictColumn(v.codes[lo:hi], v.dictionary) if isinstance(v, DictColumn)
+                         else v[lo:hi]) for k, v in cols.columns.items()}
+            raw.append(spec.source, _event_columns(spec.source, hi - lo, given),
+                       np.zeros(hi - lo, np.int64), np.arange(lo, hi, dtype=np.int64), {0: hi})
+    return raw
+
+
+def run_engines(h: History, lo: int, hi: int, workdir: Path, worker_counts=(1, 2)):
+    """The batch blocks job and the backfill over Iceberg, on the local engine and on a local
+    Ray cluster of each worker count: ``{label: (seconds, values, timing)}``."""
+    from features.backfill import backfill_columns
+    from features.batch import run_batch_blocks
+    from features.ray_engine import RayBackfillEngine, RayBlocksEngine, ray_runtime
+    from features.spec import FeatureSet
+
+    t0 = time.perf_counter()
+    raw = write_raw(h, workdir / "warehouse")
+    print(f"  raw tables written in {time.perf_counter() - t0:.1f}s", flush=True)
+    fs = FeatureSet(features=FEATURES)
+    names = [f.name for f in FEATURES]
+    _, q_item, item_ids = feature_inputs(h, ITEM_VIEWS)
+    _, q_user, user_ids = feature_inputs(h, USER_CLICKS)
+    rows = pa.table({"item_id": item_ids[q_item].tolist(), "user_id": user_ids[q_user].tolist(),
+                     "event_ts": h.q_ts, "feature_watermark": h.q_wm})
+    out = {}
+
+    def one(label: str, blocks_engine, backfill_engine) -> None:
+        t = time.perf_counter()
+        run_batch_blocks(raw, raw.offline, None, fs, lo, hi, sealed_only=False,
+                         engine=blocks_engine)
+        t_blocks = time.perf_counter() - t
+        values = backfill_columns(rows, fs, names, raw.offline.scan_blocks, backfill_engine)
+        total = time.perf_counter() - t
+        out[label] = (total, values, {"blocks": t_blocks, "backfill": total - t_blocks})
+        print(f"  {label}: batch blocks {t_blocks:.1f}s + backfill {total - t_blocks:.1f}s "
+              f"= {total:.1f}s ({rate(len(rows), total):,.0f} rows/s)", flush=True)
+
+    one("local", None, None)
+    for workers in worker_counts:
+        t = time.perf_counter()
+        with ray_runtime(workers=workers):
+            print(f"  ray with {workers} worker(s) started in {time.perf_counter() - t:.1f}s",
+                  flush=True)
+            one(f"ray{workers}", RayBlocksEngine(raw), RayBackfillEngine(raw.offline))
+    return out
 
 
 # ------------------------------------------------------------------------------ Feast
@@ -387,6 +465,8 @@ def main() -> None:
     ap.add_argument("--feast-step", type=int, default=60,
                     help="minutes between Feast's precomputed rows (divides 60; default 60)")
     ap.add_argument("--skip-feast", action="store_true")
+    ap.add_argument("--skip-ray", action="store_true",
+                    help="leave out the Iceberg runs (local engine, Ray with 1 and 2 workers)")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
     events = args.events or (1_000_000 if args.quick else 10_000_000)
@@ -429,6 +509,14 @@ def main() -> None:
         f_rps = rate(n, f_time["total"])
         print(f"  {sum(f_rows.values()):,} precomputed rows; {f_time['total']:.2f}s", flush=True)
 
+    # ---- the jobs over Iceberg: local engine, Ray with 1 and 2 workers
+    engines = {}
+    if not args.skip_ray:
+        print("iceberg: batch blocks + backfill on the local engine and on Ray (1, 2 "
+              "workers) ...", flush=True)
+        with tempfile.TemporaryDirectory(prefix="tessera-bench-ray-") as tmp:
+            engines = run_engines(h, lo, hi, Path(tmp))
+
     # ---- DuckDB naive
     rng = np.random.default_rng(args.seed + 2)
     sample = np.sort(rng.choice(n, size=min(n_sample, n), replace=False))
@@ -449,6 +537,10 @@ def main() -> None:
         print(f"{'feast total':<34}{n:>11,}{f_time['total']:>10.2f}{f_rps:>13,.0f}")
         print(f"{'(feast apply, not counted)':<34}{'':>11}{f_time['apply']:>10.2f}")
     print(f"{'duckdb naive rescan (sample)':<34}{len(sample):>11,}{d_sec:>10.2f}{d_rps:>13,.0f}")
+    for label, (sec, _, timing) in engines.items():
+        what = {"local": "iceberg, local engine"}.get(label, f"iceberg, ray {label[3:]} worker(s)")
+        print(f"{what:<34}{n:>11,}{sec:>10.2f}{rate(n, sec):>13,.0f}   (batch blocks "
+              f"{timing['blocks']:.1f}s, backfill {timing['backfill']:.1f}s)")
     print(f"\nper window: {len(WINDOWS) * len(FEATURES)} window values per row; the engines "
           "compute all windows of a feature in one pass, so rows/s is per row, all windows")
 
@@ -491,13 +583,25 @@ def main() -> None:
         print("  feast=online: share of all rows where Feast's value equals what the online "
               "read saw (Tessera at the logged watermark).\n")
         print(FEAST_SEMANTICS)
+    engines_equal = True
+    for label, (_, values, _) in engines.items():
+        differ = [name for name in t_vals if not np.array_equal(values[name], t_vals[name])]
+        engines_equal &= not differ
+        print(f"  {label} over Iceberg = in-memory Tessera on every row and window: "
+              f"{'yes' if not differ else 'NO: ' + ', '.join(differ)}")
+    all_exact &= engines_equal
     status = "all checks passed" if all_exact and feast_ok else "CHECKS FAILED"
     print(f"\n{status}")
     ratio_f = t_rps / f_rps if f_rps == f_rps else float("nan")
-    print(f"\nRESULT backfill rows_per_s={t_rps:.0f} feast_rows_per_s={f_rps:.0f} "
-          f"ratio_vs_feast={ratio_f:.1f} ratio_vs_duckdb={t_rps / d_rps:.1f}")
     if not (all_exact and feast_ok):
         sys.exit(1)
+    ray = ""
+    if engines:
+        r1, r2 = (rate(n, engines[k][0]) for k in ("ray1", "ray2"))
+        ray = (f" ray_rows_per_s={r2:.0f} ray_scaling={r2 / r1:.2f} ray1_rows_per_s={r1:.0f} "
+               f"iceberg_local_rows_per_s={rate(n, engines['local'][0]):.0f}")
+    print(f"\nRESULT backfill rows_per_s={t_rps:.0f} feast_rows_per_s={f_rps:.0f} "
+          f"ratio_vs_feast={ratio_f:.1f} ratio_vs_duckdb={t_rps / d_rps:.1f}{ray} equal=1")
 
 
 if __name__ == "__main__":

@@ -152,6 +152,19 @@ BLOCK_TABLE_SCHEMA = pa.schema([("feature_key", pa.string()), ("entity_id", pa.s
                                 ("rep", pa.binary())])
 
 
+def input_fields(specs: Sequence[FeatureSpec]) -> set[str]:
+    """The event fields ``compute_blocks`` reads for ``specs``: the time, each entity, value
+    and filter field (a scan needs no others)."""
+    out = {"event_ts"}
+    for spec in specs:
+        out.add(spec.entity)
+        if spec.value:
+            out.add(spec.value)
+        if spec.filter:
+            out |= parse_filter(spec.filter).fields
+    return out
+
+
 def blocks_table(spec: FeatureSpec, res: FeatureBlocksResult) -> pa.Table:
     """``res`` as a :data:`BLOCK_TABLE_SCHEMA` table (plain strings, so tables of the same
     feature from different shards concatenate)."""
@@ -197,7 +210,8 @@ class LocalBlocksEngine:
 
     def topic_blocks(self, topic: str, jobs: Sequence[tuple[FeatureSpec, int]], from_ts: int
                      ) -> tuple[int, dict[str, pa.Table]]:
-        cols = self.raw.scan_columns(topic, from_ts, max(end for _, end in jobs))
+        cols = self.raw.scan_columns(topic, from_ts, max(end for _, end in jobs),
+                                     input_fields([spec for spec, _ in jobs]))
         return len(cols), {spec.key: blocks_table(spec, compute_blocks(spec, cols, from_ts, end))
                            for spec, end in jobs}
 
@@ -340,10 +354,11 @@ def run_batch_blocks(
             # replace this feature's blocks of the range in one commit (idempotent)
             tables.replace_blocks(spec.key, from_ts, ends[spec.key], _offline_rows(spec, blocks),
                                   sizes=spec.block_sizes)
-            store_rows = _store_rows(spec, blocks, online_sizes, online_wm.get(spec.key))
-            if store is not None and store_rows:
-                store.put_block_batch(spec.entity_type, spec.source,
-                                      BlockBatch.from_rows(store_rows))
+            if store is not None:
+                store_rows = _store_rows(spec, blocks, online_sizes, online_wm.get(spec.key))
+                if store_rows:
+                    store.put_block_batch(spec.entity_type, spec.source,
+                                          BlockBatch.from_rows(store_rows))
             if progress:
                 progress(f"{spec.name}: {blocks.num_rows:,} blocks")
     return BatchReport(from_ts, to_ts, tuple(s.name for s in specs), blocks_count, events,

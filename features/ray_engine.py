@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from features.batch import BLOCK_TABLE_SCHEMA, shard_blocks
+from features.batch import BLOCK_TABLE_SCHEMA, input_fields, shard_blocks
 from features.errors import TesseraError
 from features.interning import hash_strings
 from features.spec import FeatureSpec
@@ -142,14 +142,16 @@ def _cluster_shards(ray: Any, shards: int | None) -> int:
     return shards or SHARDS_PER_WORKER * max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _read_iceberg(ray: Any, tables: Any, name: str, row_filter: Any) -> Any:
+def _read_iceberg(ray: Any, tables: Any, name: str, row_filter: Any,
+                  columns: Sequence[str] | None = None) -> Any:
     with warnings.catch_warnings():
         # the Iceberg row filter (the local scan's, with its partition pruning) is deprecated
         # in favour of Ray expressions, which cannot yet say the same
         warnings.filterwarnings("ignore", "The 'row_filter' parameter", DeprecationWarning)
         return ray.data.read_iceberg(table_identifier=tables.identifier(name),
                                      catalog_kwargs=tables.catalog_config,
-                                     row_filter=row_filter)
+                                     row_filter=row_filter,
+                                     selected_fields=tuple(columns) if columns else ("*",))
 
 
 def _collect(ray: Any, ds: Any) -> pa.Table | None:
@@ -187,13 +189,14 @@ class RayBlocksEngine:
                      ) -> tuple[int, dict[str, pa.Table]]:
         """Return (raw events read, ``{spec.key: blocks}``), as ``LocalBlocksEngine`` does."""
         ray = _import_ray()
-        from features.offline.raw import raw_table_name
+        from features.offline.raw import raw_table_name, scan_fields
 
         self.raw.table(topic)  # creates raw_<topic> if missing, as the local scan does
         shards = _cluster_shards(ray, self.shards)
         entities = sorted({spec.entity for spec, _ in jobs})
         events = _read_iceberg(ray, self.raw.offline, raw_table_name(topic),
-                               self.raw.scan_filter(from_ts, max(end for _, end in jobs)))
+                               self.raw.scan_filter(from_ts, max(end for _, end in jobs)),
+                               scan_fields(input_fields([spec for spec, _ in jobs])))
         events = events.materialize()  # read once: counted, then shuffled
         n_events = events.count()
         every = None
@@ -223,6 +226,7 @@ _PAIRED = pa.schema([("kind", pa.int8()), ("entity_id", pa.string()), ("row", pa
                      ("start_ms", pa.int64()), ("size_ms", pa.int64()), ("rep", pa.binary()),
                      ("written_ms", pa.int64()), (GROUP, pa.int64())])
 _MISSING = "\x00missing:"
+_BLOCK_FIELDS = ("entity_id", "feature_key", "start_ms", "size_ms", "rep", "written_ms")
 
 
 def _paired(kind: int, n: int, **cols: Any) -> pa.Table:
@@ -244,9 +248,8 @@ def _blocks_paired(batch: pa.Table, entity_of: dict[str, int], shards: int) -> p
     entity = index[enc.indices.to_numpy(zero_copy_only=False)] if len(index) else \
         np.zeros(0, np.int64)
     group = entity * shards + entity_shards(batch.column("entity_id"), shards)
-    return _paired(_BLOCK, batch.num_rows, **{GROUP: group}, **{
-        c: batch.column(c) for c in ("entity_id", "feature_key", "start_ms", "size_ms", "rep",
-                                     "written_ms")})
+    return _paired(_BLOCK, batch.num_rows, **{GROUP: group},
+                   **{c: batch.column(c) for c in _BLOCK_FIELDS})
 
 
 def _window_columns(jobs: Sequence[tuple[FeatureSpec, list[int]]]) -> list[pa.Field]:
@@ -329,7 +332,7 @@ class RayBackfillEngine:
                                         for lo in range(0, max(every.num_rows, 1), chunk)])
         block_ds = _read_iceberg(ray, self.tables, "blocks", self.tables.blocks_filter(
             feature_keys=[spec.key for spec, _ in jobs], start_from=start_from,
-            start_to=start_to)).map_batches(
+            start_to=start_to), _BLOCK_FIELDS).map_batches(
                 _blocks_paired, batch_format="pyarrow",
                 fn_kwargs={"entity_of": {spec.key: entities.index(spec.entity)
                                          for spec, _ in jobs}, "shards": shards})

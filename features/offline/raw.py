@@ -227,9 +227,18 @@ def _to_arrow(
 EVENT_ORDER = [("event_ts", "ascending"), ("_partition", "ascending"), ("_offset", "ascending")]
 
 
+def scan_fields(columns: Iterable[str] | None) -> list[str] | None:
+    """The raw table columns to read for event fields ``columns``: them and the columns of
+    :data:`EVENT_ORDER` (None: every column)."""
+    if columns is None:
+        return None
+    return sorted({*columns, *(c for c, _ in EVENT_ORDER)})
+
+
 def events_from_arrow(topic: str, data: pa.Table) -> EventColumns:
-    """Rows of ``raw_<topic>`` (any subset of them) as :class:`EventColumns` in
-    :data:`EVENT_ORDER`: what :meth:`RawTables.scan_columns` returns for the same rows."""
+    """Rows of ``raw_<topic>`` (any subset of them, any subset of its columns) as
+    :class:`EventColumns` in :data:`EVENT_ORDER`: what :meth:`RawTables.scan_columns` returns
+    for the same rows and columns."""
     if data.num_rows > 1:
         data = data.sort_by(EVENT_ORDER)
     return _from_arrow(topic, data)
@@ -237,7 +246,10 @@ def events_from_arrow(topic: str, data: pa.Table) -> EventColumns:
 
 def _from_arrow(topic: str, data: pa.Table) -> EventColumns:
     cols: dict[str, Any] = {}
+    present = set(data.column_names)
     for info in topic_schema(topic).fields:
+        if info.name not in present:  # a scan of some columns only
+            continue
         col = data.column(info.name).combine_chunks()
         if info.kind in ("string", "enum"):
             enc = pc.dictionary_encode(col)
@@ -457,15 +469,17 @@ class RawTables:
         return _and_all(_range_predicates("event_ts", "event_date", from_ts, to_ts))
 
     def scan_columns(
-        self, topic: str, from_ts: int | None = None, to_ts: int | None = None
+        self, topic: str, from_ts: int | None = None, to_ts: int | None = None,
+        columns: Iterable[str] | None = None,
     ) -> EventColumns:
         """Return the raw events of ``[from_ts, to_ts)`` as :class:`EventColumns`.
 
         The same columnar type the streaming path decodes (strings and enums as
         ``DictColumn``, integers int64, maps as object arrays of dicts), sorted by
-        ``(event_ts, _partition, _offset)``.
+        ``(event_ts, _partition, _offset)``; only the fields in ``columns`` (default: all).
         """
-        return events_from_arrow(topic, self.scan(topic, from_ts, to_ts))
+        return events_from_arrow(topic, self.scan(topic, from_ts, to_ts,
+                                                  scan_fields(columns)))
 
     def count_rows(self, topic: str) -> int:
         """Return the rows of ``raw_<topic>`` from its snapshot summary (no data read)."""
