@@ -111,27 +111,42 @@ class BlockIndex:
         agg: Aggregation,
         entity_rows: np.ndarray,
         runs: list[tuple[int, np.ndarray, np.ndarray]],
+        positions: dict[int, list[tuple[np.ndarray, np.ndarray]]] | None = None,
     ) -> np.ndarray:
         """One rep per query row: its entity's blocks in its own cover (``cover_runs_many``).
 
         Each query row has its own interval, so thousands of point-in-time reads at
-        different watermarks are answered in a few vectorized calls.
+        different watermarks are answered in a few vectorized calls. Calls for other windows
+        of the same rows may pass one ``positions`` dict: a run boundary they share (the
+        recent edge of every window ending at the same time) is then searched once.
         """
         from features.aggregations.numeric import _Extremum, prefix_sums, reduce_ranges
 
         if self._prefix is None and not isinstance(agg, _Extremum):
             self._prefix = prefix_sums(self.reps)
         entity_rows = np.asarray(entity_rows, dtype=np.int64)
+        known = {} if positions is None else positions
         out = agg.identity_array(len(entity_rows))
         for size, lo_t, hi_t in runs:
             if size not in self.block_sizes:
                 continue
             si = self.block_sizes.index(size)
-            lo = np.searchsorted(self.keys, self._key(entity_rows, si, lo_t))
-            hi = np.searchsorted(self.keys, self._key(entity_rows, si, hi_t))
-            hi = np.maximum(hi, lo)
+            lo = self._positions(entity_rows, si, lo_t, known)
+            hi = np.maximum(self._positions(entity_rows, si, hi_t, known), lo)
             out = agg.combine_arrays(out, reduce_ranges(agg, self.reps, lo, hi, self._prefix))
         return out
+
+    def _positions(self, entity_rows: np.ndarray, si: int, times: np.ndarray,
+                   known: dict[int, list[tuple[np.ndarray, np.ndarray]]]) -> np.ndarray:
+        """Where each row's first block of size ``si`` at or after its time is, searched
+        once per distinct ``times`` array (comparing arrays costs far less than a search)."""
+        seen = known.setdefault(si, [])
+        for t, pos in seen:
+            if t is times or np.array_equal(t, times):
+                return pos
+        pos = np.searchsorted(self.keys, self._key(entity_rows, si, times))
+        seen.append((times, pos))
+        return pos
 
     def assemble(self, agg: Aggregation, entity_rows: np.ndarray, cover: BlockCover) -> np.ndarray:
         """Return one rep per entity in ``entity_rows``: the combine of its blocks in ``cover``."""
