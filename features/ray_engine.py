@@ -99,6 +99,8 @@ def _quiet_ray_data() -> None:
     import ray.data
     from ray.data.context import ShuffleStrategy
 
+    # Ray Data reads its own deprecated settings when a context is made: not ours to fix
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -144,14 +146,16 @@ def _cluster_shards(ray: Any, shards: int | None) -> int:
 
 def _read_iceberg(ray: Any, tables: Any, name: str, row_filter: Any,
                   columns: Sequence[str] | None = None) -> Any:
+    """Table ``name`` of ``tables`` as a Ray dataset: the rows ``row_filter`` keeps (pushed
+    down to Iceberg's planning, which prunes partitions and files), ``columns`` only (pushed
+    down to the Parquet reads)."""
     with warnings.catch_warnings():
         # the Iceberg row filter (the local scan's, with its partition pruning) is deprecated
         # in favour of Ray expressions, which cannot yet say the same
         warnings.filterwarnings("ignore", "The 'row_filter' parameter", DeprecationWarning)
-        return ray.data.read_iceberg(table_identifier=tables.identifier(name),
-                                     catalog_kwargs=tables.catalog_config,
-                                     row_filter=row_filter,
-                                     selected_fields=tuple(columns) if columns else ("*",))
+        ds = ray.data.read_iceberg(table_identifier=tables.identifier(name),
+                                   catalog_kwargs=tables.catalog_config, row_filter=row_filter)
+    return ds.select_columns(list(columns)) if columns else ds
 
 
 def _collect(ray: Any, ds: Any) -> pa.Table | None:
