@@ -79,6 +79,7 @@ def ray_runtime(address: str | None = None, workers: int | None = None) -> Itera
                                   "logging_level": logging.WARNING}
         try:
             if address:
+                _check_reachable(address)
                 ray.init(address=address, **kwargs)
             else:
                 ray.init(num_cpus=workers or os.cpu_count() or 1, **kwargs)
@@ -92,6 +93,24 @@ def ray_runtime(address: str | None = None, workers: int | None = None) -> Itera
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a ``host:port`` (or ``ray://host:port``) nobody listens on: Ray itself
+    retries such an address for minutes before giving up. ``auto`` and other forms are
+    left to Ray."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RayUnavailableError(
+            f"no Ray cluster answers at {address} ({exc}); start one (ray start --head) or "
+            "leave out --ray-address to run a local one for the job") from None
 
 
 def _quiet_ray_data() -> None:

@@ -210,3 +210,16 @@ def test_an_id_has_the_same_shard_in_every_batch():
     assert sa[0] == sb[2] and sa[3] == sb[0] and sa[2] == 0
     assert all(0 <= s < 7 for s in sa + sb)
     assert len(set(entity_shards(pa.array([f"u{i}" for i in range(1000)]), 7).tolist())) == 7
+
+
+def test_the_command_line_names_what_is_wrong_with_the_ray_options(tmp_path):
+    from click.testing import CliRunner
+
+    from tessera.cli import cli
+
+    base = ["batch", "blocks", "--from", "2026-11-01T00:00:00Z", "--to", "2026-11-02T00:00:00Z",
+            "--warehouse", str(tmp_path / "wh"), "--store", f"lmdb://{tmp_path}/store"]
+    res = CliRunner().invoke(cli, [*base, "--engine", "ray", "--ray-address", "127.0.0.1:1"])
+    assert res.exit_code == 1 and "no Ray cluster answers at 127.0.0.1:1" in res.output
+    res = CliRunner().invoke(cli, [*base, "--ray-workers", "2"])
+    assert res.exit_code == 2 and "need --engine ray" in res.output
