@@ -469,6 +469,12 @@ def main() -> None:
                     help="leave out the Iceberg runs (local engine, Ray with 1 and 2 workers)")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
+    if not args.skip_ray:
+        try:
+            import ray.data
+        except ImportError:
+            ap.error("the Ray runs need Ray Data: pip install -e '.[ray]' (or --skip-ray)")
+        del ray
     events = args.events or (1_000_000 if args.quick else 10_000_000)
     n_queries = args.impressions or (100_000 if args.quick else 1_000_000)
     n_sample = args.duckdb_sample or (5_000 if args.quick else 20_000)
