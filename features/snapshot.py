@@ -56,8 +56,8 @@ class FeatureSnapshot:
 
     @cached_property
     def row_of(self) -> dict[str, int]:
-        """``{id: row}``, built on first use (the snapshot keeper does it before publishing,
-        so no request pays for it; it is not pickled with the arrays unless built)."""
+        """``{id: row}``, built on first use (lookups by id; serving's requests gather by
+        catalog position instead); it is not pickled with the arrays unless built."""
         return dict(zip(self.ids.tolist(), range(len(self.ids))))
 
     def rows(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
@@ -99,7 +99,7 @@ def build_snapshot(client: FeatureClient, entity_type: str, ids: Sequence[str],
     keep[1:] = uniq_ids[1:] != uniq_ids[:-1]
     order, uniq_ids = order[keep], uniq_ids[keep]
     id_list = uniq_ids.tolist()
-    key_list = ([joined[1][i] for i in order.tolist()] if joined is not None else [])
+    key_list = np.asarray(joined[1])[order].tolist() if joined is not None else []
     all_names = tuple(names) + (tuple(joined[2]) if joined is not None else ())
     values = np.zeros((len(id_list), len(all_names)), dtype=np.float32)
     missing = np.zeros(values.shape, dtype=bool)

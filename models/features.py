@@ -21,8 +21,9 @@ import json
 import math
 import zlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import repeat
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,6 +34,8 @@ __all__ = [
     "Batch",
     "FeatureSchemaError",
     "CategoricalField",
+    "CodeTable",
+    "CodedColumn",
     "DenseFeature",
     "FeatureSchema",
     "DenseStats",
@@ -59,6 +62,84 @@ class FeatureSchemaError(TesseraError, ValueError):
     """A feature schema, or a value given to build one, is invalid."""
 
 
+class CodeTable:
+    """The distinct values of dictionary-encoded columns (as Arrow's ``DictionaryArray``),
+    with each value's hash bucket kept per bucket count once computed.
+
+    Serving's candidates are thousands of rows over one catalog: their ids, authors and
+    topics are codes into tables like this one, so hashing and matching look at each
+    distinct value once per table, not once per candidate and request. ``values`` may be a
+    numpy unicode array (it crosses processes as one buffer) or any sequence.
+    """
+
+    def __init__(self, values: Sequence[Any] | np.ndarray):
+        if isinstance(values, np.ndarray):
+            self.values = values
+        else:
+            self.values = np.empty(len(values), dtype=object)
+            self.values[:] = list(values)
+        self._hashes: dict[int, np.ndarray] = {}
+        self._index: dict[Any, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def hashed(self, buckets: int, codes: np.ndarray | None = None) -> np.ndarray:
+        """``hash_ids(values, buckets)`` (of ``values[codes]`` when given). Each value is
+        hashed once per bucket count, when first asked for; concurrent callers may both
+        hash a value, writing the same bucket."""
+        got = self._hashes.get(buckets)
+        if got is None:
+            got = self._hashes.setdefault(buckets, np.full(len(self.values), -1, np.int64))
+        out = got if codes is None else got[codes]
+        if (out < 0).any():
+            todo = np.flatnonzero(got < 0) if codes is None else np.unique(codes[out < 0])
+            got[todo] = hash_ids(self.values[todo].tolist(), buckets)
+            out = got if codes is None else got[codes]
+        return out
+
+    def codes_of(self, values: Sequence[Any]) -> np.ndarray:
+        """The code of each of ``values`` (-1 for a value not in the table)."""
+        if self._index is None:
+            self._index = dict(zip(self.values.tolist(), range(len(self.values))))
+        return np.fromiter(map(self._index.get, values, repeat(-1, len(values))),
+                           dtype=np.int64, count=len(values))
+
+
+@dataclass(frozen=True)
+class CodedColumn:
+    """A column whose row ``i`` is ``table.values[codes[i]]``; it reads as that sequence."""
+
+    codes: np.ndarray
+    table: CodeTable
+
+    @classmethod
+    def repeat(cls, value: Any, n: int) -> CodedColumn:
+        """``value`` on each of ``n`` rows."""
+        return cls(np.zeros(n, dtype=np.int64), CodeTable([value]))
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.table.values[self.codes[i]]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.values().tolist())
+
+    def values(self) -> np.ndarray:
+        """The rows' values (an array of the table's dtype)."""
+        return self.table.values[self.codes]
+
+    def take(self, rows: np.ndarray) -> CodedColumn:
+        """The column of ``rows`` only (same table)."""
+        return CodedColumn(self.codes[rows], self.table)
+
+    def hashed(self, buckets: int) -> np.ndarray:
+        """``hash_ids(list(self), buckets)`` as a gather from the table's buckets."""
+        return self.table.hashed(buckets, self.codes)
+
+
 def hash_ids(ids: Sequence[Any], buckets: int) -> np.ndarray:
     """Hash ids into ``[1, buckets)``; ``None``/empty ids map to 0 (the padding bucket).
 
@@ -70,6 +151,8 @@ def hash_ids(ids: Sequence[Any], buckets: int) -> np.ndarray:
     """
     if isinstance(buckets, bool) or not isinstance(buckets, (int, np.integer)) or buckets < 2:
         raise FeatureSchemaError(f"buckets must be an int >= 2, got {buckets!r}")
+    if isinstance(ids, CodedColumn):
+        return ids.hashed(int(buckets))
     mod = int(buckets) - 1
     cache = _HASHES.get(mod)
     if cache is None or len(cache) > HASH_CACHE_SIZE:
@@ -148,6 +231,16 @@ def key_counts(keys: Sequence[Any], lists: Sequence[Any]) -> tuple[np.ndarray, n
     if n and isinstance(lists, list) and lists.count(lists[0]) == n:
         items = _as_list(lists[0])
         counts = Counter(items)
+        if isinstance(keys, CodedColumn):  # each distinct key counted once, then gathered
+            table = keys.table.values
+            if len(table) <= 4 * n:  # a small table (topics): count every value of it
+                per_code = np.fromiter(map(counts.get, table.tolist(), repeat(0, len(table))),
+                                       dtype=np.float64, count=len(table))
+                return per_code[keys.codes], np.full(n, float(len(items)))
+            used, inverse = np.unique(keys.codes, return_inverse=True)
+            per_code = np.fromiter(map(counts.get, table[used].tolist(), repeat(0, len(used))),
+                                   dtype=np.float64, count=len(used))
+            return per_code[inverse.reshape(-1)], np.full(n, float(len(items)))
         per_key = {k: counts.get(k, 0) for k in set(keys)}
         count = np.fromiter(map(per_key.__getitem__, keys), dtype=np.float64, count=n)
         return count, np.full(n, float(len(items)))
@@ -430,22 +523,24 @@ def dense_matrix(rows: Sequence[Mapping[str, Any]] | Batch, schema: FeatureSchem
     """
     batch = columnar(rows)
     n = _length(batch)
-    out = np.empty((n, len(schema.dense)), dtype=np.float32)
+    dense = schema.dense
+    x = np.empty((n, len(dense)), dtype=np.float64)
     crosses = {k.name: k for k in schema.crosses}
-    for j, f in enumerate(schema.dense):
+    for j, f in enumerate(dense):
         col = batch.get(f.name)
         cross = crosses.get(f.name)
         if col is None and cross is not None and cross.key in batch:
             col = cross.compute(batch, n)
-        if col is None:
-            x = np.full(n, f.default, dtype=np.float64)
-        else:
-            x = np.asarray(col, dtype=np.float64)  # None -> NaN
-            x = np.where(np.isfinite(x), x, f.default)
-        if f.log1p:
-            x = np.sign(x) * np.log1p(np.abs(x))
-        out[:, j] = (x - f.mean) / f.std
-    return out
+        x[:, j] = f.default if col is None else np.asarray(col, dtype=np.float64)  # None: NaN
+    # the transforms once over the whole matrix (elementwise: the same values per column)
+    defaults = np.array([f.default for f in dense], dtype=np.float64)
+    x = np.where(np.isfinite(x), x, defaults)
+    logged = np.array([f.log1p for f in dense], dtype=bool)
+    if logged.any():
+        x[:, logged] = np.sign(x[:, logged]) * np.log1p(np.abs(x[:, logged]))
+    mean = np.array([f.mean for f in dense], dtype=np.float64)
+    std = np.array([f.std for f in dense], dtype=np.float64)
+    return ((x - mean) / std).astype(np.float32)
 
 
 def categorical_matrix(rows: Sequence[Mapping[str, Any]] | Batch,
@@ -457,7 +552,7 @@ def categorical_matrix(rows: Sequence[Mapping[str, Any]] | Batch,
     for j, c in enumerate(schema.categorical):
         col = batch.get(c.name)
         if col is not None:
-            out[:, j] = hash_ids(list(col), c.buckets)
+            out[:, j] = hash_ids(col if isinstance(col, CodedColumn) else list(col), c.buckets)
     return out
 
 

@@ -10,8 +10,10 @@ in-flight counter checked before any work: beyond ``max_in_flight`` a request ge
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,8 @@ from tessera.logs import get_logger
 
 log = get_logger("serving.app")
 _ROLE_RANK = {"read": 0, "write": 1, "admin": 2}
+#: the first catalog build waits at most this long for this process's reader of ``items``
+CATALOG_CATCH_UP_S = 60.0
 
 
 def json_response(data: Any, status: int = 200, headers: dict | None = None) -> Response:
@@ -67,7 +71,8 @@ class ServingState:
         self.gc_freezer = GcFreezer()
         self.features = load_features(config.features_path)
         self.store = open_store(config.store_url, readonly=True)
-        self.client = FeatureClient(self.store, self.features, cache=FeatureCache())
+        self.client = FeatureClient(self.store, self.features, cache=FeatureCache(),
+                                    watermark_ttl_ms=config.watermark_ttl_ms)
         self.catalog = ItemCatalog()
         self.logger = ImpressionLogger(config.bootstrap, config.spool_dir, metrics=self.metrics)
         from serving.tracking import CtrTracker, DriftTracker
@@ -125,13 +130,16 @@ class ServingState:
         the background process when there is one: see ``serving.catalog_builder``)."""
         try:
             if self.catalog_builder is not None:
-                snap = self.catalog_builder.build()
-                self.catalog.publish(snap)
+                version = self.catalog.version  # items changed after it get patched in
+                snap, frame = self.catalog_builder.build()
+                t0 = time.perf_counter()
+                self.catalog.publish(snap, dataclasses.replace(frame, catalog_version=version))
                 log.info("catalog_refreshed", items=len(snap.popularity),
                          trending=len(snap.trending), topics=len(snap.by_topic),
-                         build_s=round(self.catalog_builder.last_build_s, 3))
+                         build_s=round(self.catalog_builder.last_build_s, 3),
+                         publish_s=round(time.perf_counter() - t0, 4))
             else:
-                refresh_lists(self.catalog, self.store)
+                self.catalog.publish(refresh_lists(self.catalog, self.store))
         except TesseraError as exc:
             log.warning("catalog_refresh_failed", error=str(exc)[:200])
         except Exception as exc:  # a bug must not stop the refresher thread for good
@@ -141,7 +149,12 @@ class ServingState:
 
     def _refresh_loop(self) -> None:
         if self.catalog_builder is not None:
-            self.refresh_catalog()  # the first lists, before /readyz answers 200
+            # the first lists, before /readyz answers 200, once this process has read the
+            # items too: items changed after the build asked are patched into every
+            # request's columns, so asking before the catalog loaded patches all of them
+            if self.follower is not None:
+                self.follower.caught_up.wait(CATALOG_CATCH_UP_S)
+            self.refresh_catalog()
         while not self._stop.wait(self.config.refresh_interval_s):
             self.refresh_catalog()
             self.gc_freezer.refreeze()  # the rebuilt catalog (and any new model) joins it

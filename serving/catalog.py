@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from models.features import CodedColumn, CodeTable
+from serving.frame import CandidateFrame, build_frame
 from tessera.logs import get_logger
 
 log = get_logger("serving.catalog")
@@ -74,7 +76,14 @@ class ItemCatalog:
         self._topic: dict[str, str] = {}
         self._lock = threading.Lock()
         self.snapshot = CatalogSnapshot()
-        # items whose author changed (new, re-authored or deleted), in order; entry k is
+        #: the published snapshot as columns (``serving.frame``): what requests read
+        self.frame = CandidateFrame()
+        #: (frame, version, (authors, topics)) of the last ``candidate_columns`` of the
+        #: last two frames asked about
+        self._columns: tuple[tuple[CandidateFrame, int, tuple[CodedColumn, CodedColumn]], ...] = ()
+        #: catalog versions of the previous and the current frame (their patches start there)
+        self._frame_versions: tuple[int, ...] = ()
+        # items whose author or topic changed (new, re-authored or deleted), in order; entry k is
         # change number ``_changes_base + k + 1``. ``version`` counts all changes so far.
         self._changes: list[str] = []
         self._changes_base = 0
@@ -86,15 +95,17 @@ class ItemCatalog:
             return self._changes_base + len(self._changes)
 
     def changed_since(self, version: int) -> list[str]:
-        """Items whose author changed after ``version`` (all of them if it was forgotten)."""
+        """Items whose author or topic changed after ``version`` (all of them if it was forgotten)."""
         with self._lock:
             if version < self._changes_base:
                 return list(self._meta) + self._changes
             return self._changes[version - self._changes_base:]
 
     def forget_before(self, version: int) -> None:
-        """Drop the change log up to ``version`` (no reader asks about older versions)."""
+        """Drop the change log up to ``version`` (no reader asks about older versions); the
+        versions of the current and the previous frame are kept (requests patch from them)."""
         with self._lock:
+            version = min(version, *self._frame_versions) if self._frame_versions else version
             k = min(max(0, version - self._changes_base), len(self._changes))
             del self._changes[:k]
             self._changes_base += k
@@ -103,7 +114,7 @@ class ItemCatalog:
                deleted: bool = False) -> None:
         """Record an item event."""
         with self._lock:
-            before = self._meta.get(item_id, ("",))[0]
+            before = self._meta.get(item_id, ("", ""))[:2]
             if deleted:
                 self._meta.pop(item_id, None)
                 self._author.pop(item_id, None)
@@ -112,7 +123,7 @@ class ItemCatalog:
                 self._meta[item_id] = (author_id, topic, int(created_ts))
                 self._author[item_id] = author_id
                 self._topic[item_id] = topic
-            if ("" if deleted else author_id) != before:
+            if (("", "") if deleted else (author_id, topic)) != before:
                 self._changes.append(item_id)
                 # bounded whether or not a snapshot keeper trims it: a reader older than
                 # the dropped part gets every item (``changed_since``), never a wrong answer
@@ -184,9 +195,67 @@ class ItemCatalog:
         self.snapshot = snap
         return snap
 
-    def publish(self, snap: CatalogSnapshot) -> None:
-        """Swap in lists built elsewhere (the catalog builder's process)."""
+    def publish(self, snap: CatalogSnapshot, frame: CandidateFrame | None = None) -> None:
+        """Swap in lists and their frame (``serving.frame``).
+
+        ``frame`` comes built with the lists (the catalog builder's child process makes
+        it, so the serving interpreter never walks the whole catalog); its
+        ``catalog_version`` must be this catalog's version from before the lists were
+        asked for (later changes are patched in by ``candidate_columns``). Without one, the
+        frame is built here (small catalogs: tests, no Kafka).
+        """
+        if frame is None:
+            ids = snap.popularity.ids
+            version = self.version  # before the metadata is read: later changes get patched
+            id_list = ids.tolist()
+            frame = build_frame(ids, self.authors(id_list), self.topics(id_list),
+                                trending=snap.trending, fresh=snap.fresh,
+                                by_topic=snap.by_topic, catalog_version=version)
+        with self._lock:
+            self._frame_versions = (*self._frame_versions[-1:], frame.catalog_version)
         self.snapshot = snap
+        self.frame = frame
+
+    def candidate_columns(self, frame: CandidateFrame) -> tuple[CodedColumn, CodedColumn]:
+        """Author and topic of every position of ``frame``, as the catalog has them now.
+
+        The frame's own columns, with the items changed since it was built patched in
+        (a copy, made once per catalog version and frame, not per request).
+        """
+        version = self.version
+        for cached in self._columns:
+            if cached[0] is frame and cached[1] == version:
+                return cached[2]
+        authors, topics = frame.authors, frame.topics
+        changed = self.changed_since(frame.catalog_version) \
+            if version != frame.catalog_version else []
+        if changed:
+            pos = frame.positions(changed)
+            hit = pos >= 0
+            if hit.any():
+                ids = [changed[k] for k in np.flatnonzero(hit).tolist()]
+                authors = _patched(authors, pos[hit], self.authors(ids))
+                topics = _patched(topics, pos[hit], self.topics(ids))
+        columns = (authors, topics)
+        # the last two frames: requests on the published one while a snapshot is built
+        # over the next one (the keeper asks for the next one's) do not evict each other
+        self._columns = (*[c for c in self._columns if c[0] is not frame][-1:],
+                         (frame, version, columns))
+        return columns
+
+
+def _patched(col: CodedColumn, rows: np.ndarray, values: list[str]) -> CodedColumn:
+    """``col`` with ``values`` at ``rows`` (a new column; new values extend a new table)."""
+    table = col.table.values.tolist()
+    index = dict(zip(table, range(len(table))))
+    codes = col.codes.copy()
+    for r, v in zip(rows.tolist(), values):
+        code = index.get(v)
+        if code is None:
+            code = index[v] = len(table)
+            table.append(v)
+        codes[r] = code
+    return CodedColumn(codes, col.table if len(table) == len(col.table) else CodeTable(table))
 
 
 class CatalogFollower:

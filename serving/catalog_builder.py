@@ -15,6 +15,7 @@ import time
 
 from features.snapshot_process import SnapshotBuilder
 from serving.catalog import CatalogFollower, CatalogSnapshot, ItemCatalog, refresh_lists
+from serving.frame import CandidateFrame, build_frame
 
 #: how long the child's first build waits for its reader to reach the end of ``items``
 CATCH_UP_WAIT_S = 30.0
@@ -27,8 +28,10 @@ PAUSE_S = 0.01
 _CHILD: dict[tuple[str, str], tuple[ItemCatalog, CatalogFollower, object]] = {}
 
 
-def _build_in_child(bootstrap: str, store_url: str, topic: str) -> CatalogSnapshot:
-    """Child side: follow ``topic`` from the first call on, then rebuild from the store."""
+def _build_in_child(bootstrap: str, store_url: str,
+                    topic: str) -> tuple[CatalogSnapshot, CandidateFrame]:
+    """Child side: follow ``topic`` from the first call on, then rebuild from the store;
+    the lists and their frame (``serving.frame``: ids, authors and topics as arrays)."""
     key = (bootstrap, store_url)
     if key not in _CHILD:
         from features.store import open_store
@@ -38,7 +41,12 @@ def _build_in_child(bootstrap: str, store_url: str, topic: str) -> CatalogSnapsh
         _CHILD[key] = (catalog, follower, open_store(store_url, readonly=True))
         follower.caught_up.wait(CATCH_UP_WAIT_S)
     catalog, _, store = _CHILD[key]
-    return refresh_lists(catalog, store, pause_s=PAUSE_S, chunk=CHUNK)
+    snap = refresh_lists(catalog, store, pause_s=PAUSE_S, chunk=CHUNK)
+    ids = snap.popularity.ids.tolist()
+    frame = build_frame(snap.popularity.ids, catalog.authors(ids), catalog.topics(ids),
+                        trending=snap.trending, fresh=snap.fresh, by_topic=snap.by_topic,
+                        catalog_version=0)  # the parent sets its own catalog's version
+    return snap, frame
 
 
 class CatalogBuilder:
@@ -50,9 +58,10 @@ class CatalogBuilder:
         self.topic = topic
         self.last_build_s = 0.0
 
-    def build(self) -> CatalogSnapshot:
-        """The lists as of now (the first call also waits for the child's reader to catch
-        up, at most ``CATCH_UP_WAIT_S``). Store errors are raised here as ``TesseraError``."""
+    def build(self) -> tuple[CatalogSnapshot, CandidateFrame]:
+        """The lists as of now and their frame (the first call also waits for the child's
+        reader to catch up, at most ``CATCH_UP_WAIT_S``). Store errors are raised here as
+        ``TesseraError``."""
         t0 = time.perf_counter()
         snap = self.process.run(_build_in_child, self.bootstrap, self.process.store_url,
                                 self.topic)

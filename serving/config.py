@@ -39,6 +39,8 @@ class ServingConfig:
             end in memory (``serving.snapshots``), so hydration is a gather; off: every
             request reads the store.
         snapshot_interval_s: how often the snapshot's end is checked against the store's.
+        watermark_ttl_ms: how long the store's watermarks are reused between reads (a
+            request's end moves only at block boundaries; this delays it by at most that).
         device: where the ONNX models run: ``auto`` (CUDA when offered), ``cpu``, or
             ``cuda`` (refuses to start without a CUDA provider).
     """
@@ -65,6 +67,7 @@ class ServingConfig:
     refresh_interval_s: float = 30.0
     feature_snapshot: bool = True
     snapshot_interval_s: float = 1.0
+    watermark_ttl_ms: int = 50
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -72,6 +75,8 @@ class ServingConfig:
             raise ValueError(f"port must be 1..65535, got {self.port}")
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        if self.watermark_ttl_ms < 0:
+            raise ValueError(f"watermark_ttl_ms must be >= 0, got {self.watermark_ttl_ms}")
         if self.feed_threads < 1:
             raise ValueError(f"feed_threads must be >= 1, got {self.feed_threads}")
         if not 1 <= self.default_limit <= self.max_limit:

@@ -23,9 +23,11 @@ from features.errors import TesseraError
 from features.fingerprint import fingerprint_name, list_fingerprint
 from features.spec import DEFAULT_BLOCK_SIZES
 from features.store.base import NO_WATERMARK
+from models.features import CodedColumn
 from serving.catalog import ItemCatalog
 from serving.config import ServingConfig
 from serving.forward_log import ImpressionLogger
+from serving.frame import SOURCE_CODE, SOURCES, CandidateFrame
 from serving.metrics import ServingMetrics
 from serving.ranking import ModelBundle
 from serving.requests import FeedRequest
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
 
 log = get_logger("serving.pipeline")
 
-SOURCE_PRIORITY = ("ann", "topics", "follow", "trending", "fresh")
 CANDIDATE_CACHE_ENTRIES = 100_000
 #: how much older than the newest trusted end a request may read at, to stay on the feature
 #: snapshot while the next one is built: one streaming block
@@ -57,6 +58,33 @@ class FeedResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """Merged candidates of one request: positions in ``frame`` and each one's source code
+    (``serving.frame.SOURCES``), in generator order, each item once."""
+
+    frame: CandidateFrame
+    pos: np.ndarray
+    source: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+    def without(self, ids: list[str]) -> Candidates:
+        """These candidates less ``ids`` (what the user just saw)."""
+        if not ids or not len(self.pos):
+            return self
+        seen = self.frame.positions(ids)
+        mark = np.zeros(len(self.frame), dtype=bool)
+        mark[seen[seen >= 0]] = True
+        keep = ~mark[self.pos]
+        return Candidates(self.frame, self.pos[keep], self.source[keep])
+
+    def ids(self) -> list[str]:
+        """The candidates' item ids."""
+        return self.frame.ids_at(self.pos)
+
+
 class FeedPipeline:
     """Everything a feed request needs, shared by the request threads."""
 
@@ -74,7 +102,7 @@ class FeedPipeline:
         self.drift = drift  # served feature distributions
         self.snapshots = snapshots  # item + author features at the current end, in memory
         # per (user, feed type): the merged candidates, for candidate_cache_ttl_ms
-        self._candidate_cache: TTLCache[tuple[str, str], list[tuple[str, str]]] = TTLCache(
+        self._candidate_cache: TTLCache[tuple[str, str], Candidates] = TTLCache(
             maxsize=CANDIDATE_CACHE_ENTRIES, ttl=config.candidate_cache_ttl_ms / 1000)
         self._candidate_lock = threading.Lock()  # TTLCache is not thread-safe
 
@@ -99,49 +127,65 @@ class FeedPipeline:
             return [], []
 
     def candidates(self, req: FeedRequest, seq_items: list[str], models: ModelBundle,
-                   user_row: dict | None = None) -> list[tuple[str, str]]:
-        """Fan out to the generators; merge and dedupe keeping each item's first source."""
+                   user_row: dict | None = None) -> Candidates:
+        """Fan out to the generators; merge and dedupe keeping each item's first source.
+
+        Each generator offers at most its limit (an item another one offered first counts
+        against it too); items the catalog's frame lacks are left out (no metadata to rank
+        them with).
+        """
+        frame = self.frame()
         key = (req.user_id, req.feed_type)
         with self._candidate_lock:
             hit = self._candidate_cache.get(key)
-        if hit is not None:
+        if hit is not None and hit.frame is frame:
             self.metrics.cache.labels(cache="candidates", result="hit").inc()
             return hit
         self.metrics.cache.labels(cache="candidates", result="miss").inc()
         limits = self.config.candidate_limits
-        snap = self.catalog.snapshot
-        out: dict[str, str] = {}
+        parts: list[np.ndarray] = []
+        sources: list[int] = []
 
-        def add(ids, source: str, limit: int) -> None:
-            n = 0
-            for i in ids:
-                if n >= limit:
-                    break
-                if i not in out:
-                    out[i] = source
-                n += 1
+        def add(pos: np.ndarray, source: str, limit: int) -> None:
+            parts.append(pos[:limit])
+            sources.append(SOURCE_CODE[source])
 
         if models.retrieval is not None and seq_items is not None:
+            limit = limits.get("ann", 1000)
             try:
-                add(models.retrieval.search(seq_items, limits.get("ann", 1000), user_row),
-                    "ann", limits.get("ann", 1000))
+                found = frame.positions(models.retrieval.search(seq_items, limit, user_row)[:limit])
+                add(found[found >= 0], "ann", limit)
             except Exception as exc:  # a broken index must not fail the request
                 log.warning("ann_failed", error=str(exc)[:200])
         topics = Counter(t for t in self.catalog.topics(seq_items) if t)
         if topics:
             per = max(1, limits.get("topics", 500) // max(1, min(3, len(topics))))
             for topic, _ in topics.most_common(3):
-                add(snap.by_topic.get(topic, ()), "topics", per)
+                add(frame.by_topic.get(topic, frame.fresh[:0]), "topics", per)
         if req.feed_type == "FOLLOW":
-            authors = {a for a in self.catalog.authors(seq_items) if a}
-            add((i for i in snap.trending if (self.catalog.meta(i) or ("",))[0] in authors),
-                "follow", limits.get("topics", 500))
-        add(snap.trending, "trending", limits.get("trending", 500))
-        add(snap.fresh, "fresh", limits.get("fresh", 300))
-        result = list(out.items())
+            authors, _ = self.catalog.candidate_columns(frame)
+            followed = authors.table.codes_of([a for a in self.catalog.authors(seq_items) if a])
+            trending = frame.trending
+            add(trending[np.isin(authors.codes[trending], followed[followed >= 0])], "follow",
+                limits.get("topics", 500))
+        add(frame.trending, "trending", limits.get("trending", 500))
+        add(frame.fresh, "fresh", limits.get("fresh", 300))
+        pos = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        source = np.repeat(np.array(sources, dtype=np.int8), [len(p) for p in parts])
+        _, first = np.unique(pos, return_index=True)
+        first.sort()
+        result = Candidates(frame, pos[first], source[first])
         with self._candidate_lock:
             self._candidate_cache[key] = result
         return result
+
+    def frame(self) -> CandidateFrame:
+        """The catalog frame requests take candidates from: the feature snapshot's while
+        there is one (its rows are the frame's positions), else the catalog's newest."""
+        cur = self.snapshots.current if self.snapshots is not None else None
+        if cur is not None and cur.frame is not None:
+            return cur.frame
+        return self.catalog.frame
 
     # ------------------------------------------------------------------ request
     def _read(self, entity_type: str, ids: list[str], names: Any, end: int,
@@ -180,12 +224,12 @@ class FeedPipeline:
         held = cur.features.end
         return held if held < newest <= held + SNAPSHOT_LAG_MS else newest
 
-    def _hydrate_items(self, ids: list[str], item_names: tuple[str, ...],
+    def _hydrate_items(self, cands: Candidates, item_names: tuple[str, ...],
                        author_names: tuple[str, ...], end: int,
                        splits: set[str] | None = None) -> dict[str, np.ndarray]:
-        """Item and author feature columns of ``ids`` at ``end`` (one per name).
+        """Item and author feature columns of the candidates at ``end`` (one per name).
 
-        From the process's feature snapshot when it is at ``end`` (a gather; the ids it
+        From the process's feature snapshot when it is at ``end`` (a gather; the items it
         lacks are read from the store at the same end), else from the store.
         """
         names = item_names + author_names
@@ -193,16 +237,16 @@ class FeedPipeline:
         if snap is None:
             if self.snapshots is not None:
                 self.metrics.cache.labels(cache="snapshot", result="miss").inc()
-            return self._read_items(ids, item_names, author_names, end, splits)
+            return self._read_items(cands.ids(), item_names, author_names, end, splits)
         self.metrics.cache.labels(cache="snapshot", result="hit").inc()
-        rows = self.snapshots.rows(snap, ids)
+        rows = self.snapshots.rows_at(snap, cands.frame, cands.pos)
         feats = snap.features
         absent = np.flatnonzero(rows < 0)
         if not len(absent):
             cols = feats.columns(rows)
         else:  # items newer than the snapshot, or re-authored: the store, at the same end
             values = feats.values[np.where(rows < 0, 0, rows)]
-            rest = self._read_items([ids[i] for i in absent.tolist()], item_names,
+            rest = self._read_items(cands.frame.ids_at(cands.pos[absent]), item_names,
                                     author_names, end, splits)
             for j, n in enumerate(feats.names):
                 values[absent, j] = rest[n]
@@ -260,40 +304,41 @@ class FeedPipeline:
                 log.warning("hydrate_user_failed", error=str(exc)[:200])
         with self._stage("candidates", timings):
             cands = self.candidates(req, seq_items, models, user_row)
-        if seq_items:  # what the user just saw is not offered again
-            seen = set(seq_items)
-            cands = [c for c in cands if c[0] not in seen]
-        self.metrics.candidates.labels(stage="retrieved").observe(len(cands))
-        ids, sources = (list(col) for col in zip(*cands)) if cands else ([], [])
+            cands = cands.without(seq_items)  # what the user just saw is not offered again
+            frame = cands.frame
+            authors_all, topics_all = self.catalog.candidate_columns(frame)
+            item_col = CodedColumn(cands.pos, frame.items)
+            author_col = authors_all.take(cands.pos)
+            topic_col = topics_all.take(cands.pos)
+        n_cands = len(cands)
+        self.metrics.candidates.labels(stage="retrieved").observe(n_cands)
 
         with self._stage("hydrate", timings):
             try:
                 if "store_unavailable" in degraded:
                     raise TesseraError("the store failed for the user read")
-                item_cols = self._hydrate_items(ids, item_names, author_names, watermark,
+                item_cols = self._hydrate_items(cands, item_names, author_names, watermark,
                                                 splits)
             except TesseraError as exc:
                 if "store_unavailable" not in degraded:
                     degraded.append("store_unavailable")
                 self.metrics.degraded.labels(reason="store_unavailable").inc()
                 log.warning("hydrate_failed", error=str(exc)[:200])
-                item_cols = {"item_views_1d": self.catalog.snapshot.popularity.of(ids),
-                             "item_ctr_1d": np.full(len(ids), 0.01)}
+                item_cols = {"item_views_1d": self.catalog.snapshot.popularity.of(cands.ids()),
+                             "item_ctr_1d": np.full(n_cands, 0.01)}
                 user_row = {}
-        context = {"item_id": ids, "author_id": self.catalog.authors(ids),
-                   "topic": self.catalog.topics(ids), "user_id": req.user_id,
-                   "sequence": seq_items}
-        scores_l1 = np.zeros(len(ids))
+        context = {"item_id": item_col, "author_id": author_col, "topic": topic_col,
+                   "user_id": CodedColumn.repeat(req.user_id, n_cands), "sequence": seq_items}
+        scores_l1 = np.zeros(n_cands)
         with self._stage("l1", timings):
             ranker = models.l1 if models.l1 is not None and not degraded else models.fallback
-            if ids:
+            if n_cands:
                 scores_l1 = ranker.score(item_cols, user=user_row, context=context)
             keep = np.argsort(-scores_l1, kind="stable")[: self.config.l1_keep]
         self.metrics.candidates.labels(stage="l1").observe(len(keep))
         sub_cols = {n: c[keep] for n, c in item_cols.items()}
-        kept = keep.tolist()
-        sub_ctx = {**context, **{name: list(map(context[name].__getitem__, kept))
-                                 for name in ("item_id", "author_id", "topic")}}
+        sub_ctx = {**context, **{name: context[name].take(keep)
+                                 for name in ("item_id", "author_id", "topic", "user_id")}}
         with self._stage("l2", timings):
             ranker2 = models.l2 if models.l2 is not None and not degraded else models.fallback
             scores_l2 = (ranker2.score(sub_cols, user=user_row, context=sub_ctx)
@@ -303,15 +348,16 @@ class FeedPipeline:
         with self._stage("rules", timings):
             per_author: Counter = Counter()
             page = []
+            author_of = author_col.values().tolist()
             for idx in order.tolist():
-                author = (self.catalog.meta(ids[idx]) or ("",))[0]
+                author = author_of[idx]
                 if author and per_author[author] >= self.config.author_cap:
                     continue
                 per_author[author] += 1
                 page.append(idx)
                 if len(page) >= req.limit:
                     break
-        n0 = max(1, len(ids))
+        n0 = max(1, n_cands)
         self.metrics.survival.labels(stage="l1").set(len(keep) / n0)
         self.metrics.survival.labels(stage="page").set(len(page) / n0)
         versions = models.versions
@@ -329,13 +375,15 @@ class FeedPipeline:
             user_logged.update({f"user:{fingerprint_name(k)}": list_fingerprint(v)
                                 for k, v in user_row.items()
                                 if v is None or isinstance(v, list)})
-        for pos, idx in enumerate(page):
-            item_id = ids[idx]
-            author, topic, _ = self.catalog.meta(item_id) or ("", "", 0)
+        page_ids = frame.ids_at(cands.pos[page])
+        page_topics = topic_col.values()[page].tolist()
+        for pos, (idx, item_id, topic) in enumerate(zip(page, page_ids, page_topics)):
+            author = author_of[idx]
+            source = SOURCES[cands.source[idx]]
             imp_id = f"imp-{uuid.uuid4().hex}"
             score = float(l2_of[idx])
             items.append({"item_id": item_id, "author_id": author, "score": score,
-                          "source": sources[idx], "position": pos, "impression_id": imp_id})
+                          "source": source, "position": pos, "impression_id": imp_id})
             feats = {n: float(item_cols[n][idx]) for n in logged_names
                      if item_cols[n][idx] == item_cols[n][idx]}
             feats.update(user_logged)
@@ -343,7 +391,7 @@ class FeedPipeline:
                 "impression_id": imp_id, "event_id": imp_id, "event_ts": now,
                 "request_id": request_id, "user_id": req.user_id, "item_id": item_id,
                 "author_id": author, "topic": topic, "position": pos,
-                "feed_type": req.feed_type, "source": sources[idx],
+                "feed_type": req.feed_type, "source": source,
                 "model_versions": versions,
                 "scores": {"l1": float(scores_l1[idx]), "l2": score},
                 "features": feats, "feature_watermark": int(watermark),

@@ -1,10 +1,12 @@
 """Keeps the serving process's item feature snapshot at the newest window end.
 
 A background thread checks the request end (``FeatureClient.snapshot_end`` over the item
-and author features the loaded models read) every ``interval_s``; when it moved, or the
-models now read other features, it builds a new ``FeatureSnapshot`` of every catalog item
-(its own features and its author's, read at that end) and publishes it with one
-assignment. A request whose end equals the snapshot's gathers from it; any other request,
+and author features the loaded models read) every ``interval_s``; when it moved, the
+models now read other features, or the catalog published a new frame, it builds a new
+``FeatureSnapshot`` of every item of the catalog's frame (its own features and its
+author's, read at that end; row ``r`` is the frame's position ``r``) and publishes it with
+one assignment. Requests take their candidates from the snapshot's frame, so a gather by
+position finds their rows. A request whose end equals the snapshot's gathers from it; any other request,
 and items the snapshot does not hold, read the store at the request's end as before, so a
 snapshot changes how fast values are found, never which values.
 
@@ -30,6 +32,7 @@ from features.snapshot import FeatureSnapshot, build_snapshot
 from features.snapshot_process import SnapshotBuilder
 from features.store.base import NO_WATERMARK
 from serving.catalog import ItemCatalog
+from serving.frame import CandidateFrame, positions_in
 from tessera.logs import get_logger
 
 log = get_logger("serving.snapshots")
@@ -37,10 +40,12 @@ log = get_logger("serving.snapshots")
 
 @dataclass(frozen=True)
 class ItemSnapshot:
-    """A feature snapshot and the catalog version its author keys were taken at."""
+    """A feature snapshot, the catalog version its author keys were taken at, and the
+    catalog frame it was built over (row ``r`` is the frame's position ``r``)."""
 
     features: FeatureSnapshot
     catalog_version: int
+    frame: CandidateFrame | None = None
 
 
 class SnapshotKeeper:
@@ -62,6 +67,8 @@ class SnapshotKeeper:
         #: (snapshot, catalog version, stale-row mask) of the last ``_stale_rows``
         self._stale: tuple[ItemSnapshot, int, np.ndarray | None] | None = None
         self._built_at = 0.0
+        #: (snapshot, frame, snapshot row of each frame position) of the last ``frame_rows``
+        self._frame_rows: tuple[ItemSnapshot, CandidateFrame, np.ndarray] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="feature-snapshot",
                                         daemon=True)
@@ -94,6 +101,29 @@ class SnapshotKeeper:
             rows[found & stale[np.where(found, rows, 0)]] = -1
         return rows
 
+    def rows_at(self, snap: ItemSnapshot, frame: CandidateFrame, pos: np.ndarray) -> np.ndarray:
+        """``rows`` for the items at ``pos`` of ``frame``: the positions themselves when
+        ``snap`` was built over ``frame`` (requests use the snapshot's frame), else a gather
+        from a position-to-row map made once per (snapshot, frame)."""
+        if snap.frame is frame and len(snap.features.ids) == len(frame.ids):
+            rows = np.array(pos, dtype=np.int64)
+        else:
+            rows = self.frame_rows(snap, frame)[pos]
+        stale = self._stale_rows(snap)
+        if stale is not None and len(rows):
+            found = rows >= 0
+            rows[found & stale[np.where(found, rows, 0)]] = -1
+        return rows
+
+    def frame_rows(self, snap: ItemSnapshot, frame: CandidateFrame) -> np.ndarray:
+        """The snapshot row of every position of ``frame`` (-1 where it has none)."""
+        cached = self._frame_rows
+        if cached is not None and cached[0] is snap and cached[1] is frame:
+            return cached[2]
+        rows = positions_in(snap.features.ids, frame.ids)
+        self._frame_rows = (snap, frame, rows)
+        return rows
+
     def _stale_rows(self, snap: ItemSnapshot) -> np.ndarray | None:
         """Whether each row of ``snap`` belongs to an item re-authored since it was built
         (None: none is). Computed once per catalog version, not per request: while the
@@ -105,7 +135,7 @@ class SnapshotKeeper:
         changed = self.catalog.changed_since(snap.catalog_version)
         mask = None
         if changed:
-            rows = snap.features.rows(changed)
+            rows = positions_in(snap.features.ids, changed)
             mask = np.zeros(len(snap.features.ids), dtype=bool)
             mask[rows[rows >= 0]] = True
         self._stale = (snap, version, mask)
@@ -120,22 +150,25 @@ class SnapshotKeeper:
         end = self.client.snapshot_end([("item", item_names), ("author", author_names)])
         if end == NO_WATERMARK:
             return self.current
+        frame = self.catalog.frame
         cur = self.matching(end, item_names + author_names)
-        if cur is not None and (cur.catalog_version == self.catalog.version
-                                or time.monotonic() - self._built_at < self.catalog_rebuild_s):
+        if cur is not None and cur.frame is frame and (
+                cur.catalog_version == self.catalog.version
+                or time.monotonic() - self._built_at < self.catalog_rebuild_s):
             return cur
-        version = self.catalog.version  # before the authors are read: later changes count
-        ids = self.catalog.item_ids()
-        if not ids:
+        if not len(frame):
             return self.current
-        joined = ("author", self.catalog.authors(ids), author_names)
+        # over the frame's items, in its order: a request's candidate positions are rows
+        version = self.catalog.version  # before the authors are read: later changes count
+        authors, _ = self.catalog.candidate_columns(frame)
+        joined = ("author", authors.values(), author_names)
         if self.builder is not None:
-            feats = self.builder.build("item", ids, item_names, end, joined=joined)
+            feats = self.builder.build("item", frame.ids, item_names, end, joined=joined)
         else:
-            feats = build_snapshot(self.client, "item", ids, item_names, end, joined=joined)
-        feats.row_of  # noqa: B018 -- index the ids before any request sees the snapshot
+            feats = build_snapshot(self.client, "item", frame.ids, item_names, end,
+                                   joined=joined)
         old = self.current
-        self.current = ItemSnapshot(feats, version)
+        self.current = ItemSnapshot(feats, version, frame)
         self._built_at = time.monotonic()
         if old is not None:  # requests holding the old snapshot may still ask; keep its log
             self.catalog.forget_before(old.catalog_version)

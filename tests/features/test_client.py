@@ -283,3 +283,34 @@ def test_snapshot_built_in_a_child_process_equals_the_one_built_here(filled):
             builder.build("item", ids, ("no_such_feature_1d",), end)
     finally:
         builder.close()
+
+
+def test_watermarks_are_reused_only_for_their_ttl(filled):
+    """``watermark_ttl_ms`` (serving): a request end read again within the TTL comes from
+    the watermarks read before; after it, or with the default 0, from the store."""
+    store, _ = filled
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def get_watermarks(self, prefix=""):
+            calls.append(prefix)
+            return store.get_watermarks(prefix)
+
+    reads = [("user", ["user_views_1d"]), ("item", ["item_views_1d"])]
+    plain = FeatureClient(Counting(), FEATURES)
+    end = plain.snapshot_end(reads)
+    assert plain.snapshot_end(reads) == end and len(calls) == 2
+    with pytest.raises(ValueError, match="watermark_ttl_ms"):
+        FeatureClient(store, FEATURES, watermark_ttl_ms=-1)
+    now = [end + 1]
+    cached = FeatureClient(Counting(), FEATURES, watermark_ttl_ms=50, clock=lambda: now[0])
+    calls.clear()
+    assert cached.snapshot_end(reads) == end and cached.snapshot_end(reads) == end
+    assert len(calls) == 1
+    now[0] += 49
+    assert cached.snapshot_end(reads) == end and len(calls) == 1
+    now[0] += 1
+    assert cached.snapshot_end(reads) == end and len(calls) == 2

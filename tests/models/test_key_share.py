@@ -75,3 +75,38 @@ def test_ranker_features_require_crosses_among_the_dense_inputs():
         RankerFeatures(dense=("item_ctr_1d",), crosses=(SHARE,))
     feats = RankerFeatures(dense=("item_ctr_1d", SHARE.name, RATE.name), crosses=(SHARE, RATE))
     assert feats.columns == ["item_ctr_1d", SHARE.values, RATE.hits]
+
+
+def test_dictionary_encoded_columns_give_the_inputs_of_plain_ones():
+    """Serving passes candidates' ids and topics as codes into catalog tables
+    (``CodedColumn``); the dense, hashed and cross inputs equal those of plain lists, with
+    small tables (every value counted) and large ones (only the codes used)."""
+    from models.features import CategoricalField, CodedColumn, CodeTable, categorical_matrix
+
+    rng = np.random.default_rng(3)
+    schema = FeatureSchema(
+        dense=(DenseFeature("item_ctr_1d"), DenseFeature(SHARE.name), DenseFeature(RATE.name)),
+        categorical=(CategoricalField("item_id", 1_000), CategoricalField("topic", 50),
+                     CategoricalField("user_id", 100)),
+        crosses=(SHARE, RATE))
+    for n_topics in (4, 5_000):  # a table smaller and larger than 4x the rows
+        topic_table = CodeTable([f"t{k}" for k in range(n_topics)] + [""])
+        item_table = CodeTable([f"i{k}" for k in range(300)])
+        n = 200
+        topics = CodedColumn(rng.integers(0, len(topic_table), n), topic_table)
+        items = CodedColumn(rng.integers(0, len(item_table), n), item_table)
+        users = CodedColumn.repeat("u7", n)
+        recent = [f"t{k}" for k in rng.integers(0, 4, 12)]
+        long_views = recent[:3]
+        common = {"item_ctr_1d": rng.random(n), SHARE.values: [recent] * n,
+                  RATE.hits: [long_views] * n}
+        coded = {**common, "topic": topics, "item_id": items, "user_id": users}
+        plain = {**common, "topic": list(topics), "item_id": list(items), "user_id": ["u7"] * n}
+        assert list(topics) == topics.values().tolist() == [topics[i] for i in range(n)]
+        np.testing.assert_array_equal(dense_matrix(coded, schema), dense_matrix(plain, schema))
+        np.testing.assert_array_equal(categorical_matrix(coded, schema),
+                                      categorical_matrix(plain, schema))
+        kept = np.array([5, 0, 199])
+        assert list(topics.take(kept)) == [topics[5], topics[0], topics[199]]
+        np.testing.assert_array_equal(topic_table.codes_of(["t1", "nope", ""]),
+                                      [1, -1, n_topics])

@@ -1,20 +1,21 @@
-"""The catalog's author change log: what a serving snapshot asks to know which items moved."""
+"""The catalog's change log (author or topic): what serving asks to know which items moved."""
 
 from __future__ import annotations
 
 from serving.catalog import ItemCatalog
 
 
-def test_author_changes_are_reported_once_and_the_log_stays_bounded():
+def test_author_and_topic_changes_are_reported_once_and_the_log_stays_bounded():
     catalog = ItemCatalog()
     catalog.MAX_CHANGES = 4
     for i in range(3):
         catalog.upsert(f"i{i}", "a1", "t", 0)
     v = catalog.version
-    catalog.upsert("i0", "a1", "t2", 5)  # topic only: not an author change
+    catalog.upsert("i0", "a1", "t2", 5)  # topic only: a change too
+    catalog.upsert("i0", "a1", "t2", 9)  # creation time only: not a change
     catalog.upsert("i1", "a2", "t", 0)
     catalog.upsert("i2", "", "t", 0, deleted=True)
-    assert catalog.changed_since(v) == ["i1", "i2"]
+    assert catalog.changed_since(v) == ["i0", "i1", "i2"]
     assert catalog.changed_since(catalog.version) == []
     for k in range(50):  # churn: the log keeps max(known items, MAX_CHANGES) entries
         catalog.upsert("i0", f"b{k}", "t", 0)
@@ -23,6 +24,12 @@ def test_author_changes_are_reported_once_and_the_log_stays_bounded():
     assert set(catalog.changed_since(v)) >= {"i0", "i1"}
     catalog.forget_before(catalog.version)
     assert catalog.changed_since(catalog.version) == [] and catalog._changes == []
+    # a published frame's version is kept: its requests patch the items changed after it
+    catalog.publish(catalog.rebuild({"i0": 1.0}))
+    kept = catalog.version
+    catalog.upsert("i1", "a9", "t", 0)
+    catalog.forget_before(catalog.version)
+    assert catalog.changed_since(kept) == ["i1"]
 
 
 def test_rebuild_ranks_by_popularity_then_id_whatever_the_arrival_order():

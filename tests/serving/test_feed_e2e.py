@@ -128,9 +128,17 @@ def test_hydration_gathers_from_the_snapshot_what_the_store_read_returns(stack):
     pipe = st.pipeline
     item_names = pipe.models.item_feature_names()
     author_names = pipe.models.author_feature_names()
-    ids = [str(i) for i in snap.ids[::7][:300]] + ["t-not-an-item"]
+    from serving.frame import build_frame
+    from serving.pipeline import Candidates
+
+    # candidates are positions in a catalog frame: one over these ids (the last one the
+    # snapshot lacks), their catalog authors and topics
+    ids = sorted([str(i) for i in snap.ids[::7][:300]] + ["t-not-an-item"])
+    frame = build_frame(np.array(ids), st.catalog.authors(ids), st.catalog.topics(ids),
+                        trending=(), fresh=(), by_topic={}, catalog_version=st.catalog.version)
+    cands = Candidates(frame, np.arange(len(ids)), np.zeros(len(ids), dtype=np.int8))
     hits = st.metrics.cache.labels(cache="snapshot", result="hit")._value.get()
-    got = pipe._hydrate_items(ids, item_names, author_names, snap.end)
+    got = pipe._hydrate_items(cands, item_names, author_names, snap.end)
     assert st.metrics.cache.labels(cache="snapshot", result="hit")._value.get() == hits + 1
     want = pipe._read_items(ids, item_names, author_names, snap.end)
     assert set(got) == set(want) == set(snap.names)

@@ -1,0 +1,124 @@
+"""Candidates as positions in the catalog's frame: the merge, the seen filter and the
+metadata columns give what the id-by-id path gave."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from serving.catalog import ItemCatalog
+from serving.config import ServingConfig
+from serving.frame import SOURCES, build_frame, factorize
+from serving.requests import FeedRequest
+
+
+def _catalog(n: int = 60) -> ItemCatalog:
+    catalog = ItemCatalog()
+    for k in range(n):
+        catalog.upsert(f"i{k:03d}", f"a{k % 7}", f"t{k % 4}" if k % 9 else "", 1_000 + k)
+    popularity = {f"i{k:03d}": float((k * 37) % 11) for k in range(n)}
+    popularity["store-only"] = 20.0  # blocks in the store, not (yet) on the items topic
+    catalog.publish(catalog.rebuild(popularity, top=25, per_topic=8))
+    return catalog
+
+
+def test_factorize_codes_in_first_seen_order():
+    col = factorize(["b", "a", "b", "", "a"])
+    assert col.codes.tolist() == [0, 1, 0, 2, 1]
+    assert col.table.values.tolist() == ["b", "a", ""]
+    assert list(col) == ["b", "a", "b", "", "a"]
+
+
+def test_frame_lists_and_columns_match_the_catalog():
+    catalog = _catalog()
+    snap, frame = catalog.snapshot, catalog.frame
+    assert frame.ids_at(frame.trending) == list(snap.trending)
+    assert frame.ids_at(frame.fresh) == list(snap.fresh)
+    assert {t: frame.ids_at(p) for t, p in frame.by_topic.items()} == \
+        {t: list(v) for t, v in snap.by_topic.items()}
+    ids = frame.ids.tolist()
+    authors, topics = catalog.candidate_columns(frame)
+    assert list(authors) == catalog.authors(ids) and list(topics) == catalog.topics(ids)
+    assert frame.positions(["i005", "nope", "store-only"]).tolist() == \
+        [ids.index("i005"), -1, ids.index("store-only")]
+
+
+def test_changes_after_the_frame_are_patched_in_once_per_version():
+    catalog = _catalog()
+    frame = catalog.frame
+    before = catalog.candidate_columns(frame)
+    assert catalog.candidate_columns(frame) is before  # cached: same version
+    catalog.upsert("i003", "a-new", "t-new", 5)  # re-authored and re-topiced
+    catalog.upsert("i010", "", "", 0, deleted=True)
+    catalog.upsert("i999", "a1", "t1", 7)  # a new item: not in this frame
+    authors, topics = catalog.candidate_columns(frame)
+    ids = frame.ids.tolist()
+    assert list(authors) == catalog.authors(ids) and list(topics) == catalog.topics(ids)
+    assert authors[ids.index("i003")] == "a-new" and topics[ids.index("i010")] == ""
+    assert list(frame.authors)[ids.index("i003")] == "a3"  # the frame itself is immutable
+
+
+def test_candidates_merge_in_generator_order_each_item_once(monkeypatch):
+    """The reference: the id-by-id merge this replaced (each generator offers up to its
+    limit, duplicates included; an item keeps the first source that offered it)."""
+    from serving.metrics import ServingMetrics
+    from serving.pipeline import FeedPipeline
+    from serving.ranking import ModelBundle
+
+    catalog = _catalog()
+    limits = {"ann": 5, "topics": 9, "trending": 12, "fresh": 10}
+    pipe = FeedPipeline(ServingConfig(candidate_limits=limits), client=None, catalog=catalog,
+                        logger=None, metrics=ServingMetrics())
+
+    class Retrieval:
+        def search(self, seq, k, user):
+            return ["i042", "nope", "i001", "i042", "store-only", "i050", "i051"]
+
+    seq = ["i001", "i005", "i013"]
+    for feed_type in ("HOME", "FOLLOW"):
+        req = FeedRequest(user_id=f"u-{feed_type}", feed_type=feed_type, limit=10)
+        got = pipe.candidates(req, seq, ModelBundle(retrieval=Retrieval()))
+        snap, out = catalog.snapshot, {}
+
+        def add(ids, source, limit, out=out):
+            for n, i in enumerate(ids):
+                if n >= limit:
+                    break
+                out.setdefault(i, source)
+
+        add(Retrieval().search(seq, 5, None), "ann", 5)
+        from collections import Counter
+
+        topics = Counter(t for t in catalog.topics(seq) if t)
+        per = max(1, 9 // max(1, min(3, len(topics))))
+        for topic, _ in topics.most_common(3):
+            add(snap.by_topic.get(topic, ()), "topics", per)
+        if feed_type == "FOLLOW":
+            followed = {a for a in catalog.authors(seq) if a}
+            add([i for i in snap.trending if (catalog.meta(i) or ("",))[0] in followed],
+                "follow", 9)
+        add(snap.trending, "trending", 12)
+        add(snap.fresh, "fresh", 10)
+        out.pop("nope")  # not in the catalog: no metadata to rank it with
+        assert list(zip(got.ids(), (SOURCES[s] for s in got.source))) == list(out.items())
+        assert "follow" in {SOURCES[s] for s in got.source} or feed_type == "HOME"
+        unseen = got.without(seq)
+        assert unseen.ids() == [i for i in got.ids() if i not in seq]
+        assert pipe.candidates(req, seq, ModelBundle(retrieval=Retrieval())) is got  # cached
+    catalog.publish(catalog.snapshot)  # a new frame: the cached candidates are not reused
+    assert pipe.candidates(req, seq, ModelBundle(retrieval=Retrieval())) is not got
+
+
+def test_an_empty_catalog_gives_no_candidates():
+    catalog = ItemCatalog()
+    frame = build_frame(np.zeros(0, dtype="<U1"), [], [], trending=(), fresh=(), by_topic={},
+                        catalog_version=0)
+    assert len(frame) == 0 and len(catalog.frame) == 0
+    from serving.metrics import ServingMetrics
+    from serving.pipeline import FeedPipeline
+    from serving.ranking import ModelBundle
+
+    pipe = FeedPipeline(ServingConfig(), client=None, catalog=catalog, logger=None,
+                        metrics=ServingMetrics())
+    got = pipe.candidates(FeedRequest(user_id="u1", feed_type="HOME", limit=5), ["x"],
+                          ModelBundle())
+    assert len(got) == 0 and got.without(["x"]).ids() == []
