@@ -346,14 +346,15 @@ class FeedPipeline:
             order = keep[np.argsort(-scores_l2, kind="stable")]
             l2_of = dict(zip(keep.tolist(), scores_l2.tolist()))
         with self._stage("rules", timings):
+            # the author cap over author codes (the table's code of '' is no author)
             per_author: Counter = Counter()
             page = []
-            author_of = author_col.values().tolist()
-            for idx in order.tolist():
-                author = author_of[idx]
-                if author and per_author[author] >= self.config.author_cap:
+            no_author = int(author_col.table.codes_of([""])[0])
+            author_code = author_col.codes[order].tolist()
+            for idx, code in zip(order.tolist(), author_code):
+                if code != no_author and per_author[code] >= self.config.author_cap:
                     continue
-                per_author[author] += 1
+                per_author[code] += 1
                 page.append(idx)
                 if len(page) >= req.limit:
                     break
@@ -376,9 +377,10 @@ class FeedPipeline:
                                 for k, v in user_row.items()
                                 if v is None or isinstance(v, list)})
         page_ids = frame.ids_at(cands.pos[page])
-        page_topics = topic_col.values()[page].tolist()
-        for pos, (idx, item_id, topic) in enumerate(zip(page, page_ids, page_topics)):
-            author = author_of[idx]
+        page_authors = author_col.take(page).values().tolist()
+        page_topics = topic_col.take(page).values().tolist()
+        for pos, (idx, item_id, author, topic) in enumerate(
+                zip(page, page_ids, page_authors, page_topics)):
             source = SOURCES[cands.source[idx]]
             imp_id = f"imp-{uuid.uuid4().hex}"
             score = float(l2_of[idx])

@@ -39,6 +39,9 @@ def test_feed_is_ranked_and_logged_with_its_features(stack):
     # author diversity: at most 2 items per author on the page
     authors = [i["author_id"] for i in items if i["author_id"]]
     assert all(authors.count(a) <= 2 for a in authors)
+    # the page's authors (gathered from the catalog frame) are the catalog's
+    catalog = stack.server.config.app.state.serving.catalog
+    assert [i["author_id"] for i in items] == catalog.authors([i["item_id"] for i in items])
 
     deadline = time.monotonic() + 20
     logged = []
