@@ -88,15 +88,16 @@ def install_hydration() -> None:
 
     original = FeedPipeline._hydrate_items
 
-    def hydrate_via_feast(self, ids, item_names, author_names, end, *args, **kwargs):
+    def hydrate_via_feast(self, cands, item_names, author_names, end, *args, **kwargs):
         # (further arguments, e.g. the request's set of split families, go to the original;
         # Feast's values are all at ``end``: nothing splits)
         h = HYDRATOR
         if h is None or item_names != h.item_names or author_names != h.author_names:
             if h is not None:
                 h.counter.labels(result="fallback").inc()
-            return original(self, ids, item_names, author_names, end, *args, **kwargs)
+            return original(self, cands, item_names, author_names, end, *args, **kwargs)
         h.counter.labels(result="feast" if end == h.end else "feast_older_end").inc()
+        ids = cands.ids()  # Feast is keyed by id strings
         cols = h.columns(ids, self.catalog.authors(ids) if author_names else [])
         self.metrics.feature_lag.set(max(0, int(time.time() * 1000) - end) / 1000)
         return cols

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -68,6 +69,9 @@ class ServingState:
         self.config = config
         self.metrics = ServingMetrics()
         self.gc_pauses = GcPauses(self.metrics.gc_pause).install()
+        # how long a thread may hold the interpreter while others wait (process-wide)
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(config.gil_switch_ms / 1000)
         self.gc_freezer = GcFreezer()
         self.features = load_features(config.features_path)
         self.store = open_store(config.store_url, readonly=True)
@@ -188,6 +192,7 @@ class ServingState:
 
     def close(self) -> None:
         self._stop.set()
+        sys.setswitchinterval(self._switch_interval)
         self.gc_pauses.uninstall()
         self.gc_freezer.release()
         if self.snapshots is not None:

@@ -122,3 +122,31 @@ def test_an_empty_catalog_gives_no_candidates():
     got = pipe.candidates(FeedRequest(user_id="u1", feed_type="HOME", limit=5), ["x"],
                           ModelBundle())
     assert len(got) == 0 and got.without(["x"]).ids() == []
+
+
+def test_serving_sets_the_switch_interval_it_is_configured_with_and_restores_it(tmp_path):
+    """``gil_switch_ms``: the interpreter's switch interval while a server runs (checked
+    in range at definition), the previous one back when it closes."""
+    import sys
+
+    import pytest
+
+    from serving.app import ServingState
+
+    for bad in (0, -1, 500):
+        with pytest.raises(ValueError, match="gil_switch_ms"):
+            ServingConfig(gil_switch_ms=bad)
+    with pytest.raises(ValueError, match="watermark_ttl_ms"):
+        ServingConfig(watermark_ttl_ms=-1)
+    from features.store import open_store
+
+    open_store(f"lmdb://{tmp_path}/store").close()  # the writer creates it
+    before = sys.getswitchinterval()
+    st = ServingState(ServingConfig(store_url=f"lmdb://{tmp_path}/store", gil_switch_ms=2.0,
+                                    spool_dir=tmp_path / "spool", registry_dir=tmp_path / "r",
+                                    feature_snapshot=False))
+    try:
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        st.close()
+    assert sys.getswitchinterval() == pytest.approx(before)
