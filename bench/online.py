@@ -14,9 +14,11 @@ One run, one machine:
 4. Tessera, snapshot path: the serving process's in-memory item snapshot
    (``serving.snapshots.SnapshotKeeper`` over an ``ItemCatalog`` of every item, built at the
    snapshot end), read as ``serving.pipeline``'s ``_hydrate_items`` does on a hit:
-   ``matching`` + ``rows`` (id -> row) + the gather into the columns the ranker gets, for
-   the same 2,000 items x 10 features (items only: the pipeline reads the user from the
-   store). Values checked equal to the store path's on every request.
+   ``matching`` + ``rows_at`` (candidate positions in the catalog frame, as serving holds
+   them, to rows) + the gather into the columns the ranker gets, for the same 2,000 items x
+   10 features (items only: the pipeline reads the user from the store); also timed from
+   the 2,000 id strings (ids -> positions first). Values checked equal to the store path's
+   on every request.
 4b. Tessera, store path on Aerospike: where a server build exists (``tessera.aerospike_local``,
    ``../shared/aerospike``), a local single-node server gets the same blocks flow over the
    same events and the same pre-assembly; the same requests are read through
@@ -382,6 +384,8 @@ def main() -> None:
         catalog = ItemCatalog()
         for i in items:
             catalog.upsert(i, "", "", 0)
+        catalog.publish(catalog.rebuild({}))  # the frame: every item at a position
+        frame = catalog.frame
         names = tuple(ITEM_NAMES)
         keeper = SnapshotKeeper(client, catalog, lambda: (names, ()))
         t = time.perf_counter()
@@ -393,15 +397,21 @@ def main() -> None:
         end = snap.features.end
         print(f"snapshot: {len(snap.features.ids):,} items x {len(names)} at {end} built in "
               f"{build_s:.1f}s ({snap.features.nbytes / 2**20:.1f} MB)")
-        snap_samples = []
+        snap_samples, by_id_samples = [], []
+        # serving holds a request's candidates as positions in the catalog frame (its lists
+        # are positions); the ids -> positions search is timed separately (by_id)
+        req_pos = [frame.positions(ids) for ids in req_ids]
         for k in range(warmup + args.requests):
-            ids = req_ids[k]
             t = time.perf_counter()
             hit = keeper.matching(end, names)
-            rows = keeper.rows(hit, ids)
+            rows = keeper.rows_at(hit, frame, req_pos[k])
             absent = np.flatnonzero(rows < 0)
             cols = hit.features.columns(rows) if not len(absent) else None
             dt = time.perf_counter() - t
+            t = time.perf_counter()
+            keeper.rows_at(hit, frame, frame.positions(req_ids[k]))
+            if k >= warmup:
+                by_id_samples.append(dt + time.perf_counter() - t)
             if cols is None:
                 raise SystemExit(f"{len(absent)} request items are not in the snapshot")
             if k < warmup:
@@ -411,6 +421,7 @@ def main() -> None:
             if not np.array_equal(got, store_vals[k - warmup]):
                 raise SystemExit(f"request {k - warmup}: snapshot and store values differ")
         s50, s99 = percentiles(snap_samples)
+        bi50, bi99 = percentiles(by_id_samples)
 
         # same reads assembled from blocks (no pre-assembled values), for context
         blk = []
@@ -474,7 +485,8 @@ def main() -> None:
     rows_out = [
         ("tessera store: 1 user + 2,000 items x 10 (pre-assembled)", p50, p99),
         ("tessera store: the 2,000 items x 10 alone", i50, i99),
-        ("tessera snapshot: 2,000 items x 10 (id->row + gather)", s50, s99),
+        ("tessera snapshot: 2,000 items x 10 (positions, gather)", s50, s99),
+        ("tessera snapshot: the same from 2,000 id strings", bi50, bi99),
         ("tessera store: 2,000 items x 10 assembled from blocks", b50, b99),
     ]
     if aero is not None:
@@ -511,7 +523,7 @@ def main() -> None:
     print(f"\nRESULT online p50_ms={p50:.2f} p99_ms={p99:.2f} snapshot_p99_ms={s99:.3f} "
           f"feast_p99_ms={fp99} ratio_vs_feast={fratio} naive_p99_ms={n99:.2f} "
           f"ratio={n99 / p99:.1f} items_p99_ms={i99:.2f} blocks_p99_ms={b99:.2f} "
-          f"items={args.items} peak_rss_mb={rss:.0f} aerospike_p99_ms={ap99} "
+          f"snapshot_by_id_p99_ms={bi99:.3f} items={args.items} peak_rss_mb={rss:.0f} aerospike_p99_ms={ap99} "
           f"aerospike_bytes_per_record={per_rec}")
 
 
