@@ -150,3 +150,41 @@ def test_serving_sets_the_switch_interval_it_is_configured_with_and_restores_it(
     finally:
         st.close()
     assert sys.getswitchinterval() == pytest.approx(before)
+
+
+def test_a_refreshed_frame_over_the_same_items_is_paired_with_the_snapshot_not_rebuilt():
+    """Every catalog refresh publishes a new frame; over the same items the keeper pairs it
+    with the snapshot it has (its rows are the same positions) instead of rebuilding."""
+    from serving.snapshots import SnapshotKeeper
+
+    catalog = _catalog()
+    builds = []
+
+    class Client:
+        def snapshot_end(self, reads):
+            return 300_000
+
+        def get_features(self, entity_type, ids, names, end):
+            builds.append(len(ids))
+            from features.client import FeatureVectors
+
+            n = len(ids)
+            return FeatureVectors(entity_type=entity_type, ids=list(ids), names=list(names),
+                                  values=np.arange(n, dtype=np.float32).reshape(n, 1),
+                                  missing=np.zeros((n, 1), dtype=bool), watermark=end, at=end,
+                                  stale=(), lag_ms=0, sources={}, lists={})
+
+    keeper = SnapshotKeeper(Client(), catalog, lambda: (("item_views_1d",), ()))
+    first = keeper.refresh()
+    assert first.frame is catalog.frame and builds
+    n_builds = len(builds)
+    catalog.publish(catalog.snapshot)  # a refresh: a new frame over the same items
+    second = keeper.refresh()
+    assert len(builds) == n_builds and second.frame is catalog.frame
+    assert second.features is first.features
+    pos = catalog.frame.positions(["i007", "i030"])
+    np.testing.assert_array_equal(keeper.rows_at(second, catalog.frame, pos), pos)
+    catalog.upsert("new-item", "a1", "t1", 5)  # another item set: rebuilt over it
+    catalog.publish(catalog.rebuild({"new-item": 1.0}))
+    third = keeper.refresh()
+    assert len(builds) > n_builds and "new-item" in third.features.ids.tolist()
