@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from models.features import CodedColumn, CodeTable
-from serving.frame import CandidateFrame, build_frame
+from serving.frame import CandidateFrame, build_frame, positions_in
 from tessera.logs import get_logger
 
 log = get_logger("serving.catalog")
@@ -42,12 +42,8 @@ class Popularity:
     def of(self, ids: list[str]) -> np.ndarray:
         """The score of each of ``ids`` (0.0 for an item without one)."""
         out = np.zeros(len(ids), dtype=np.float64)
-        if not len(ids) or not len(self.ids):
-            return out
-        q = np.asarray(ids, dtype=str)
-        at = np.minimum(np.searchsorted(self.ids, q), len(self.ids) - 1)
-        hit = self.ids[at] == q
-        out[hit] = self.scores[at[hit]]
+        at = positions_in(self.ids, ids)
+        out[at >= 0] = self.scores[at[at >= 0]]
         return out
 
 
@@ -95,7 +91,8 @@ class ItemCatalog:
             return self._changes_base + len(self._changes)
 
     def changed_since(self, version: int) -> list[str]:
-        """Items whose author or topic changed after ``version`` (all of them if it was forgotten)."""
+        """Items whose author or topic changed after ``version`` (all of them if it was
+        forgotten)."""
         with self._lock:
             if version < self._changes_base:
                 return list(self._meta) + self._changes
@@ -246,16 +243,15 @@ class ItemCatalog:
 
 def _patched(col: CodedColumn, rows: np.ndarray, values: list[str]) -> CodedColumn:
     """``col`` with ``values`` at ``rows`` (a new column; new values extend a new table)."""
-    table = col.table.values.tolist()
-    index = dict(zip(table, range(len(table))))
+    table = col.table
+    new = table.codes_of(values)
+    if (new < 0).any():
+        extra = list(dict.fromkeys(v for v, c in zip(values, new.tolist()) if c < 0))
+        table = CodeTable(np.concatenate([table.values, np.array(extra, dtype=str)]))
+        new = table.codes_of(values)
     codes = col.codes.copy()
-    for r, v in zip(rows.tolist(), values):
-        code = index.get(v)
-        if code is None:
-            code = index[v] = len(table)
-            table.append(v)
-        codes[r] = code
-    return CodedColumn(codes, col.table if len(table) == len(col.table) else CodeTable(table))
+    codes[rows] = new
+    return CodedColumn(codes, table)
 
 
 class CatalogFollower:

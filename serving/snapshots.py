@@ -1,12 +1,13 @@
 """Keeps the serving process's item feature snapshot at the newest window end.
 
 A background thread checks the request end (``FeatureClient.snapshot_end`` over the item
-and author features the loaded models read) every ``interval_s``; when it moved, the
-models now read other features, or the catalog published a new frame, it builds a new
-``FeatureSnapshot`` of every item of the catalog's frame (its own features and its
-author's, read at that end; row ``r`` is the frame's position ``r``) and publishes it with
-one assignment. Requests take their candidates from the snapshot's frame, so a gather by
-position finds their rows. A request whose end equals the snapshot's gathers from it; any other request,
+and author features the loaded models read) every ``interval_s``. When it moved, the
+models now read other features, or the catalog published a frame over other items, it
+builds a new ``FeatureSnapshot`` of every item of the catalog's frame (its own features and
+its author's, read at that end; row ``r`` is the frame's position ``r``) and publishes it
+with one assignment; a refreshed frame over the same items is only paired with it.
+Requests take their candidates from the snapshot's frame, so a gather by position finds
+their rows. A request whose end equals the snapshot's gathers from it; any other request,
 and items the snapshot does not hold, read the store at the request's end as before, so a
 snapshot changes how fast values are found, never which values.
 
