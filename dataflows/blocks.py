@@ -26,7 +26,13 @@ import numpy as np
 from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulLogic
 
-from dataflows.kafka_source import NO_TIME, KafkaBatchSource, SourceBatch, after, utc_now
+from dataflows.kafka_source import (
+    NO_TIME,
+    KafkaBatchSource,
+    SourceBatch,
+    aligned_after,
+    utc_now,
+)
 from dataflows.progress import FlowProgress
 from dataflows.sinks import DeadLetterSink, LateEventSink, ShardOutput, StoreSink
 from features.blockstate import BlockShard, BlockShardConfig, BlockShardState
@@ -213,7 +219,9 @@ class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
 
     The timer is ``flush_ms`` while the shard is live, and ``catchup_flush_ms`` while it is
     catching up (replaying a backlog: its newest event is more than ``CATCHUP_LAG_MS`` older
-    than the wall clock). Freshness only means something near the present; in a backlog,
+    than the wall clock), and aligned to the wall clock (``aligned_after``): the shards of a
+    worker flush in the same instant, so the sink writes them in one pass over each family's
+    key range. Freshness only means something near the present; in a backlog,
     rewriting every touched entity's record each second is the dominant cost and buys
     nothing, so writes are batched further apart. The blocks written are the same.
     """
@@ -236,7 +244,7 @@ class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
         self.flush_ms = flush_ms
         self.catchup_flush_ms = max(flush_ms, catchup_flush_ms or flush_ms)
         self.lateness_ms = lateness_ms
-        self.next_flush = after(flush_ms)
+        self.next_flush = aligned_after(flush_ms)
 
     def _interval(self) -> int:
         newest = max((self.shard.state.partition_watermarks.get(p, NO_TIME) for p in self.parts),
@@ -251,7 +259,7 @@ class BlockShardLogic(StatefulLogic[ShardInput, ShardOutput, BlockShardState]):
         expire = ({size: wm - ms for size, ms in self.retention.items()}
                   if self.retention and wm > NO_TIME // 2 else None)
         flushed = self.shard.flush(wm, resend_sealed=self.resend_sealed, expire=expire)
-        self.next_flush = after(self._interval())
+        self.next_flush = aligned_after(self._interval())
         cfg = self.shard.config
         return [ShardOutput(entity_type=cfg.entity_type, family=cfg.topic, flush=flushed,
                             watermark_key=f"blocks/{self.key}", watermark=wm, shard=self.key)]

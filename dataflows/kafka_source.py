@@ -827,3 +827,12 @@ def utc_now() -> datetime:
 def after(ms: int) -> datetime:
     """The aware datetime ``ms`` milliseconds from now."""
     return utc_now() + timedelta(milliseconds=ms)
+
+
+def aligned_after(ms: int) -> datetime:
+    """The next instant, at most ``ms`` from now, that is a whole multiple of ``ms`` since the
+    epoch: timers set with it in one interval fire together (one write for all of them)."""
+    now = utc_now()
+    step = max(int(ms), 1)
+    at = (int(now.timestamp() * 1000) // step + 1) * step
+    return datetime.fromtimestamp(at / 1000, UTC)

@@ -13,7 +13,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from features.blockstate import ShardFlush
 from features.store.base import BlockBatchWrite
-from features.store.blockbatch import BlockBatch
+from features.store.blockbatch import BlockBatch, chunks_by_key
 from tessera.logs import get_logger
 
 log = get_logger("dataflows.sinks")
@@ -118,11 +118,10 @@ class _StorePartition(StatelessSinkPartition[Any]):
             keep = self.retention.get((entity_type, family))
             keep_after = ({size: wm - ms for size, ms in keep.items()}
                           if keep and wm > -(2**61) else None)
-            # Shards own disjoint entities: each shard's batch is written as it is, never
-            # concatenated with the others (a copy of every block of the epoch).
-            for batch in batches:
-                writes.extend(BlockBatchWrite(entity_type, family, chunk, keep_after)
-                              for chunk in batch.chunks(WRITE_CHUNK_ENTITIES))
+            # The shards of a family spread over its whole key range: written in key-range
+            # chunks across them, each page of records is rewritten once, not once a shard.
+            writes.extend(BlockBatchWrite(entity_type, family, chunk, keep_after)
+                          for chunk in chunks_by_key(batches, WRITE_CHUNK_ENTITIES))
         # Sealed rows are stamped now, before this write publishes them online: a batch
         # correction of the same block (``tessera batch blocks``, which waits for this
         # watermark) is stamped after, so the offline table keeps its version, as the online

@@ -444,53 +444,73 @@ class BlockShard:
         if unchanged) so that the offline table receives each closed block; without it (no
         offline table to feed) only changed blocks are returned. A sealed block is then never
         returned again and is evicted from memory. The result is columnar (``BlockBatch``):
-        no Python object per block. ``expire`` ({size: ts}, used only without
+        no Python object per block, entity ids in order and each feature's rows in entity
+        order (``ids_sorted``). ``expire`` ({size: ts}, used only without
         ``resend_sealed``) leaves out blocks the store would drop on arrival (see
         ``_BlockRows.to_write``).
         """
-        codes_parts, fidx_parts, st_parts, sz_parts, len_parts, blobs, sealed_parts = (
-            [], [], [], [], [], [], [])
         sealing = {id(g): g.sealing(watermark) for g in self.groups}
+        plan: list[tuple[int, _BlockRows, _FeatureRows, np.ndarray, np.ndarray]] = []
         for fi in range(len(self.config.features)):
             group, feat = self._rows_of[fi]
             if group.n == 0:
                 continue
             rows, sealed = group.to_write(feat, sealing[id(group)], resend_sealed, expire)
             if len(rows):
-                blob, lengths = feat.column.serialize(rows)
-                keys = group.keys[rows]
-                codes_parts.append(keys >> (_SLOT_BITS + _SIZE_BITS))
-                fidx_parts.append(np.full(len(rows), fi, dtype=np.int64))
-                sizes = group.sizes[(keys >> _SLOT_BITS) & 7]
-                st_parts.append(group.ends[rows] - sizes)
-                sz_parts.append(sizes)
-                len_parts.append(lengths)
-                blobs.append(blob)
-                sealed_parts.append(sealed)
+                plan.append((fi, group, feat, rows, sealed))
+        if not plan:
+            for group in self.groups:
+                group.seal(sealing[id(group)])
+                group.evict_done()
+            return ShardFlush(empty_batch(), np.zeros(0, dtype=bool))
+        # Entities in id order, and each feature's rows in that order: a store writes the
+        # batch in key ranges (``BlockBatch.chunks``), each then a slice of every feature's
+        # rows, so no rep is copied to regroup them.
+        codes_of = [group.keys[rows] >> (_SLOT_BITS + _SIZE_BITS)
+                    for _, group, _, rows, _ in plan]
+        seen = np.zeros(len(self.entities), dtype=bool)
+        for codes in codes_of:
+            seen[codes] = True
+        uniq = np.flatnonzero(seen)
+        by_id = uniq[np.argsort(self.entities.values[uniq].astype("U"), kind="stable")]
+        rank = np.empty(len(self.entities), dtype=np.int64)
+        rank[by_id] = np.arange(len(by_id), dtype=np.int64)
+        ent_parts, fidx_parts, st_parts, sz_parts, len_parts, blobs, sealed_parts = (
+            [], [], [], [], [], [], [])
+        last: tuple[np.ndarray, np.ndarray] | None = None  # the last feature's rows, order
+        for (fi, group, feat, rows, sealed), codes in zip(plan, codes_of):
+            if last is not None and np.array_equal(last[0], rows):
+                order = last[1]  # features of a group often write the same rows
+            else:
+                order = np.argsort(rank[codes], kind="stable")
+                last = (rows, order)
+            rows, sealed, ranks = rows[order], sealed[order], rank[codes[order]]
+            blob, lengths = feat.column.serialize(rows)
+            keys = group.keys[rows]
+            ent_parts.append(ranks)
+            fidx_parts.append(np.full(len(rows), fi, dtype=np.int64))
+            sizes = group.sizes[(keys >> _SLOT_BITS) & 7]
+            st_parts.append(group.ends[rows] - sizes)
+            sz_parts.append(sizes)
+            len_parts.append(lengths)
+            blobs.append(blob)
+            sealed_parts.append(sealed)
         for group in self.groups:
             group.seal(sealing[id(group)])
             group.evict_done()
-        if not codes_parts:
-            return ShardFlush(empty_batch(), np.zeros(0, dtype=bool))
-        codes = np.concatenate(codes_parts)
-        # entity codes are dense (the interner's): rank them with a table, not a sort
-        seen = np.zeros(len(self.entities), dtype=bool)
-        seen[codes] = True
-        uniq = np.flatnonzero(seen)
-        rank = np.cumsum(seen) - 1
-        inv = rank[codes]
         lengths = np.concatenate(len_parts)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         batch = BlockBatch(
-            entity_ids=self.entities.values[uniq].tolist(),
-            entity_idx=inv.astype(np.int64),
+            entity_ids=self.entities.values[by_id].tolist(),
+            entity_idx=np.concatenate(ent_parts),
             feature_keys=[f.key for f in self.config.features],
             feature_idx=np.concatenate(fidx_parts),
             starts=np.concatenate(st_parts),
             sizes=np.concatenate(sz_parts),
             offsets=offsets,
             blob=b"".join(blobs),
+            ids_sorted=True,
         )
         return ShardFlush(batch, np.concatenate(sealed_parts))
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from features.store.blocktable import (
     _HEAD,
@@ -24,12 +25,11 @@ from features.store.blocktable import (
     MAGIC,
     VERSION,
     BlockTable,
+    Buffer,
     _pad8,
     _parse_features,
 )
 from features.store.errors import CorruptRecordError
-
-_HEADER_CACHE: dict[tuple[str, ...], bytes] = {}
 
 
 @dataclass
@@ -42,6 +42,9 @@ class BlockBatch:
         starts, sizes: int64 per row.
         offsets: int64 [n + 1]; rep ``i`` is ``blob[offsets[i]:offsets[i + 1]]``.
         blob: the concatenated reps.
+        ids_sorted: ``entity_ids`` are in id order. If the rows are also a few runs in
+            entity order (one per feature, as ``BlockShard.flush`` writes them), ``chunks``
+            slices the runs instead of copying every rep to regroup them.
     """
 
     entity_ids: list[str]
@@ -52,6 +55,7 @@ class BlockBatch:
     sizes: np.ndarray
     offsets: np.ndarray
     blob: bytes
+    ids_sorted: bool = False
 
     def __len__(self) -> int:
         return int(self.starts.shape[0])
@@ -92,11 +96,16 @@ class BlockBatch:
         if n_ent <= max_entities:
             yield self
             return
+        if self.ids_sorted:
+            runs = self._sorted_runs()
+            if runs is not None:
+                yield from self._chunk_slices(max_entities, runs)
+                return
         # entities in id order: each chunk is one key range of the store (local writes)
-        by_id = sorted(range(n_ent), key=self.entity_ids.__getitem__)
+        by_id = np.argsort(np.asarray(self.entity_ids, dtype="U"), kind="stable")
         rank = np.empty(n_ent, dtype=np.int64)
         rank[by_id] = np.arange(n_ent, dtype=np.int64)
-        entity_ids = [self.entity_ids[i] for i in by_id]
+        entity_ids = [self.entity_ids[i] for i in by_id.tolist()]
         # rows grouped by chunk, in batch order within one (the merge orders a chunk's rows
         # itself); few chunks: a 16-bit key, which numpy's stable sort radix-sorts in O(n)
         chunk = rank[self.entity_idx] // max_entities
@@ -116,7 +125,42 @@ class BlockBatch:
             off = offsets[a:b + 1]
             yield BlockBatch(entity_ids[lo:hi], ent[a:b] - lo, self.feature_keys,
                              fid[a:b], st[a:b], sz[a:b], off - off[0],
-                             blob[int(off[0]):int(off[-1])])
+                             blob[int(off[0]):int(off[-1])], ids_sorted=True)
+
+    #: most runs an ``ids_sorted`` batch is sliced by; past it, ``chunks`` regroups by copy
+    MAX_RUNS = 256
+
+    def _sorted_runs(self) -> list[tuple[int, int]] | None:
+        """The ``[lo, hi)`` row ranges over which ``entity_idx`` never decreases (None if
+        there are more than ``MAX_RUNS``)."""
+        ent = self.entity_idx
+        breaks = np.flatnonzero(ent[1:] < ent[:-1]) + 1
+        if len(breaks) >= self.MAX_RUNS:
+            return None
+        bounds = [0, *breaks.tolist(), len(ent)]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def _chunk_slices(self, max_entities: int, runs: list[tuple[int, int]]
+                      ) -> Iterator[BlockBatch]:
+        """``chunks`` of an ``ids_sorted`` batch: each chunk's rows are one slice per run."""
+        n_ent = len(self.entity_ids)
+        cuts = np.arange(0, n_ent + max_entities, max_entities).clip(max=n_ent)
+        yield from self._slices(runs, cuts)
+
+    def _slices(self, runs: list[tuple[int, int]], cuts: np.ndarray) -> Iterator[BlockBatch]:
+        """The batches of entities ``cuts[c]:cuts[c + 1]`` (ascending cuts into the sorted
+        ``entity_ids``), each one slice per run of rows."""
+        for c, spans in enumerate(self._spans(runs, cuts)):
+            lo = int(cuts[c])
+            yield _join_ranked([(self, spans, np.arange(-lo, len(self.entity_ids) - lo))],
+                               self.entity_ids[lo:int(cuts[c + 1])])
+
+    def _spans(self, runs: list[tuple[int, int]], cuts: np.ndarray
+               ) -> list[list[tuple[int, int]]]:
+        """For each ``c``, the row ranges (one per run at most) of entities
+        ``cuts[c]:cuts[c + 1]``."""
+        at = [(lo + np.searchsorted(self.entity_idx[lo:hi], cuts)).tolist() for lo, hi in runs]
+        return [[(a[c], a[c + 1]) for a in at if a[c + 1] > a[c]] for c in range(len(cuts) - 1)]
 
     @classmethod
     def concat(cls, batches: Sequence[BlockBatch]) -> BlockBatch:
@@ -150,6 +194,77 @@ def empty_batch() -> BlockBatch:
     """A batch with no rows."""
     z = np.zeros(0, np.int64)
     return BlockBatch([], z, [], z.copy(), z.copy(), z.copy(), np.zeros(1, np.int64), b"")
+
+
+def chunks_by_key(batches: Sequence[BlockBatch], max_entities: int) -> Iterator[BlockBatch]:
+    """Split batches of disjoint entities (the shards of one record family) into chunks of at
+    most ``max_entities`` entities, each one key range across all of them, in key order.
+
+    A store writing the chunks in order then rewrites each page of records once per call,
+    where batch by batch (each shard's entities spread over the whole key range) it would
+    rewrite most pages once per batch. Needs ``ids_sorted`` batches in a few runs (as
+    ``BlockShard.flush`` makes them); otherwise each batch is chunked on its own.
+    """
+    batches = [b for b in batches if len(b)]
+    runs = [b._sorted_runs() if b.ids_sorted else None for b in batches]
+    if len(batches) < 2 or any(r is None for r in runs):
+        for b in batches:
+            yield from b.chunks(max_entities)
+        return
+    ids = np.concatenate([np.asarray(b.entity_ids, dtype="U") for b in batches])
+    order = np.argsort(ids, kind="stable")
+    in_order = ids[order]
+    if len(ids) > 1 and bool((in_order[1:] == in_order[:-1]).any()):
+        for b in batches:  # one shard flushed twice in one write: keep its batches apart
+            yield from b.chunks(max_entities)
+        return
+    which = np.repeat(np.arange(len(batches)), [len(b.entity_ids) for b in batches])
+    # chunk c holds the entities of global ranks [c * max, (c + 1) * max); in a batch,
+    # whose ids are in order, they are one range: cut where its entities change chunk
+    rank = np.empty(len(ids), dtype=np.int64)
+    rank[order] = np.arange(len(ids), dtype=np.int64)
+    n_chunks = (len(ids) + max_entities - 1) // max_entities
+    parts: list[list[tuple[BlockBatch, list[tuple[int, int]], np.ndarray]]] = [
+        [] for _ in range(n_chunks)]
+    for k, (b, r) in enumerate(zip(batches, runs)):
+        mine = rank[which == k]
+        cuts = np.searchsorted(mine // max_entities, np.arange(n_chunks + 1))
+        for c, spans in enumerate(b._spans(r, cuts)):
+            if spans:  # entity i of the batch is entity mine[i] - c * max of the chunk
+                parts[c].append((b, spans, mine - c * max_entities))
+    for c, pieces in enumerate(parts):
+        yield _join_ranked(pieces, in_order[c * max_entities:(c + 1) * max_entities].tolist())
+
+
+def _join_ranked(pieces: list[tuple[BlockBatch, list[tuple[int, int]], np.ndarray]],
+                 entity_ids: list[str]) -> BlockBatch:
+    """One batch of the rows ``spans`` of each ``(batch, spans, position)`` (disjoint
+    entities): entity ``i`` of a batch becomes entity ``position[i]`` of ``entity_ids``.
+
+    Reps are copied once, straight from each batch's blob."""
+    feats: dict[str, int] = {}
+    fmaps = [np.array([feats.setdefault(f, len(feats)) for f in b.feature_keys], np.int64)
+             for b, _, _ in pieces]
+    spans = [(b, a, z) for b, sp, _ in pieces for a, z in sp]
+
+    def pick(column: str) -> np.ndarray:
+        return np.concatenate([getattr(b, column)[a:z] for b, a, z in spans])
+
+    lengths = np.concatenate([np.diff(b.offsets[a:z + 1]) for b, a, z in spans])
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return BlockBatch(
+        entity_ids,
+        np.concatenate([pos[b.entity_idx[a:z]] for b, sp, pos in pieces for a, z in sp]),
+        list(feats),
+        np.concatenate([m[b.feature_idx[a:z]]
+                        for (b, sp, _), m in zip(pieces, fmaps) for a, z in sp]),
+        pick("starts"),
+        pick("sizes"),
+        offsets,
+        b"".join(memoryview(b.blob)[b.offsets[a]:b.offsets[z]] for b, a, z in spans),
+        ids_sorted=True,
+    )
 
 
 def merge_records(
@@ -236,36 +351,96 @@ def merge_records(
     first_group = np.zeros(n_ent, dtype=np.int64)
     first_group[nonempty] = group[bounds[:-1][nonempty]]
     local = (group - first_group[ent]).astype("<i4") if m else np.zeros(0, "<i4")
-    used_fids = fid[change].tolist()
-    used_bounds = np.searchsorted(np.flatnonzero(change), bounds).tolist()
     rel_off = (out_off[:-1] - out_off[bounds[:-1]][ent]).astype("<u4") if m else np.zeros(0, "<u4")
+    ends = out_off[bounds[1:]] - out_off[bounds[:-1]]
+    if len(ordered) < 63:
+        return _assemble(ordered, bounds, ent, fid[change], np.flatnonzero(change), local, st,
+                         sz, rel_off, ends, out_off, new_blob)
+    return _assemble_each(ordered, bounds, fid[change], np.flatnonzero(change), local, st, sz,
+                          rel_off, ends, out_off, new_blob)
+
+
+def _assemble(ordered: list[str], bounds: np.ndarray, ent: np.ndarray, used_fids: np.ndarray,
+              group_at: np.ndarray, local: np.ndarray, st: np.ndarray, sz: np.ndarray,
+              rel_off: np.ndarray, ends: np.ndarray, out_off: np.ndarray, blob: Buffer
+              ) -> list[bytes | None]:
+    """Cut the merged rows into one ``TBT1`` record per entity, every section at once.
+
+    Each section of every record (header, row count, padding, feature indices, starts,
+    sizes, offsets, reps) is an Arrow binary array over one buffer, one value per entity;
+    Arrow's element-wise join concatenates them in C. The feature list of a record is a
+    bit set (fewer than 63 features), so its header is built once per distinct set.
+    """
+    n_ent = len(bounds) - 1
+    n = np.diff(bounds)
+    nonempty = n > 0
+    # the feature set of each record: OR of one bit per (entity, feature) group
+    bits = np.zeros(n_ent, dtype=np.int64)
+    if len(used_fids):
+        group_ent = ent[group_at]
+        np.bitwise_or.at(bits, group_ent, np.left_shift(1, used_fids))
+    sets, set_of = np.unique(bits, return_inverse=True)
+    heads = [_header([ordered[i] for i in range(len(ordered)) if int(b) >> i & 1])
+             for b in sets.tolist()]
+    head_len = np.array([len(h) for h in heads], np.int64)[set_of] + 4
+    pad_head = -head_len & 7
+    pad_fi = (4 * n) & 4
+    rows_at = np.arange(n_ent + 1, dtype=np.int64)
+    offsets = np.empty(len(rel_off) + n_ent, dtype="<u4")  # each record's offsets + its end
+    offsets[np.arange(len(rel_off)) + ent] = rel_off
+    offsets[bounds[1:] + rows_at[:-1]] = ends
+
+    def over(data: Buffer, cuts: np.ndarray) -> pa.Array:
+        return pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(), n_ent,
+            [None, pa.py_buffer(np.ascontiguousarray(cuts, np.int64)), pa.py_buffer(data)])
+
+    pads = pa.array(_PAD, pa.large_binary())
+    parts = [
+        pa.array(heads, pa.large_binary()).take(pa.array(set_of)),
+        over(n.astype("<u4"), 4 * rows_at),
+        pads.take(pa.array(pad_head)),
+        over(local, 4 * bounds),
+        pads.take(pa.array(pad_fi)),
+        over(st.astype("<i8"), 8 * bounds),
+        over(sz.astype("<i8"), 8 * bounds),
+        over(offsets, 4 * (bounds + rows_at)),
+        over(blob, out_off[bounds]),
+    ]
+    joined = pc.binary_join_element_wise(*parts, pa.scalar(b"", pa.large_binary()))
+    records: list[bytes | None] = joined.to_pylist()
+    for e in np.flatnonzero(~nonempty).tolist():
+        records[e] = None
+    return records
+
+
+def _assemble_each(ordered: list[str], bounds: np.ndarray, used_fids: np.ndarray,
+                   group_at: np.ndarray, local: np.ndarray, st: np.ndarray, sz: np.ndarray,
+                   rel_off: np.ndarray, ends: np.ndarray, out_off: np.ndarray, blob: Buffer
+                   ) -> list[bytes | None]:
+    """``_assemble`` one record at a time (for 63 features or more: no bit set holds them)."""
+    fids = used_fids.tolist()
+    used_bounds = np.searchsorted(group_at, bounds).tolist()
     fi_b, st_b = local.tobytes(), st.astype("<i8").tobytes()
     sz_b, off_b = sz.astype("<i8").tobytes(), rel_off.tobytes()
-    ends = (out_off[bounds[1:]] - out_off[bounds[:-1]]).tolist()
-    lo_list, starts_off = bounds.tolist(), out_off.tolist()
+    ends_l, lo_list, starts_off = ends.tolist(), bounds.tolist(), out_off.tolist()
     u32 = _U32.pack
     records: list[bytes | None] = []
-    for e in range(n_ent):
+    for e in range(len(lo_list) - 1):
         lo, hi = lo_list[e], lo_list[e + 1]
         if lo == hi:
             records.append(None)
             continue
-        key = tuple([ordered[i] for i in used_fids[used_bounds[e]:used_bounds[e + 1]]])
-        head = _HEADER_CACHE.get(key)
-        if head is None:
-            head = _header(list(key))
-            if len(_HEADER_CACHE) > 4096:
-                _HEADER_CACHE.clear()
-            _HEADER_CACHE[key] = head
-        n = hi - lo
-        h = head + u32(n)
-        fi_len = 4 * n
+        head = _header([ordered[i] for i in fids[used_bounds[e]:used_bounds[e + 1]]])
+        count = hi - lo
+        h = head + u32(count)
+        fi_len = 4 * count
         records.append(b"".join((
             h, _PAD[_pad8(len(h)) - len(h)],
             fi_b[4 * lo:4 * hi], _PAD[_pad8(fi_len) - fi_len],
             st_b[8 * lo:8 * hi], sz_b[8 * lo:8 * hi],
-            off_b[4 * lo:4 * hi], u32(ends[e]),
-            new_blob[starts_off[lo]:starts_off[hi]],
+            off_b[4 * lo:4 * hi], u32(ends_l[e]),
+            blob[starts_off[lo]:starts_off[hi]],
         )))
     return records
 

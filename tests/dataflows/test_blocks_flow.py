@@ -149,3 +149,18 @@ def test_copies_produced_after_a_restart_are_dropped_by_the_resumed_flow(fresh_b
     assert resumed.duplicates == len(generate_records(world)["views"])
     assert compare_to_oracle(store_blocks(url, FEATURES, entity_ids_of(oracle, FEATURES)),
                              oracle, FEATURES, expiry_for(url, FEATURES)) == []
+
+
+def test_flush_timers_align_on_the_wall_clock():
+    """Every shard's flush timer lands on a whole multiple of its interval, within one
+    interval from now: shards that set theirs in the same interval flush together."""
+    from datetime import timedelta
+
+    from dataflows.kafka_source import aligned_after, utc_now
+
+    for ms in (1, 250, 1000, 30_000):
+        before = utc_now()
+        at = aligned_after(ms)
+        after = utc_now()
+        assert round(at.timestamp() * 1000) % ms == 0
+        assert before < at <= after + timedelta(milliseconds=ms)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -43,6 +44,21 @@ def test_merge_records_equals_per_entity_upsert(old_rows, new_rows, keep):
             assert record is not None
             decoded = BlockTable.decode(record, validate=True)
             assert decoded.to_rows() == table.to_rows()
+            assert record == table.encode()  # byte for byte what the per-entity path writes
+
+
+def test_merge_with_more_features_than_a_bit_set_holds():
+    """63+ features in one batch: records are cut one by one, byte-identical."""
+    rows = [(f"e{i % 5}", f"f{i % 70:02d}@1", (i // 70) * M5, M5, bytes([i % 256]) * (i % 4))
+            for i in range(400)]
+    batch = BlockBatch.from_rows(rows)
+    old = [BlockTable.from_rows([("f00@1", 99 * M5, M5, b"old")]).encode(), None, None, None,
+           None]
+    got = merge_records(old, batch)
+    for e, before, record in zip(batch.entity_ids, old, got):
+        table = BlockTable.decode(before) if before is not None else BlockTable.empty()
+        table = table.upsert([(f, s, z, r) for (x, f, s, z, r) in rows if x == e])
+        assert record == table.encode()
 
 
 def test_concat_remaps_entities_and_features():
@@ -68,3 +84,65 @@ def test_chunks_are_in_entity_id_order_and_keep_every_row():
     chunks = list(batch.chunks(3))
     assert [c.entity_ids for c in chunks] == [["e0", "e1", "e2"], ["e3", "e4", "e5"], ["e6"]]
     assert sorted(r for c in chunks for r in c.to_rows()) == sorted(rows)
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.lists(row_st, min_size=1, max_size=60), size=st.integers(1, 4))
+def test_chunks_of_an_id_sorted_batch_slice_the_same_rows(rows, size):
+    """A batch in runs of entity order (as a flush writes it) is sliced, not copied; the
+    chunks hold the same entities and rows as the general path's."""
+    base = BlockBatch.from_rows(sorted(rows, key=lambda r: (r[1], r[0])))
+    ids = sorted(base.entity_ids)
+    rank = {e: i for i, e in enumerate(ids)}
+    by_feature = sorted(rows, key=lambda r: (r[1], rank[r[0]]))
+    batch = BlockBatch.from_rows(by_feature)
+    sorted_batch = BlockBatch(ids, np.array([rank[r[0]] for r in by_feature], np.int64),
+                              batch.feature_keys, batch.feature_idx, batch.starts, batch.sizes,
+                              batch.offsets, batch.blob, ids_sorted=True)
+    fast = list(sorted_batch.chunks(size))
+    slow = list(batch.chunks(size))
+    # (a batch that fits one chunk is returned as it is, in its own entity order)
+    assert [sorted(c.entity_ids) for c in fast] == [sorted(c.entity_ids) for c in slow]
+    for f, s in zip(fast, slow):
+        assert sorted(f.to_rows()) == sorted(s.to_rows())
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.lists(row_st, min_size=1, max_size=60), size=st.integers(1, 4),
+       shards=st.integers(1, 3))
+def test_chunks_by_key_cover_every_shard_in_key_ranges(rows, size, shards):
+    """Shards' batches (disjoint entities, id-sorted runs) cut into key ranges across all of
+    them: every row once, each chunk's ids in order and above the previous chunk's."""
+    from features.store.blockbatch import chunks_by_key
+
+    batches = []
+    for k in range(shards):
+        mine = [r for r in rows if int(r[0][1:]) % shards == k]
+        if not mine:
+            continue
+        ids = sorted({r[0] for r in mine})
+        rank = {e: i for i, e in enumerate(ids)}
+        mine.sort(key=lambda r: (r[1], rank[r[0]]))
+        plain = BlockBatch.from_rows(mine)
+        batches.append(BlockBatch(ids, np.array([rank[r[0]] for r in mine], np.int64),
+                                  plain.feature_keys, plain.feature_idx, plain.starts,
+                                  plain.sizes, plain.offsets, plain.blob, ids_sorted=True))
+    chunks = list(chunks_by_key(batches, size))
+    assert sorted(r for c in chunks for r in c.to_rows()) == sorted(rows)
+    flat = [e for c in chunks for e in c.entity_ids]
+    assert flat == sorted({r[0] for r in rows})
+    assert all(len(c.entity_ids) <= size for c in chunks)
+
+
+def test_chunks_by_key_keeps_two_flushes_of_one_shard_apart():
+    """The same entity in two batches (one shard flushed twice in one write): each batch is
+    chunked on its own, in order, so the later flush's rows are merged last."""
+    from features.store.blockbatch import chunks_by_key
+
+    first = BlockBatch(["e1", "e2"], np.array([0, 1]), ["f@1"], np.array([0, 0]),
+                       np.array([0, 0]), np.array([M5, M5]), np.array([0, 1, 2]), b"ab",
+                       ids_sorted=True)
+    second = BlockBatch(["e2"], np.array([0]), ["f@1"], np.array([0]), np.array([0]),
+                        np.array([M5]), np.array([0, 1]), b"c", ids_sorted=True)
+    chunks = list(chunks_by_key([first, second], 5))
+    assert [c.to_rows() for c in chunks] == [first.to_rows(), second.to_rows()]
