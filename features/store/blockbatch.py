@@ -145,14 +145,9 @@ class BlockBatch:
         """``chunks`` of an ``ids_sorted`` batch: each chunk's rows are one slice per run."""
         n_ent = len(self.entity_ids)
         cuts = np.arange(0, n_ent + max_entities, max_entities).clip(max=n_ent)
-        yield from self._slices(runs, cuts)
-
-    def _slices(self, runs: list[tuple[int, int]], cuts: np.ndarray) -> Iterator[BlockBatch]:
-        """The batches of entities ``cuts[c]:cuts[c + 1]`` (ascending cuts into the sorted
-        ``entity_ids``), each one slice per run of rows."""
         for c, spans in enumerate(self._spans(runs, cuts)):
             lo = int(cuts[c])
-            yield _join_ranked([(self, spans, np.arange(-lo, len(self.entity_ids) - lo))],
+            yield _join_ranked([(self, spans, np.arange(-lo, n_ent - lo))],
                                self.entity_ids[lo:int(cuts[c + 1])])
 
     def _spans(self, runs: list[tuple[int, int]], cuts: np.ndarray
