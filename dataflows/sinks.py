@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from dataflows.memory import release_free_memory
 from features.blockstate import ShardFlush
 from features.store.base import BlockBatchWrite
 from features.store.blockbatch import BlockBatch, chunks_by_key
@@ -21,6 +22,9 @@ log = get_logger("dataflows.sinks")
 
 WRITE_CHUNK_ENTITIES = 20_000
 """Entities written per store transaction (a large flush is written in several)."""
+
+RELEASE_AFTER_ROWS = 200_000
+"""Rows in a store write after which the worker hands freed memory back to the system."""
 
 #: seconds between tries of a store write while the store is unreachable (doubling up to
 #: the last)
@@ -112,27 +116,36 @@ class _StorePartition(StatelessSinkPartition[Any]):
                     sealed.append((out.entity_type, batch, self._not_committed(out)))
             if out.watermark > watermarks.get(out.watermark_key, -(2**62)):
                 watermarks[out.watermark_key] = out.watermark
-        writes: list[BlockBatchWrite] = []
+        families = []
         for (entity_type, family), batches in by_record.items():
             wm = record_wm[(entity_type, family)]
             keep = self.retention.get((entity_type, family))
             keep_after = ({size: wm - ms for size, ms in keep.items()}
                           if keep and wm > -(2**61) else None)
-            # The shards of a family spread over its whole key range: written in key-range
-            # chunks across them, each page of records is rewritten once, not once a shard.
-            writes.extend(BlockBatchWrite(entity_type, family, chunk, keep_after)
-                          for chunk in chunks_by_key(batches, WRITE_CHUNK_ENTITIES))
+            families.append((entity_type, family, batches, keep_after))
+
+        def writes() -> Iterator[BlockBatchWrite]:
+            """The write, chunk by chunk, made as the store takes it: one chunk's copy of
+            the rows exists at a time. The shards of a family spread over its whole key
+            range: written in key-range chunks across them, each page of records is
+            rewritten once, not once a shard."""
+            for entity_type, family, batches, keep_after in families:
+                for chunk in chunks_by_key(batches, WRITE_CHUNK_ENTITIES):
+                    yield BlockBatchWrite(entity_type, family, chunk, keep_after)
+
         # Sealed rows are stamped now, before this write publishes them online: a batch
         # correction of the same block (``tessera batch blocks``, which waits for this
         # watermark) is stamped after, so the offline table keeps its version, as the online
         # store does.
         stamp = int(time.time() * 1000)
         # one call: few transactions, and the watermarks only after the blocks they vouch for
-        write_until_stored("blocks", lambda: self.store.put_block_batches(writes, watermarks))
-        written = sum(len(w.batch) for w in writes)
+        write_until_stored("blocks", lambda: self.store.put_block_batches(writes(), watermarks))
+        written = sum(len(b) for _, _, batches, _ in families for b in batches)
         self.blocks_written += written
         if self.progress is not None:
             self.progress.add_blocks(written)
+        if written >= RELEASE_AFTER_ROWS:
+            release_free_memory()  # a large flush's transient arrays: back to the system
         if sealed:
             self._commit_sealed(sealed, {out.shard: out.watermark for _k, out in items
                                          if out.shard}, stamp)

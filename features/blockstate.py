@@ -475,8 +475,15 @@ class BlockShard:
         by_id = uniq[np.argsort(self.entities.values[uniq].astype("U"), kind="stable")]
         rank = np.empty(len(self.entities), dtype=np.int64)
         rank[by_id] = np.arange(len(by_id), dtype=np.int64)
-        ent_parts, fidx_parts, st_parts, sz_parts, len_parts, blobs, sealed_parts = (
-            [], [], [], [], [], [], [])
+        # The batch's columns are filled in place, feature by feature: a large flush (a
+        # catch-up flush writes millions of rows) never holds its rows twice.
+        total = sum(len(p[3]) for p in plan)
+        ent_idx, fidx, starts, sizes, sealed_all = (
+            np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.int64),
+            np.empty(total, np.int64), np.empty(total, bool))
+        offsets = np.zeros(total + 1, dtype=np.int64)
+        blobs: list[bytes] = []
+        at = 0
         last: tuple[np.ndarray, np.ndarray] | None = None  # the last feature's rows, order
         for (fi, group, feat, rows, sealed), codes in zip(plan, codes_of):
             if last is not None and np.array_equal(last[0], rows):
@@ -484,35 +491,35 @@ class BlockShard:
             else:
                 order = np.argsort(rank[codes], kind="stable")
                 last = (rows, order)
-            rows, sealed, ranks = rows[order], sealed[order], rank[codes[order]]
+            rows = rows[order]
+            end = at + len(rows)
             blob, lengths = feat.column.serialize(rows)
             keys = group.keys[rows]
-            ent_parts.append(ranks)
-            fidx_parts.append(np.full(len(rows), fi, dtype=np.int64))
-            sizes = group.sizes[(keys >> _SLOT_BITS) & 7]
-            st_parts.append(group.ends[rows] - sizes)
-            sz_parts.append(sizes)
-            len_parts.append(lengths)
+            ent_idx[at:end] = rank[codes[order]]
+            fidx[at:end] = fi
+            row_sizes = group.sizes[(keys >> _SLOT_BITS) & 7]
+            np.subtract(group.ends[rows], row_sizes, out=starts[at:end])
+            sizes[at:end] = row_sizes
+            offsets[at + 1:end + 1] = lengths
+            sealed_all[at:end] = sealed[order]
             blobs.append(blob)
-            sealed_parts.append(sealed)
+            at = end
         for group in self.groups:
             group.seal(sealing[id(group)])
             group.evict_done()
-        lengths = np.concatenate(len_parts)
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
+        np.cumsum(offsets, out=offsets)
         batch = BlockBatch(
             entity_ids=self.entities.values[by_id].tolist(),
-            entity_idx=np.concatenate(ent_parts),
+            entity_idx=ent_idx,
             feature_keys=[f.key for f in self.config.features],
-            feature_idx=np.concatenate(fidx_parts),
-            starts=np.concatenate(st_parts),
-            sizes=np.concatenate(sz_parts),
+            feature_idx=fidx,
+            starts=starts,
+            sizes=sizes,
             offsets=offsets,
             blob=b"".join(blobs),
             ids_sorted=True,
         )
-        return ShardFlush(batch, np.concatenate(sealed_parts))
+        return ShardFlush(batch, sealed_all)
 
     def dirty_blocks(self) -> int:
         """Number of blocks changed since the last flush (what the next flush writes)."""

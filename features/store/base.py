@@ -12,7 +12,7 @@ partitions), any number of reader processes. Every write method is atomic per ca
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -235,14 +235,15 @@ class OnlineStore(abc.ABC):
 
     def put_block_batches(
         self,
-        writes: Sequence[BlockBatchWrite],
+        writes: Iterable[BlockBatchWrite],
         watermarks: Mapping[str, int] | None = None,
     ) -> None:
         """Write many ``put_block_batch`` calls, then raise ``watermarks``.
 
         The watermarks are raised only after every block they vouch for is written.
         Backends with transactions group the writes into few of them (one fsync each);
-        the default writes one by one.
+        the default writes one by one. ``writes`` is consumed once, in order, and may be a
+        generator (each write then exists only while it is written).
         """
         for w in writes:
             self.put_block_batch(w.entity_type, w.family, w.batch, keep_after=w.keep_after)

@@ -24,7 +24,7 @@ import os
 import struct
 import threading
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,29 +268,29 @@ class LmdbStore(OnlineStore):
 
     def put_block_batches(
         self,
-        writes: Sequence[BlockBatchWrite],
+        writes: Iterable[BlockBatchWrite],
         watermarks: Mapping[str, int] | None = None,
     ) -> None:
         self._check_writable("put_block_batches")
-        if not watermarks and not any(len(w.batch) for w in writes):
+        # Consumed as it goes: a write made chunk by chunk (the blocks sink's) holds one
+        # chunk's copy of its rows at a time, not a copy of the whole flush.
+        pending = (w for w in writes if len(w.batch))
+        nxt = next(pending, None)
+        if nxt is None:
+            if watermarks:
+                self._commit("put_block_batches",
+                             lambda txn: self._raise_watermarks(txn, watermarks))
             return
-        groups: list[list[BlockBatchWrite]] = [[]]
-        entities = 0
-        for w in writes:
-            if not len(w.batch):
-                continue
-            if entities and entities + len(w.batch.entity_ids) > self.TXN_ENTITIES:
-                groups.append([])
+        while nxt is not None:
+            def run(txn):
+                nonlocal nxt
                 entities = 0
-            groups[-1].append(w)
-            entities += len(w.batch.entity_ids)
-        for i, group in enumerate(groups):
-            last = i == len(groups) - 1
-
-            def run(txn, group=group, last=last):
-                for w in group:
-                    self._merge_batch(txn, w)
-                if last and watermarks:
+                while nxt is not None and (not entities or entities + len(
+                        nxt.batch.entity_ids) <= self.TXN_ENTITIES):
+                    entities += len(nxt.batch.entity_ids)
+                    self._merge_batch(txn, nxt)
+                    nxt = next(pending, None)
+                if nxt is None and watermarks:
                     self._raise_watermarks(txn, watermarks)
 
             self._commit("put_block_batches", run)

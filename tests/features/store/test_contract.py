@@ -222,7 +222,8 @@ def test_values_errors_and_unknown_table(store, et):
     assert result.watermarks.tolist() == [NO_WATERMARK]
 
 
-def test_grouped_batch_writes_then_watermarks(store, et, monkeypatch):
+@pytest.mark.parametrize("lazy", [False, True], ids=["list", "generator"])
+def test_grouped_batch_writes_then_watermarks(store, et, monkeypatch, lazy):
     from features.store.base import BlockBatchWrite
     from features.store.blockbatch import BlockBatch
 
@@ -231,10 +232,11 @@ def test_grouped_batch_writes_then_watermarks(store, et, monkeypatch):
     first = BlockBatch.from_rows([(f"u{i}", "views@v1", 0, M5, bytes([i])) for i in range(5)])
     later = BlockBatch.from_rows([("u1", "views@v1", 0, M5, b"\xff"),
                                   ("u9", "clicks@v1", M5, M5, b"\x09")])
-    store.put_block_batches([BlockBatchWrite(et, "views", first),
-                             BlockBatchWrite(et, "views", BlockBatch.from_rows([])),
-                             BlockBatchWrite(et, "views", later)],
-                            {f"{et}/wm": 42})
+    writes = [BlockBatchWrite(et, "views", first),
+              BlockBatchWrite(et, "views", BlockBatch.from_rows([])),
+              BlockBatchWrite(et, "views", later)]
+    # the blocks sink hands over a generator: each chunk is made as it is written
+    store.put_block_batches((w for w in writes) if lazy else writes, {f"{et}/wm": 42})
     tables = store.get_block_tables(et, "views", ["u0", "u1", "u4", "u9"])
     assert [rows_of(t) for t in tables] == [
         [("views@v1", 0, M5, b"\x00")],
@@ -243,8 +245,11 @@ def test_grouped_batch_writes_then_watermarks(store, et, monkeypatch):
         [("clicks@v1", M5, M5, b"\x09")],
     ]
     assert store.get_watermarks(prefix=f"{et}/") == {f"{et}/wm": 42}
-    store.put_block_batches([], {f"{et}/wm": 7})  # watermarks alone, never backwards
+    # watermarks alone, never backwards
+    store.put_block_batches(iter([]) if lazy else [], {f"{et}/wm": 7})
     assert store.get_watermarks(prefix=f"{et}/") == {f"{et}/wm": 42}
+    store.put_block_batches(iter([]) if lazy else [], {f"{et}/wm": 50})
+    assert store.get_watermarks(prefix=f"{et}/") == {f"{et}/wm": 50}
 
 
 # ---------------------------------------------------------------------- watermarks, meta
