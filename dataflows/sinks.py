@@ -23,8 +23,10 @@ log = get_logger("dataflows.sinks")
 WRITE_CHUNK_ENTITIES = 20_000
 """Entities written per store transaction (a large flush is written in several)."""
 
-RELEASE_AFTER_ROWS = 200_000
-"""Rows in a store write after which the worker hands freed memory back to the system."""
+RELEASE_AFTER_ROWS = 1_000_000
+"""Rows in a store write after which the worker hands freed memory back to the system: a
+catch-up flush's millions of rows, not the small writes of a live flow (the next large
+allocation faults the pages in again, so trimming after every write would cost CPU)."""
 
 #: seconds between tries of a store write while the store is unreachable (doubling up to
 #: the last)

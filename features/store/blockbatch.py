@@ -145,10 +145,10 @@ class BlockBatch:
         """``chunks`` of an ``ids_sorted`` batch: each chunk's rows are one slice per run."""
         n_ent = len(self.entity_ids)
         cuts = np.arange(0, n_ent + max_entities, max_entities).clip(max=n_ent)
+        rank = np.arange(n_ent, dtype=np.int64)
         for c, spans in enumerate(self._spans(runs, cuts)):
             lo = int(cuts[c])
-            yield _join_ranked([(self, spans, np.arange(-lo, n_ent - lo))],
-                               self.entity_ids[lo:int(cuts[c + 1])])
+            yield _join_ranked([(self, spans, rank)], self.entity_ids[lo:int(cuts[c + 1])], lo)
 
     def _spans(self, runs: list[tuple[int, int]], cuts: np.ndarray
                ) -> list[list[tuple[int, int]]]:
@@ -226,15 +226,16 @@ def chunks_by_key(batches: Sequence[BlockBatch], max_entities: int) -> Iterator[
         cuts = np.searchsorted(mine // max_entities, np.arange(n_chunks + 1))
         for c, spans in enumerate(b._spans(r, cuts)):
             if spans:  # entity i of the batch is entity mine[i] - c * max of the chunk
-                parts[c].append((b, spans, mine - c * max_entities))
+                parts[c].append((b, spans, mine))
     for c, pieces in enumerate(parts):
-        yield _join_ranked(pieces, in_order[c * max_entities:(c + 1) * max_entities].tolist())
+        yield _join_ranked(pieces, in_order[c * max_entities:(c + 1) * max_entities].tolist(),
+                           c * max_entities)
 
 
 def _join_ranked(pieces: list[tuple[BlockBatch, list[tuple[int, int]], np.ndarray]],
-                 entity_ids: list[str]) -> BlockBatch:
-    """One batch of the rows ``spans`` of each ``(batch, spans, position)`` (disjoint
-    entities): entity ``i`` of a batch becomes entity ``position[i]`` of ``entity_ids``.
+                 entity_ids: list[str], first: int) -> BlockBatch:
+    """One batch of the rows ``spans`` of each ``(batch, spans, rank)`` (disjoint entities):
+    entity ``i`` of a batch becomes entity ``rank[i] - first`` of ``entity_ids``.
 
     Reps are copied once, straight from each batch's blob."""
     feats: dict[str, int] = {}
@@ -250,7 +251,8 @@ def _join_ranked(pieces: list[tuple[BlockBatch, list[tuple[int, int]], np.ndarra
     np.cumsum(lengths, out=offsets[1:])
     return BlockBatch(
         entity_ids,
-        np.concatenate([pos[b.entity_idx[a:z]] for b, sp, pos in pieces for a, z in sp]),
+        np.concatenate([pos[b.entity_idx[a:z]] for b, sp, pos in pieces for a, z in sp])
+        - first,
         list(feats),
         np.concatenate([m[b.feature_idx[a:z]]
                         for (b, sp, _), m in zip(pieces, fmaps) for a, z in sp]),

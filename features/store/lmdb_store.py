@@ -263,8 +263,9 @@ class LmdbStore(OnlineStore):
         write = BlockBatchWrite(entity_type, family, batch, keep_after)
         self._commit("put_block_batch", lambda txn: self._merge_batch(txn, write))
 
-    #: entities merged per write transaction by ``put_block_batches`` (each commit fsyncs)
-    TXN_ENTITIES = 100_000
+    #: entities merged per write transaction by ``put_block_batches`` (each commit fsyncs;
+    #: LMDB holds a transaction's dirty pages in memory until it commits)
+    TXN_ENTITIES = 25_000
 
     def put_block_batches(
         self,
