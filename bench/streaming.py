@@ -234,8 +234,7 @@ def worker_tessera(args: dict) -> None:
     flow = build_blocks_flow(config)
     t_ready = time.time()
     try:
-        run_flow(flow, workers=1, epoch_interval_s=args.get("epoch_s", 2.0),
-                 recovery_dir=Path(args["recovery_dir"]) if args.get("recovery_dir") else None)
+        run_flow(flow, workers=1)
     except KeyboardInterrupt:
         pass
     t_end = time.time()

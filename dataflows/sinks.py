@@ -21,7 +21,8 @@ log = get_logger("dataflows.sinks")
 
 
 WRITE_CHUNK_ENTITIES = 20_000
-"""Entities written per store transaction (a large flush is written in several)."""
+"""Entities per write chunk, one record merge each (a store groups chunks into its own
+transactions)."""
 
 RELEASE_AFTER_ROWS = 1_000_000
 """Rows in a store write after which the worker hands freed memory back to the system: a

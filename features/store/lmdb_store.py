@@ -277,12 +277,9 @@ class LmdbStore(OnlineStore):
         # chunk's copy of its rows at a time, not a copy of the whole flush.
         pending = (w for w in writes if len(w.batch))
         nxt = next(pending, None)
-        if nxt is None:
-            if watermarks:
-                self._commit("put_block_batches",
-                             lambda txn: self._raise_watermarks(txn, watermarks))
+        if nxt is None and not watermarks:
             return
-        while nxt is not None:
+        while True:
             def run(txn):
                 nonlocal nxt
                 entities = 0
@@ -291,10 +288,12 @@ class LmdbStore(OnlineStore):
                     entities += len(nxt.batch.entity_ids)
                     self._merge_batch(txn, nxt)
                     nxt = next(pending, None)
-                if nxt is None and watermarks:
+                if nxt is None and watermarks:  # in the last transaction
                     self._raise_watermarks(txn, watermarks)
 
             self._commit("put_block_batches", run)
+            if nxt is None:
+                return
 
     def _merge_batch(self, txn, write: BlockBatchWrite) -> None:
         """Merge one batch into its records within ``txn`` (keys read and written in order)."""
