@@ -14,12 +14,20 @@ from typing import Any
 import numpy as np
 
 from features.aggregations.base import PENDING_LIMIT, Aggregation, RepColumn
-from features.aggregations.ragged import RaggedPool, group_positions, put_bytes, ragged_ranges
+from features.aggregations.ragged import (
+    RaggedPool,
+    group_positions,
+    join_segments,
+    ragged_ranges,
+    row_cuts,
+    unique_rows,
+)
 from features.errors import RepDecodeError
 from features.interning import StringInterner
 
 _HEAD = struct.Struct("<BI")  # value kind, count
 _KIND_NUM, _KIND_STR = 0, 1
+_HEAD_DTYPE = np.dtype([("kind", "u1"), ("n", "<u4")])  # _HEAD as a packed record
 
 
 class LastNAgg(Aggregation):
@@ -163,7 +171,7 @@ class LastNColumn(RepColumn):
         ts = np.concatenate([p[1] for p in self._pending])
         vals = np.concatenate([p[2] for p in self._pending])
         self._pending, self._pending_n = [], 0
-        uniq, inv = np.unique(rows, return_inverse=True)
+        uniq, inv = unique_rows(rows, len(pool.count))
         old, counts = pool.gather(uniq)
         g = np.concatenate((np.repeat(np.arange(len(uniq), dtype=np.int64), counts), inv))
         t = np.concatenate((old["ts"], ts))
@@ -180,7 +188,7 @@ class LastNColumn(RepColumn):
 
     def _order_strings(self, g: np.ndarray, t: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Row, newest first; equal times ordered by the string value, largest first."""
-        order = np.lexsort((-t, g))
+        order = _row_newest_first(g, t)
         gs, ts_sorted = g[order], t[order]
         tie = np.flatnonzero((gs[1:] == gs[:-1]) & (ts_sorted[1:] == ts_sorted[:-1]))
         if len(tie):  # rare: order each run of equal (row, ts) by value, in Python
@@ -200,31 +208,24 @@ class LastNColumn(RepColumn):
             return _HEAD.pack(_KIND_NUM, 0) * len(rows), np.full(len(rows), _HEAD.size, np.int64)
         self._settle()
         entries, k = self.pool.gather(rows)
-        g = np.repeat(np.arange(len(rows), dtype=np.int64), k)
-        pos = group_positions(k)
+        head = np.zeros(len(rows), dtype=_HEAD_DTYPE)
+        head["kind"] = np.where(k > 0, self.kind, _KIND_NUM)
+        head["n"] = k
+        parts = [(head, row_cuts(np.ones(len(rows), np.int64), _HEAD.size)),
+                 (entries["ts"].astype("<i8"), row_cuts(k, 8))]
         if self.kind == _KIND_STR:
             blob, offsets = self.strings.utf8()
             codes = entries["val"]
             lens = offsets[codes + 1] - offsets[codes]
+            g = np.repeat(np.arange(len(rows), dtype=np.int64), k)
             text = np.bincount(g, weights=lens, minlength=len(rows)).astype(np.int64)
+            parts += [(lens.astype("<u2"), row_cuts(k, 2)),
+                      (blob[ragged_ranges(offsets[codes], lens)], row_cuts(text))]
             size = _HEAD.size + 10 * k + text
         else:
+            parts.append((entries["val"].astype("<f8"), row_cuts(k, 8)))
             size = _HEAD.size + 16 * k
-        off = np.cumsum(size) - size
-        out = np.zeros(int(size.sum()), np.uint8)
-        out[off] = np.where(k > 0, self.kind, _KIND_NUM)
-        put_bytes(out, off + 1, k.astype("<u4"))
-        body = off[g] + _HEAD.size
-        put_bytes(out, body + 8 * pos, entries["ts"].astype("<i8"))
-        if self.kind == _KIND_STR:
-            put_bytes(out, body + 8 * k[g] + 2 * pos, lens.astype("<u2"))
-            ex = np.cumsum(lens) - lens
-            row_base = np.repeat(ex[np.cumsum(k) - k][k > 0], k[k > 0])
-            dest = body + 10 * k[g] + (ex - row_base)
-            out[ragged_ranges(dest, lens)] = blob[ragged_ranges(offsets[codes], lens)]
-        else:
-            put_bytes(out, body + 8 * k[g] + 8 * pos, entries["val"].astype("<f8"))
-        return out.tobytes(), size
+        return join_segments(len(rows), parts), size
 
     def keep(self, rows: np.ndarray) -> None:
         self.capacity = len(rows)
@@ -239,6 +240,23 @@ class LastNColumn(RepColumn):
         strings = self.strings.values.tolist() if self.kind == _KIND_STR else []
         return {"kind": self.kind, "strings": strings, "pool": self.pool.state(n)}
 
+
+
+def _row_newest_first(g: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """An order of entries by row ``g`` (ascending), then time ``t`` (newest first).
+
+    Entries equal in both may come in any order. One sort of a packed int64 key when row
+    and time span fit in 63 bits (they do for any shard), else a two-key ``lexsort``.
+    """
+    if not len(g):
+        return np.zeros(0, np.int64)
+    t_max = int(t.max())
+    t_bits = (t_max - int(t.min())).bit_length()
+    if int(g.min()) >= 0 and int(g.max()).bit_length() + t_bits <= 63:
+        key = g << t_bits
+        key |= t_max - t
+        return np.argsort(key)
+    return np.lexsort((-t, g))
 
 
 def _order_key(pair: tuple) -> tuple:

@@ -11,6 +11,8 @@ the batch: no Python per row or per entry.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def ragged_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -32,6 +34,55 @@ def group_positions(counts: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - np.repeat(starts, counts)
 
 
+def unique_rows(rows: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(rows, return_inverse=True)`` for row numbers in ``[0, capacity)``.
+
+    When the rows are many against ``capacity`` (a flush settles millions of entries into a
+    shard's rows) a mark array and a lookup table replace the sort: linear, and about ten
+    times faster than ``np.unique``; otherwise ``np.unique``.
+    """
+    rows = np.asarray(rows, np.int64)
+    n = len(rows)
+    if n == 0 or capacity > 8 * n:
+        uniq, inv = np.unique(rows, return_inverse=True)
+        return uniq, inv.reshape(-1).astype(np.int64, copy=False)
+    mark = np.zeros(capacity, dtype=bool)
+    mark[rows] = True
+    uniq = np.flatnonzero(mark)
+    lookup = np.empty(capacity, dtype=np.int64)
+    lookup[uniq] = np.arange(len(uniq), dtype=np.int64)
+    return uniq, lookup[rows]
+
+
+def stable_order(keys: np.ndarray) -> np.ndarray:
+    """``np.argsort(keys, kind="stable")`` for non-negative int64 keys.
+
+    When key and position fit in 63 bits together, each key is packed with its position
+    and the packed values sorted directly (no indirection, about twice as fast).
+    """
+    keys = np.asarray(keys, np.int64)
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    pos_bits = max(int(n - 1).bit_length(), 1)
+    if int(keys.min()) < 0 or int(keys.max()).bit_length() + pos_bits > 63:
+        return np.argsort(keys, kind="stable")
+    packed = keys << pos_bits
+    packed |= np.arange(n, dtype=np.int64)
+    packed.sort()
+    packed &= (1 << pos_bits) - 1
+    return packed
+
+
+def sorted_unique(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(v, return_inverse=True)`` for values already sorted (linear)."""
+    n = len(sorted_values)
+    first = np.ones(n, dtype=bool)
+    if n:
+        first[1:] = sorted_values[1:] != sorted_values[:-1]
+    return sorted_values[first], np.cumsum(first, dtype=np.int64) - 1
+
+
 def put_bytes(out: np.ndarray, starts: np.ndarray, values: np.ndarray) -> None:
     """Write each value's little-endian bytes into the uint8 array ``out`` at ``starts[i]``."""
     if not len(values):
@@ -39,6 +90,37 @@ def put_bytes(out: np.ndarray, starts: np.ndarray, values: np.ndarray) -> None:
     width = values.dtype.itemsize
     raw = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), width)
     out[np.asarray(starts, np.int64)[:, None] + np.arange(width)] = raw
+
+
+def join_segments(n: int, parts: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """Concatenate, for each of ``n`` rows, its segment of every part, in part order.
+
+    A part is ``(data, cuts)``: the bytes of all rows back to back (any fixed-width numpy
+    array; its raw bytes are used) and int64 ``cuts[n + 1]``, row ``i``'s segment being
+    ``data[cuts[i]:cuts[i + 1]]`` in bytes. Arrow's element-wise join copies the segments
+    in C: every row's bytes end up contiguous without a per-byte index.
+    """
+    if n == 0:
+        return b""
+    arrays = [
+        pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(), n,
+            [None, pa.py_buffer(np.ascontiguousarray(cuts, np.int64)),
+             pa.py_buffer(np.ascontiguousarray(data))])
+        for data, cuts in parts
+    ]
+    joined = pc.binary_join_element_wise(*arrays, pa.scalar(b"", pa.large_binary()))
+    offsets = np.frombuffer(joined.buffers()[1], np.int64, n + 1, 8 * joined.offset)
+    return joined.buffers()[2].to_pybytes()[int(offsets[0]):int(offsets[-1])]
+
+
+def row_cuts(counts: np.ndarray, width: int = 1) -> np.ndarray:
+    """Byte cuts ``[0, w*c0, w*(c0+c1), ...]`` of rows of ``counts`` entries of ``width`` bytes."""
+    cuts = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=cuts[1:])
+    if width != 1:
+        cuts *= width
+    return cuts
 
 
 class RaggedPool:

@@ -23,13 +23,21 @@ import datasketches as ds
 import numpy as np
 
 from features.aggregations.base import PENDING_LIMIT, Aggregation, RepColumn, plain_values
-from features.aggregations.ragged import RaggedPool, put_bytes
+from features.aggregations.ragged import (
+    RaggedPool,
+    join_segments,
+    put_bytes,
+    row_cuts,
+    sorted_unique,
+    stable_order,
+)
 from features.errors import RepDecodeError
 from features.interning import hash_strings
 
 _HLL_TYPE = ds.tgt_hll_type.HLL_4
 _TAG_EXACT, _TAG_SKETCH = 0xE1, 0xE2
 _EXACT_HEAD = struct.Struct("<BI")
+_EXACT_HEAD_DTYPE = np.dtype([("tag", "u1"), ("n", "<u4")])  # _EXACT_HEAD as a packed record
 _NO_HASHES = np.zeros(0, np.uint64)
 
 
@@ -235,7 +243,25 @@ def _unique_objects(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def unique_pairs(groups: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct (group, hash) pairs, sorted by group then hash."""
+    """Distinct (group, hash) pairs, sorted by group then hash.
+
+    Groups are non-negative. When they fit in 32 bits (always, for rows of a shard), one
+    sort of a packed key (the group in the high bits, the hash's high bits below) replaces
+    a two-key ``lexsort``; equal packed keys with different hashes (a near-impossible
+    coincidence of the hashes' high bits) fall back to the exact two-key sort.
+    """
+    n = len(groups)
+    group_bits = max(int(groups.max()).bit_length(), 1) if n else 1
+    if n and group_bits <= 32 and int(groups.min()) >= 0:
+        shift = np.uint64(64 - group_bits)
+        key = (groups.astype(np.uint64) << shift) | (hashes >> np.uint64(group_bits))
+        order = np.argsort(key)
+        k, h = key[order], hashes[order]
+        same = k[1:] == k[:-1]
+        if not bool((same & (h[1:] != h[:-1])).any()):
+            first = np.ones(n, dtype=bool)
+            first[1:] = ~same
+            return groups[order[first]], h[first]
     order = np.lexsort((hashes, groups))
     g, h = groups[order], hashes[order]
     first = np.ones(len(g), dtype=bool)
@@ -309,7 +335,7 @@ class DistinctColumn(RepColumn):
             rows, hashes = rows[~is_sketch], hashes[~is_sketch]
         if not len(rows):
             return
-        uniq, inv = np.unique(rows, return_inverse=True)
+        uniq, inv = sorted_unique(rows)  # unique_pairs sorted them
         old, counts = self.sets.gather(uniq)
         g = np.concatenate((np.repeat(np.arange(len(uniq), dtype=np.int64), counts), inv))
         g, h = unique_pairs(g, np.concatenate((old["h"], hashes)))
@@ -335,30 +361,20 @@ class DistinctColumn(RepColumn):
         rows = np.asarray(rows, np.int64)
         self._settle()
         entries, k = self.sets.gather(rows)
-        size = _EXACT_HEAD.size + 8 * k
-        sketch_rows = np.flatnonzero(self.is_sketch[rows])
-        images: dict[int, bytes] = {}
-        for j in sketch_rows.tolist():
-            images[j] = bytes([_TAG_SKETCH]) + bytes(self.sketches[rows[j]].serialize_compact())
-            size[j] = len(images[j])
-        off = np.cumsum(size) - size
-        out = np.zeros(int(size.sum()), np.uint8)
-        exact = np.ones(len(rows), dtype=bool)
-        exact[sketch_rows] = False
-        out[off[exact]] = _TAG_EXACT
-        head = k.astype("<u4").view(np.uint8).reshape(len(rows), 4)
-        out[(off[exact] + 1)[:, None] + np.arange(4)] = head[exact]
-        g = np.repeat(np.arange(len(rows), dtype=np.int64), k)
-        pos = np.arange(len(g)) - np.repeat(np.cumsum(k) - k, k)
-        dest = off[g] + _EXACT_HEAD.size + 8 * pos
-        raw = entries["h"].astype("<u8").view(np.uint8).reshape(len(g), 8)
-        out[dest[:, None] + np.arange(8)] = raw
-        blob = out.tobytes()
-        if images:
-            parts = bytearray(blob)
-            for j, img in images.items():
-                parts[off[j]:off[j] + len(img)] = img
-            blob = bytes(parts)
+        exact = ~self.is_sketch[rows]
+        images = [bytes([_TAG_SKETCH]) + bytes(self.sketches[r].serialize_compact())
+                  for r in rows[~exact].tolist()]
+        image_len = np.zeros(len(rows), np.int64)
+        image_len[~exact] = [len(img) for img in images]
+        head = np.zeros(int(exact.sum()), dtype=_EXACT_HEAD_DTYPE)
+        head["tag"] = _TAG_EXACT
+        head["n"] = k[exact]
+        size = np.where(exact, _EXACT_HEAD.size + 8 * k, image_len)
+        blob = join_segments(len(rows), [
+            (head, row_cuts(exact, _EXACT_HEAD.size)),
+            (entries["h"].astype("<u8"), row_cuts(k, 8)),
+            (np.frombuffer(b"".join(images), np.uint8), row_cuts(image_len)),
+        ])
         return blob, size
 
     def keep(self, rows: np.ndarray) -> None:
@@ -420,7 +436,7 @@ class QuantileColumn(RepColumn):
         rows = np.concatenate([p[0] for p in self._pending])
         vals = np.concatenate([p[1] for p in self._pending])
         self._pending, self._pending_n = [], 0
-        order = np.argsort(rows, kind="stable")  # per row, values stay in arrival order
+        order = stable_order(rows)  # per row, values stay in arrival order
         rows, vals = rows[order], vals[order]
         big = self.is_sketch[rows]
         if big.any():
@@ -428,7 +444,7 @@ class QuantileColumn(RepColumn):
             rows, vals = rows[~big], vals[~big]
         if not len(rows):
             return
-        uniq, inv = np.unique(rows, return_inverse=True)
+        uniq, inv = sorted_unique(rows)
         old, counts = self.values.gather(uniq)
         g = np.concatenate((np.repeat(np.arange(len(uniq), dtype=np.int64), counts), inv))
         v = np.concatenate((old["v"], vals))

@@ -294,8 +294,6 @@ def merge_records(
     sz_parts = [batch.sizes.astype(np.int64)[live]]
     src_parts = [batch.offsets[:-1].astype(np.int64)[live]]
     len_parts = [np.diff(batch.offsets).astype(np.int64)[live]]
-    # the winner of a (entity, feature, size, start) group sorts first: the last new row
-    prio_parts = [np.arange(len(batch) - 1, -1, -1, dtype=np.int64)[live]]
     head = bytes(batch.blob[: int(batch.offsets[-1])]) if len(batch) else b""
     big = head
     if scan.rows:  # the old records' rows, read with one numpy call per column
@@ -306,7 +304,6 @@ def merge_records(
         sz_parts.append(rows.sizes)
         src_parts.append(rows.src)
         len_parts.append(rows.lengths)
-        prio_parts.append(np.full(len(rows.ent), len(batch), np.int64))
         big = head + scan.buffer
 
     ent = np.concatenate(ent_parts)
@@ -315,7 +312,11 @@ def merge_records(
     sz = np.concatenate(sz_parts)
     src = np.concatenate(src_parts)
     lengths = np.concatenate(len_parts)
-    prio = np.concatenate(prio_parts)
+    # the winner of a (entity, feature, size, start) group sorts first: the last new row;
+    # old rows after every new one. Distinct priorities: a permutation of the rows.
+    n_new = len(ent_parts[0])
+    prio = np.arange(len(ent), dtype=np.int64)
+    prio[:n_new] = prio[:n_new][::-1].copy()
 
     order, first = _record_order(ent, fid, sz, st, prio)
     keep = order[first]
@@ -583,8 +584,9 @@ def _record_order(ent: np.ndarray, fid: np.ndarray, sz: np.ndarray, st: np.ndarr
     """Rows sorted by (entity, feature, size, start), lowest ``prio`` first among equals;
     and, in that order, whether each row is the first of its (entity, feature, size, start).
 
-    The four keys are packed into one int64 when they fit (they do for any realistic
-    record batch), so the sort is over two keys, not five.
+    ``prio`` is a permutation of the row numbers. The four keys and ``prio`` are packed into
+    one int64 when they fit (they do for any realistic record batch) and sorted as values;
+    the order is read back from the packed ``prio``.
     """
     m = len(ent)
     first = np.ones(m, dtype=bool)
@@ -592,6 +594,9 @@ def _record_order(ent: np.ndarray, fid: np.ndarray, sz: np.ndarray, st: np.ndarr
         return np.zeros(0, np.int64), first
     sizes, szi = _dense_rank(sz)
     st_rel = st - st.min()
+    step = int(np.gcd.reduce(sizes)) if len(sizes) else 1
+    if step > 1 and not bool((st_rel % step).any()):
+        st_rel //= step  # block starts are multiples of their sizes: count in steps
     widths = [int(ent.max()).bit_length(), int(fid.max()).bit_length(),
               int(len(sizes) - 1).bit_length(), int(st_rel.max()).bit_length()]
     if sum(widths) <= 62:
@@ -599,8 +604,18 @@ def _record_order(ent: np.ndarray, fid: np.ndarray, sz: np.ndarray, st: np.ndarr
         for part, width in zip((fid, szi.astype(np.int64), st_rel), widths[1:]):
             key <<= width
             key |= part
-        order = np.lexsort((prio, key))
-        k = key[order]
+        prio_bits = max(int(m - 1).bit_length(), 1)
+        if sum(widths) + prio_bits <= 62:  # the tie-break packed too: a sort of values
+            key <<= prio_bits
+            key |= prio
+            key.sort()
+            row_of = np.empty(m, dtype=np.int64)
+            row_of[prio] = np.arange(m, dtype=np.int64)
+            order = row_of[key & ((1 << prio_bits) - 1)]
+            k = key >> prio_bits
+        else:
+            order = np.lexsort((prio, key))
+            k = key[order]
         first[1:] = k[1:] != k[:-1]
         return order, first
     order = np.lexsort((prio, st, sz, fid, ent))

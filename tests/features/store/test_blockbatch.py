@@ -15,9 +15,12 @@ M5, H1 = 300_000, 3_600_000
 row_st = st.tuples(
     st.sampled_from(["e1", "e2", "e3"]),
     st.sampled_from(["a@1", "b@2", "c@3"]),
-    # mostly near starts; sometimes one far away, so the packed sort key would overflow
-    # and the five-key sort runs instead
-    st.one_of(st.integers(0, 20).map(lambda k: k * M5), st.just(2**40 * M5)),
+    # mostly near starts; sometimes one far away: counted in 5-minute steps it still packs
+    # with the priority into one sort key (2**40 * M5); unaligned, only the block key
+    # packs and a two-key sort runs (2**55 + 1); or nothing packs and the five-key sort
+    # runs (2**61 + 3)
+    st.integers(0, 23).map(lambda k: k * M5 if k <= 20 else (2**40 * M5, 2**55 + 1,
+                                                            2**61 + 3)[k - 21]),
     st.sampled_from([M5, H1]),
     st.binary(min_size=0, max_size=12),
 )
@@ -27,6 +30,21 @@ row_st = st.tuples(
 @given(old_rows=st.lists(row_st, max_size=40), new_rows=st.lists(row_st, min_size=1, max_size=40),
        keep=st.one_of(st.none(), st.fixed_dictionaries({M5: st.integers(0, 25).map(lambda k: k * M5)})))
 def test_merge_records_equals_per_entity_upsert(old_rows, new_rows, keep):
+    _check_merge(old_rows, new_rows, keep)
+
+
+@pytest.mark.parametrize("far", [2**40 * M5, 2**55 + 1, 2**61 + 3])
+def test_merge_records_each_sort_path(far):
+    """One packed sort, a two-key sort, a five-key sort: the same records, last new row wins."""
+    old_rows = [("e1", "a@1", 0, M5, b"o1"), ("e1", "a@1", far, M5, b"o2"),
+                ("e2", "b@2", M5, H1, b"o3")]
+    new_rows = [("e1", "a@1", 0, M5, b"n1"), ("e2", "b@2", M5, H1, b"n2"),
+                ("e1", "a@1", 0, M5, b"n3"), ("e3", "c@3", far, M5, b"n4"),
+                ("e2", "a@1", 2 * M5, M5, b"n5")]
+    _check_merge(old_rows, new_rows, None)
+
+
+def _check_merge(old_rows, new_rows, keep):
     batch = BlockBatch.from_rows(new_rows)
     old = []
     for e in batch.entity_ids:
