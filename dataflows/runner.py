@@ -9,6 +9,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 
+from dataflows.memory import use_small_pages
 from tessera.logs import get_logger
 
 log = get_logger("dataflows.runner")
@@ -55,8 +56,10 @@ def run_flow(
         # recovery; a blocks shard's snapshot copies its whole state, so epochs that pace
         # nothing would cost time and memory in proportion to the state
         epoch_interval_s = max(epoch_interval_s, NO_RECOVERY_EPOCH_S)
+    small_pages = use_small_pages()  # a flow's arrays are short-lived: huge pages cost CPU
     log.info("flow_start", flow=flow.flow_id, workers=workers, process_id=process_id,
-             addresses=addresses, recovery=str(recovery_dir) if recovery_dir else None)
+             addresses=addresses, recovery=str(recovery_dir) if recovery_dir else None,
+             small_pages=small_pages)
     cli_main(
         flow,
         workers_per_process=workers,

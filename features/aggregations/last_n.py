@@ -255,7 +255,7 @@ def _row_newest_first(g: np.ndarray, t: np.ndarray) -> np.ndarray:
     if int(g.min()) >= 0 and int(g.max()).bit_length() + t_bits <= 63:
         key = g << t_bits
         key |= t_max - t
-        return np.argsort(key)
+        return np.argsort(key, kind="stable")
     return np.lexsort((-t, g))
 
 

@@ -69,7 +69,7 @@ def stable_order(keys: np.ndarray) -> np.ndarray:
         return np.argsort(keys, kind="stable")
     packed = keys << pos_bits
     packed |= np.arange(n, dtype=np.int64)
-    packed.sort()
+    packed.sort(kind="stable")  # timsort: sorted runs in the input merge in linear time
     packed &= (1 << pos_bits) - 1
     return packed
 

@@ -255,7 +255,7 @@ def unique_pairs(groups: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np
     if n and group_bits <= 32 and int(groups.min()) >= 0:
         shift = np.uint64(64 - group_bits)
         key = (groups.astype(np.uint64) << shift) | (hashes >> np.uint64(group_bits))
-        order = np.argsort(key)
+        order = np.argsort(key, kind="stable")  # runs (old rows, new rows) merge in O(n)
         k, h = key[order], hashes[order]
         same = k[1:] == k[:-1]
         if not bool((same & (h[1:] != h[:-1])).any()):

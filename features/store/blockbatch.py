@@ -608,7 +608,7 @@ def _record_order(ent: np.ndarray, fid: np.ndarray, sz: np.ndarray, st: np.ndarr
         if sum(widths) + prio_bits <= 62:  # the tie-break packed too: a sort of values
             key <<= prio_bits
             key |= prio
-            key.sort()
+            key.sort(kind="stable")  # timsort: the rows come in a few sorted runs
             row_of = np.empty(m, dtype=np.int64)
             row_of[prio] = np.arange(m, dtype=np.int64)
             order = row_of[key & ((1 << prio_bits) - 1)]
