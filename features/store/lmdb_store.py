@@ -85,8 +85,9 @@ class LmdbStore(OnlineStore):
         path: environment directory (created by a writer if missing).
         readonly: open for reading only; the directory must have been opened by a writer.
         map_size: maximum size of the data file in bytes (sparse).
-        sync: fsync on every commit. ``False`` trades the last commits on power loss for
-            write speed; a process crash never corrupts the store either way.
+        sync: every write is on disk when it returns (a write of many transactions syncs
+            once, at its end). ``False`` trades the last writes on power loss for write
+            speed; a process crash never corrupts the store either way.
         max_readers: reader slots shared by all processes.
 
     Raises:
@@ -111,6 +112,7 @@ class LmdbStore(OnlineStore):
                 "(the writer creates it) before opening readers"
             )
         self._env: lmdb.Environment | None = None
+        self._sync = sync and not readonly
         self._real = os.path.realpath(self.path)
         with _OPEN_LOCK:
             shared = _OPEN.get(self._real)
@@ -144,7 +146,10 @@ class LmdbStore(OnlineStore):
                 max_dbs=len(_DBS) + 1,
                 max_readers=max_readers,
                 sync=sync,
-                metasync=sync,
+                # the meta page is flushed by ``_commit`` once a write is whole (a write of
+                # many transactions syncs once, not twice a transaction); a crash of the
+                # system can only undo the last commit, never corrupt the store
+                metasync=False,
                 readahead=False,
                 create=not readonly,
             )
@@ -180,15 +185,26 @@ class LmdbStore(OnlineStore):
             raise StoreError(f"{self!r} is closed")
         return self._env
 
+    def _flush_to_disk(self) -> None:
+        """Sync the data file, meta page included (``metasync`` is off: see ``_open_env``)."""
+        self.env.sync(True)
+
     def _write(self, operation: str, db=None) -> lmdb.Transaction:
         self._check_writable(operation)
         return self.env.begin(write=True, db=db)
 
-    def _commit(self, operation: str, fn) -> object:
-        """Run ``fn(txn)`` in one write transaction, translating LMDB errors."""
+    def _commit(self, operation: str, fn, durable: bool = True) -> object:
+        """Run ``fn(txn)`` in one write transaction, translating LMDB errors.
+
+        ``durable`` (with ``sync``): the commit, and every one before it, is on disk when
+        this returns. A write of several transactions passes it on the last one only.
+        """
         try:
             with self._write(operation) as txn:
-                return fn(txn)
+                result = fn(txn)
+            if durable and self._sync:
+                self._flush_to_disk()
+            return result
         except lmdb.MapFullError as exc:
             raise StoreError(
                 f"{operation}: the LMDB store at {str(self.path)!r} is full; reopen it with a "
@@ -263,8 +279,8 @@ class LmdbStore(OnlineStore):
         write = BlockBatchWrite(entity_type, family, batch, keep_after)
         self._commit("put_block_batch", lambda txn: self._merge_batch(txn, write))
 
-    #: entities merged per write transaction by ``put_block_batches`` (each commit fsyncs;
-    #: LMDB holds a transaction's dirty pages in memory until it commits)
+    #: entities merged per write transaction by ``put_block_batches`` (LMDB holds a
+    #: transaction's dirty pages in memory until it commits)
     TXN_ENTITIES = 25_000
 
     def put_block_batches(
@@ -291,8 +307,10 @@ class LmdbStore(OnlineStore):
                 if nxt is None and watermarks:  # in the last transaction
                     self._raise_watermarks(txn, watermarks)
 
-            self._commit("put_block_batches", run)
+            self._commit("put_block_batches", run, durable=False)
             if nxt is None:
+                if self._sync:
+                    self._flush_to_disk()  # the whole write durable: one sync
                 return
 
     def _merge_batch(self, txn, write: BlockBatchWrite) -> None:

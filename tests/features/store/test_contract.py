@@ -372,3 +372,27 @@ def test_sequence_ties_order_like_last_n_blocks(store, et):
     store.append_sequence(et, rows, max_len=2)
     [seq] = store.get_sequences(et, ["u1"])
     assert seq.item_ids.tolist() == ["i3", "i2"]
+
+
+def test_lmdb_write_of_many_transactions_syncs_once(tmp_path, monkeypatch):
+    """With ``sync`` each public write is on disk when it returns: a write split into
+    several transactions flushes once, at its end; a one-transaction write once too."""
+    from features.store.base import BlockBatchWrite
+    from features.store.blockbatch import BlockBatch
+    from features.store.lmdb_store import LmdbStore
+
+    monkeypatch.setattr(LmdbStore, "TXN_ENTITIES", 2)
+    flushes = []
+    monkeypatch.setattr(LmdbStore, "_flush_to_disk", lambda self: flushes.append(self))
+    with LmdbStore(tmp_path / "s") as store:
+        writes = [BlockBatchWrite("user", "views", BlockBatch.from_rows(
+            [(f"u{i}", "views@v1", 0, M5, b"x") for i in range(lo, min(lo + 2, 7))]))
+            for lo in range(0, 7, 2)]
+        store.put_block_batches(writes, {"user/wm": 1})
+        assert len(flushes) == 1  # four transactions (two entities each), one sync
+        assert store.get_watermarks(prefix="user/") == {"user/wm": 1}
+        store.put_meta("k", b"v")
+        assert len(flushes) == 2
+    with LmdbStore(tmp_path / "n", sync=False) as store:
+        store.put_meta("k", b"v")
+    assert len(flushes) == 2
