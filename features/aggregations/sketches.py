@@ -252,7 +252,7 @@ def unique_pairs(groups: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np
     """
     n = len(groups)
     group_bits = max(int(groups.max()).bit_length(), 1) if n else 1
-    if n and group_bits <= 32 and int(groups.min()) >= 0:
+    if n and group_bits <= 32 and hashes.dtype == np.uint64 and int(groups.min()) >= 0:
         shift = np.uint64(64 - group_bits)
         key = (groups.astype(np.uint64) << shift) | (hashes >> np.uint64(group_bits))
         order = np.argsort(key, kind="stable")  # runs (old rows, new rows) merge in O(n)
