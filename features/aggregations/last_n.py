@@ -211,7 +211,7 @@ class LastNColumn(RepColumn):
         head = np.zeros(len(rows), dtype=_HEAD_DTYPE)
         head["kind"] = np.where(k > 0, self.kind, _KIND_NUM)
         head["n"] = k
-        parts = [(head, row_cuts(np.ones(len(rows), np.int64), _HEAD.size)),
+        parts = [(head, _HEAD.size * np.arange(len(rows) + 1, dtype=np.int64)),
                  (entries["ts"].astype("<i8"), row_cuts(k, 8))]
         if self.kind == _KIND_STR:
             blob, offsets = self.strings.utf8()

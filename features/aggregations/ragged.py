@@ -111,7 +111,7 @@ def join_segments(n: int, parts: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
     ]
     joined = pc.binary_join_element_wise(*arrays, pa.scalar(b"", pa.large_binary()))
     offsets = np.frombuffer(joined.buffers()[1], np.int64, n + 1, 8 * joined.offset)
-    return joined.buffers()[2].to_pybytes()[int(offsets[0]):int(offsets[-1])]
+    return bytes(memoryview(joined.buffers()[2])[int(offsets[0]):int(offsets[-1])])  # 1 copy
 
 
 def row_cuts(counts: np.ndarray, width: int = 1) -> np.ndarray:
