@@ -1201,7 +1201,13 @@ def broker_restart(tmp: Path, sz: Sizes) -> Row:
         records_to_columns,
     )
     from tessera.broker import EmbeddedBroker, find_free_port
-    from tessera.topics import PLATFORM_TOPICS, create_topics, producer_config, read_to_end
+    from tessera.topics import (
+        PLATFORM_TOPICS,
+        create_topics,
+        list_topics,
+        producer_config,
+        read_to_end,
+    )
 
     row = Row("broker_restart", "broker stopped with serving and a blocks worker running, "
               "restarted empty on the same port")
@@ -1306,6 +1312,9 @@ def broker_restart(tmp: Path, sz: Sizes) -> Row:
             wait_for(lambda: all(archived()[i] >= 1 for i in outage), 60, 0.5)
             kept = archived()
             archiver_rc = archiver.poll()
+            # a producer that reached the new broker before create_topics must not have made
+            # the topic with the broker's own partition count (Tansu: 4)
+            parts_after = list_topics(bs).get("impressions")
     finally:
         for proc in (worker, archiver):
             if proc is not None:
@@ -1322,7 +1331,8 @@ def broker_restart(tmp: Path, sz: Sizes) -> Row:
              "their durable copy; the broker is stopped once they are there), "
              f"{row.physical_duplicates} copies; {len(outage)} impressions of the outage in "
              f"the new broker's log, {sum(kept[i] >= 1 for i in outage)} of them archived by "
-             "the end" + ("" if archiver_rc is None else
+             f"the end; impressions has {parts_after} partitions after the restart (2 "
+             "declared)" + ("" if archiver_rc is None else
                           f" (the archive worker exited with status {archiver_rc})"))
     row.note(f"during the outage: status codes {dict(codes)}, slowest page {slow:.2f}s, "
              f"{spooled} messages on the spool; worker survived the outage: "
@@ -1332,11 +1342,14 @@ def broker_restart(tmp: Path, sz: Sizes) -> Row:
         tail = (tmp / "worker.log").read_text(errors="replace").strip().splitlines()[-2:]
         row.note(f"worker log tail: {' / '.join(t[-200:] for t in tail) or '(empty)'}")
     if not outage_archived:
-        row.note("NOT ALL OUTAGE IMPRESSIONS ARCHIVED within 60 s of the restart (seen in 2 of "
-                 "about 26 runs on 2026-12-06, cause not found; they are in the new log, so "
-                 "not counted lost here)")
+        # the cause found on 2026-12-07: the spool's producer reached the restarted broker
+        # before create_topics and Tansu auto-created `impressions` with 4 partitions, which
+        # the archive (2 partitions listed at start) never read; producers no longer create
+        # topics (tessera.topics.producer_config)
+        row.note("NOT ALL OUTAGE IMPRESSIONS ARCHIVED within 60 s of the restart")
     row.passed = (all_in and row.lost == 0 and row.double_counted == 0 and codes[200] ==
-                  sz.requests and worker_ok and after_ok and row.physical_duplicates == 0)
+                  sz.requests and worker_ok and after_ok and row.physical_duplicates == 0
+                  and outage_archived and parts_after == 2)
     return row
 
 
@@ -1810,8 +1823,9 @@ EXPLAIN = {
     "consumes events produced after the topics are recreated; the store keeps its state. "
     "An archive worker runs beside them: the impressions Kafka acknowledged before the stop "
     "must be in the raw archive (their only durable copy with a memory-only broker; the "
-    "broker is stopped once they are there), each once as stored; the note also says how "
-    "many outage impressions the archive took from the new log. events in/out are the "
+    "broker is stopped once they are there), each once as stored, and the archive must take "
+    "every outage impression from the new log (the recreated topic has its declared 2 "
+    "partitions: the platform's producers never auto-create a topic). events in/out are the "
     "acknowledged and the outage impressions. "
     "recovery = restart until all arrived.",
     "broker_bounce": "A tail blocks worker reads `views`; the broker is stopped and started "

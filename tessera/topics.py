@@ -189,6 +189,13 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
 
     ``queue.buffering.max.messages`` is raised to 1 000 000 so bulk producers (the
     event generator, replays) do not hit ``BufferError`` between ``poll()`` calls.
+
+    ``allow.auto.create.topics`` is off: a producer never creates a topic. A broker that
+    auto-creates (Tansu does, with 4 partitions) would otherwise make a missing topic with
+    its own partition count, not the one ``create_topics`` declares, and a source that
+    listed the topic's partitions earlier never reads the others. A message to a topic
+    that does not exist yet waits in the queue until the topic is created (or fails after
+    ``topic.metadata.propagation.max.ms``, 30 s).
     """
     config = kafka_client_config(
         bootstrap,
@@ -199,6 +206,7 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
             "batch.num.messages": 10000,
             "queue.buffering.max.messages": 1000000,
             "acks": "all",
+            "allow.auto.create.topics": False,
         },
     )
     config.update(overrides)

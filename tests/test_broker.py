@@ -237,3 +237,31 @@ def test_topic_listing_and_config_guards(broker: str, topic_factory: Callable[..
     assert list_topics(broker)[name] == 5
     with pytest.raises(ValueError, match=r"fetch.min.bytes \(1048576\) must not exceed"):
         consumer_config(broker, **{"fetch.max.bytes": 1_000_000})
+
+
+def test_a_producer_never_creates_a_topic_it_waits_for_the_declared_one(broker: str) -> None:
+    """Tansu auto-creates a produced-to topic with 4 partitions; the platform's producers
+    must not, or a topic recreated after a broker restart gets the broker's partition count
+    and a source that listed 2 partitions never reads the other two (the broker_restart
+    archive stall)."""
+    import time
+    import uuid
+
+    from tessera.topics import create_topics, delete_topics
+
+    name = f"auto-{uuid.uuid4().hex[:8]}"
+    delivered: list[tuple[object, int]] = []
+    producer = Producer(producer_config(broker))
+    producer.produce(name, b"x", on_delivery=lambda err, msg: delivered.append((err, msg.partition())))
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        producer.poll(0.1)
+    try:
+        assert name not in list_topics(broker), "the producer created the topic"
+        assert delivered == []
+        create_topics(broker, [name], partitions=2)
+        assert producer.flush(20) == 0
+        assert [err for err, _ in delivered] == [None]
+        assert list_topics(broker)[name] == 2
+    finally:
+        delete_topics(broker, [name])
