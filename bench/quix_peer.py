@@ -26,8 +26,8 @@ windowed aggregations, as a Quix user would write them:
   sample's still-open windows from the state stores (Tessera flushes its open blocks at the
   end of a bounded run; Quix has no such step).
 
-Filters are written here in Python (:data:`FILTERS`, keyed by their text in the feature
-file); a feature whose filter has no translation is refused, so a new filter in
+Filters are written in Python (``bench/peer_features.py``, keyed by their text in the
+feature file); a feature whose filter has no translation is refused, so a new filter in
 ``features.yaml`` cannot be skipped silently.
 
 :func:`run_worker` stops the application once every message of ``views`` and of each
@@ -53,20 +53,10 @@ from fastavro import parse_schema, schemaless_reader
 from quixstreams.dataframe.windows import aggregations as qagg
 from quixstreams.models import Deserializer
 
+from bench.peer_features import Event, PeerFeature
+
 REPO = Path(__file__).resolve().parent.parent
 VIEWS_SCHEMA = REPO / "schemas" / "avro" / "views.avsc"
-
-Event = dict[str, Any]
-Filter = Callable[[Event], bool]
-
-FILTERS: dict[str, tuple[tuple[str, ...], Filter]] = {
-    "dwell_ms > 0": (("dwell_ms",), lambda e: e["dwell_ms"] > 0),
-    "dwell_ms > 8000 and topic != ''": (
-        ("dwell_ms", "topic"), lambda e: e["dwell_ms"] > 8000 and e["topic"] != ""),
-}
-"""Python translations of the feature filters, keyed by their text in ``features.yaml``:
-the fields each reads, and the test."""
-
 
 # -- decoding ------------------------------------------------------------------------------
 
@@ -177,59 +167,21 @@ class LastN(qagg.Collect):
 # -- the application ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PeerFeature:
-    """One feature as the peer computes it: its window column and how to fill it."""
-
-    name: str
-    entity: str
-    aggregation: str
-    value: str | None
-    keep: Filter | None
-    params: dict[str, float]
-    #: event fields the feature reads: its value, its filter's inputs, the event time
-    reads: tuple[str, ...]
-
-    @classmethod
-    def from_spec(cls, spec: Any) -> PeerFeature:
-        """Translate a ``features.spec.FeatureSpec``; its filter must be in ``FILTERS``."""
-        keep, reads = None, ["event_ts"] + ([spec.value] if spec.value else [])
-        if spec.filter:
-            if spec.filter not in FILTERS:
-                raise ValueError(
-                    f"feature {spec.name!r}: no Python translation of the filter "
-                    f"{spec.filter!r}; add it to bench/quix_peer.py FILTERS")
-            fields, keep = FILTERS[spec.filter]
-            reads += fields
-        return cls(spec.name, spec.entity, spec.aggregation, spec.value, keep,
-                   dict(spec.params), tuple(dict.fromkeys(reads)))
-
-    def column(self, event: Event) -> Any:
-        """This feature's window column for ``event``: None when the event does not count."""
-        if self.keep is not None and not self.keep(event):
-            return None
-        if self.aggregation == "count":
-            return 1
-        value = event[self.value]
-        if self.aggregation == "last_n":
-            return None if value is None else [event["event_ts"], value]
-        return value
-
-    def aggregator(self) -> Any:
-        """The Quix aggregator (or collector) of this feature's column."""
-        kind, col, p = self.aggregation, self.name, self.params
-        if kind == "count":
-            return qagg.Count(column=col)
-        simple = {"sum": qagg.Sum, "mean": qagg.Mean, "min": qagg.Min, "max": qagg.Max}
-        if kind in simple:
-            return simple[kind](column=col)
-        if kind == "approx_distinct":
-            return HllDistinct(col, int(p.get("lg_k", 12)))
-        if kind == "approx_quantile":
-            return KllQuantile(col, int(p.get("k", 200)), float(p.get("quantile", 0.5)))
-        if kind == "last_n":
-            return LastN(col, int(p["n"]))
-        raise ValueError(f"feature {self.name!r}: aggregation {kind!r} has no Quix peer")
+def aggregator_of(feature: PeerFeature) -> Any:
+    """The Quix aggregator (or collector) of ``feature``'s column."""
+    kind, col, p = feature.aggregation, feature.name, feature.params
+    if kind == "count":
+        return qagg.Count(column=col)
+    simple = {"sum": qagg.Sum, "mean": qagg.Mean, "min": qagg.Min, "max": qagg.Max}
+    if kind in simple:
+        return simple[kind](column=col)
+    if kind == "approx_distinct":
+        return HllDistinct(col, int(p.get("lg_k", 12)))
+    if kind == "approx_quantile":
+        return KllQuantile(col, int(p.get("k", 200)), float(p.get("quantile", 0.5)))
+    if kind == "last_n":
+        return LastN(col, int(p["n"]))
+    raise ValueError(f"feature {feature.name!r}: aggregation {kind!r} has no Quix peer")
 
 
 @dataclass(frozen=True)
@@ -331,7 +283,7 @@ def build_app(config: PeerConfig, sink: WindowSink, on_processed: Callable[[str,
         branch = branch.apply(lambda e, fs=tuple(feats): {f.name: f.column(e) for f in fs})
         etype = entity.removesuffix("_id")
         for size in config.block_sizes:
-            aggs = {f.name: f.aggregator() for f in feats}
+            aggs = {f.name: aggregator_of(f) for f in feats}
             window = branch.tumbling_window(
                 size, grace_ms=grace, name=f"{etype}_{size}", on_late=sink.on_late).agg(**aggs)
             closed = window.final(closing_strategy=closing)

@@ -43,6 +43,8 @@ each, on a fresh embedded broker (Tansu):
   new item, and the store is polled (read-only LMDB) until the marker's block appears: freshness = seen - produced.
 
 Usage: python bench/streaming.py [--quick] [--events N] [--rate R] [--seconds S] [--skip-quix]
+       [--quix-python PATH]  (the peer's own venv: Quix Streams pins an older confluent-kafka;
+       python3.11 -m venv ~/.venvs/tessera-quix && ~/.venvs/tessera-quix/bin/pip install -e '.[quix]')
 (--quick: 100,000 events, 5 s of freshness, about 2 minutes. The default run is dominated by
 the peer, about 2,500 events/s with every feature: budget half an hour on 2 cores.)
 Last line:
@@ -249,10 +251,11 @@ def worker_quix(args: dict) -> None:
     _emit(run_worker(args))
 
 
-def _launch(kind: str, args: dict, log_path: Path) -> subprocess.Popen:
+def _launch(kind: str, args: dict, log_path: Path, python: str = sys.executable
+            ) -> subprocess.Popen:
     args = {**args, "t_launch": time.time()}
     return subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--_worker", kind, json.dumps(args)],
+        [python, str(Path(__file__).resolve()), "--_worker", kind, json.dumps(args)],
         stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True, cwd=REPO,
     )
 
@@ -302,14 +305,14 @@ def run_tessera(bootstrap: str, features: Path, tmp: Path, name: str, n: int,
 
 
 def run_quix(bootstrap: str, features: Path, tmp: Path, name: str, n: int,
-             sample: dict[str, list[str]]) -> dict:
+             sample: dict[str, list[str]], python: str) -> dict:
     """Run the Quix peer on ``views``; its sampled windows go to ``res["windows_path"]``."""
     log_path = tmp / f"quix-{name}.log"
     out = tmp / f"quix-{name}-windows.json"
     proc = _launch("quix", {"bootstrap": bootstrap, "features": str(features), "n": n,
                             "state_dir": str(tmp / f"quix-state-{name}"), "out": str(out),
                             "sample": sample, "grace_ms": LATENESS_MS,
-                            "regroup_grace_ms": REGROUP_GRACE_MS}, log_path)
+                            "regroup_grace_ms": REGROUP_GRACE_MS}, log_path, python)
     res = _result(proc, log_path, timeout=3600)
     if res["events"] != n:
         raise RuntimeError(f"quix ({name}) processed {res['events']} events, produced {n}; "
@@ -327,7 +330,7 @@ def check_outputs(v: Views, features: Path, tessera: dict, quix: dict,
     The stored 1d ``item_views`` counts must add up to every view in both Tessera stores:
     every feature's (``tessera``) and ``item_views`` only's (``count_store``).
     """
-    from bench.quix_peer import PeerFeature
+    from bench.peer_features import PeerFeature
     from bench.streaming_check import Truth, compare, count_total, read_blocks
     from features.spec_loader import load_features
 
@@ -507,9 +510,10 @@ class Runs:
     stored_total: int = 0
 
 
-def run_per_event(tmp: Path, v: Views, sample: dict[str, list[str]], skip_quix: bool
+def run_per_event(tmp: Path, v: Views, sample: dict[str, list[str]], quix_python: str | None
                   ) -> tuple[dict, dict, dict | None, dict | None, dict | None]:
-    """Produce the views once as single-event Avro messages; run both engines on them."""
+    """Produce the views once as single-event Avro messages; run both engines on them
+    (the peer with ``quix_python``; None skips it)."""
     from tessera.broker import EmbeddedBroker
     from tessera.topics import create_topics
 
@@ -529,9 +533,10 @@ def run_per_event(tmp: Path, v: Views, sample: dict[str, list[str]], skip_quix: 
         full = run_tessera(info.bootstrap, ALL_FEATURES, tmp, "full", n)
         count = run_tessera(info.bootstrap, count_features, tmp, "count", n)
         aero = run_aerospike(info.bootstrap, tmp, n)
-        if not skip_quix:
-            quix = run_quix(info.bootstrap, ALL_FEATURES, tmp, "full", n, sample)
-            quix_count = run_quix(info.bootstrap, count_features, tmp, "count", n, {})
+        if quix_python is not None:
+            quix = run_quix(info.bootstrap, ALL_FEATURES, tmp, "full", n, sample, quix_python)
+            quix_count = run_quix(info.bootstrap, count_features, tmp, "count", n, {},
+                                  quix_python)
     return full, count, quix, quix_count, aero
 
 
@@ -583,7 +588,7 @@ def quiet_disk(tmp: Path) -> None:
     os.sync()
 
 
-def run_all(n: int, rate: int, seconds: float, skip_quix: bool) -> Runs:
+def run_all(n: int, rate: int, seconds: float, quix_python: str | None) -> Runs:
     """Generate the views and run every measurement and the output check."""
     from bench.streaming_check import pick_sample
 
@@ -593,7 +598,7 @@ def run_all(n: int, rate: int, seconds: float, skip_quix: bool) -> Runs:
         print(f"generated {n:,} views ({len(np.unique(v.item)):,} items, event time "
               "2025-11-01 22:30 to 01:30 UTC)", flush=True)
         sample = pick_sample(v)
-        full, count, quix, quix_count, aero = run_per_event(tmp, v, sample, skip_quix)
+        full, count, quix, quix_count, aero = run_per_event(tmp, v, sample, quix_python)
         check, total = (check_outputs(v, ALL_FEATURES, full, quix, sample, count["store_url"])
                         if quix else (None, 0))
         if check is not None:
@@ -700,6 +705,26 @@ def result_line(r: Runs) -> str:
                if r.aerospike else ""))
 
 
+def find_quix_python(arg: str | None) -> str:
+    """The interpreter that runs the Quix peer; exits with what to install when none has it.
+
+    Quix Streams 3.x pins ``confluent-kafka<2.13``: installed beside Tessera it downgrades
+    librdkafka to 2.12, which segfaults in a tailing worker across broker restarts
+    (``bench/faults.py broker_bounce``). So the peer lives in its own venv.
+    """
+    candidates = [arg] if arg else [os.environ.get("TESSERA_QUIX_PYTHON")]
+    if not candidates[0]:
+        candidates = [sys.executable, str(Path.home() / ".venvs" / "tessera-quix" / "bin" / "python")]
+    for py in candidates:
+        if py and Path(py).exists() and subprocess.run(
+                [py, "-c", "import quixstreams, datasketches, fastavro, yaml"],
+                capture_output=True, cwd=REPO).returncode == 0:
+            return py
+    sys.exit(f"no interpreter with Quix Streams (tried {', '.join(c for c in candidates if c)}). "
+             "Make its venv: python3.11 -m venv ~/.venvs/tessera-quix && "
+             "~/.venvs/tessera-quix/bin/pip install -e '.[quix]'  (or pass --skip-quix)")
+
+
 # -- main ------------------------------------------------------------------------------
 
 
@@ -710,6 +735,9 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=20_000, help="freshness produce rate, events/s")
     ap.add_argument("--seconds", type=float, default=None, help="freshness produce time (20)")
     ap.add_argument("--skip-quix", action="store_true", help="do not run the peer (no RESULT)")
+    ap.add_argument("--quix-python", default=None,
+                    help="the interpreter of the Quix Streams venv (default: $TESSERA_QUIX_PYTHON, "
+                    "this one if it imports quixstreams, else ~/.venvs/tessera-quix/bin/python)")
     ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._worker:
@@ -720,9 +748,10 @@ def main() -> None:
     from tessera.logs import configure_logging
 
     configure_logging(level="WARNING")
+    quix_python = None if a.skip_quix else find_quix_python(a.quix_python)
     n = a.events or (100_000 if a.quick else 2_000_000)
     seconds = a.seconds or (5.0 if a.quick else 20.0)
-    runs = run_all(n, a.rate, seconds, a.skip_quix)
+    runs = run_all(n, a.rate, seconds, quix_python)
     print_summary(runs, a.rate, seconds)
     if runs.check is None:
         print("no peer run (--skip-quix): no output check, no RESULT line")

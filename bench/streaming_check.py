@@ -24,14 +24,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from bench.peer_features import PeerFeature
 from bench.streaming_data import AUTHORS, Views
-
-if TYPE_CHECKING:  # the peer's module needs quixstreams, which --skip-quix runs lack
-    from bench.quix_peer import PeerFeature
 
 DAY = 86_400_000
 HLL_TOLERANCE = 0.05
