@@ -127,7 +127,7 @@ def test_up_retrains_serves_and_down_stops_everything(tmp_path):
         model = report["by_arm"]["model"]
         base = report["by_arm"]["baseline"]
         assert model["requests"] > 50 and base["requests"] > 50
-        assert model["errors"] == 0 and base["errors"] == 0
+        assert model["errors"] == 0 and base["errors"] == 0, report["error_samples"]
         p1, n1 = model["ctr"], model["impressions"]
         p2, n2 = base["ctr"], base["impressions"]
         se = math.sqrt(max(p1 * (1 - p1), 1e-6) / n1 + max(p2 * (1 - p2), 1e-6) / n2)
