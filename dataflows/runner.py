@@ -11,6 +11,7 @@ from bytewax.run import cli_main
 
 from dataflows.memory import use_small_pages
 from tessera.logs import get_logger
+from tessera.topics import SAFE_LIBRDKAFKA, librdkafka_is_safe
 
 log = get_logger("dataflows.runner")
 
@@ -57,9 +58,15 @@ def run_flow(
         # nothing would cost time and memory in proportion to the state
         epoch_interval_s = max(epoch_interval_s, NO_RECOVERY_EPOCH_S)
     small_pages = use_small_pages()  # a flow's arrays are short-lived: huge pages cost CPU
+    librdkafka, safe = librdkafka_is_safe()
     log.info("flow_start", flow=flow.flow_id, workers=workers, process_id=process_id,
              addresses=addresses, recovery=str(recovery_dir) if recovery_dir else None,
-             small_pages=small_pages)
+             small_pages=small_pages, librdkafka=librdkafka)
+    if not safe:
+        log.warning("librdkafka_too_old", librdkafka=librdkafka,
+                    safe_from=".".join(map(str, SAFE_LIBRDKAFKA)),
+                    why="a tailing worker can segfault when the broker restarts",
+                    fix="pip install -c requirements.lock confluent-kafka (2.16 is locked)")
     cli_main(
         flow,
         workers_per_process=workers,

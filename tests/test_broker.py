@@ -265,3 +265,12 @@ def test_a_producer_never_creates_a_topic_it_waits_for_the_declared_one(broker: 
         assert list_topics(broker)[name] == 2
     finally:
         delete_topics(broker, [name])
+
+
+def test_librdkafka_versions_before_2_13_are_flagged() -> None:
+    from tessera.topics import librdkafka_is_safe
+
+    assert librdkafka_is_safe("2.12.1") == ("2.12.1", False)
+    assert librdkafka_is_safe("2.13.0")[1] and librdkafka_is_safe("2.16.0-RC1")[1]
+    assert librdkafka_is_safe("3.0.0")[1] and not librdkafka_is_safe("1.9.2")[1]
+    assert librdkafka_is_safe()[1]  # the locked confluent-kafka (2.16) bundles a safe one
