@@ -6,6 +6,7 @@ kill -9 of the blocks and archive workers is tested in ``tests/dataflows``; here
 * kill -9 of the sequences worker and of the label-join worker, restart from recovery;
 * the blocks worker SIGKILLed inside its Iceberg commits: each sealed block and late event
   on disk once;
+* every views and engagements message produced twice: counted once with ``deduplicate:``;
 * the blocks worker SIGKILLed, then every views message sent again: the restarted worker
   drops every copy (its event-id memory rebuilt from the log);
 * the broker frozen (SIGSTOP) under load, then resumed (SIGCONT);
@@ -78,6 +79,17 @@ def test_blocks_worker_killed_inside_its_iceberg_commits_writes_each_row_once(tm
     exactly once (fails with the marks ignored: the replay appends the sealed blocks of the
     commit it did not see returning again)."""
     row = faults.kill_in_commit(tmp_path, SIZES)
+    _check(row)
+    assert row.physical_duplicates == 0, "\n".join(row.notes)
+
+
+@pytest.mark.slow
+def test_every_message_produced_twice_is_counted_once_with_deduplicate(tmp_path):
+    """Every views and engagements message produced twice in a row (a retrying producer):
+    the blocks worker with ``deduplicate:`` equals the oracle and reports the copies it
+    dropped; the same run without it double counts (the scenario fails if it does not, so
+    the check can fail)."""
+    row = faults.duplicate_events(tmp_path, SIZES)
     _check(row)
     assert row.physical_duplicates == 0, "\n".join(row.notes)
 
