@@ -225,26 +225,59 @@ class StoreSink(DynamicSink[Any]):
 
 
 class _DeadLetterPartition(StatelessSinkPartition[Any]):
-    def __init__(self, bootstrap: str, topic: str):
+    """Produces dead letters; one whose delivery failed is produced again, never dropped.
+
+    librdkafka retries a message until ``message.timeout.ms``; past that (the broker away
+    for minutes, or the topic missing: producers never create topics) the delivery report
+    carries the error, and the message is queued here and sent again with the next batch
+    and at close.
+    """
+
+    #: how many times ``close`` re-sends failed dead letters before it gives up (and logs
+    #: each one it could not deliver)
+    CLOSE_ROUNDS = 3
+
+    def __init__(self, bootstrap: str, topic: str, **producer_overrides: Any):
         from confluent_kafka import Producer
 
         from tessera.topics import producer_config
 
         self.topic = topic
-        self.producer = Producer(producer_config(bootstrap))
+        self.producer = Producer(producer_config(bootstrap, **producer_overrides))
         self.count = 0
+        #: (value, key) of dead letters whose delivery failed, sent again
+        self.failed: list[tuple[bytes, bytes | None]] = []
+        self.delivery_failures = 0
+
+    def _delivered(self, err: Any, msg: Any) -> None:
+        if err is None:
+            return
+        self.failed.append((msg.value(), msg.key()))
+        self.delivery_failures += 1
+        if self.delivery_failures == 1 or self.delivery_failures % 1000 == 0:
+            log.error("dead_letter_delivery_failed", topic=self.topic, error=str(err),
+                      failures=self.delivery_failures, action="sent again")
+
+    def _produce(self, value: bytes, key: bytes | None) -> None:
+        while True:
+            try:
+                self.producer.produce(self.topic, value, key=key, on_delivery=self._delivered)
+                return
+            except BufferError:  # the local queue is full: let deliveries drain
+                self.producer.poll(0.1)
+
+    def _resend_failed(self) -> None:
+        retry, self.failed = self.failed, []
+        for value, key in retry:
+            self._produce(value, key)
 
     def write_batch(self, items: list[Any]) -> None:
         # Never wait on the broker here: a flush while it is away would stall the whole
         # flow (the sources stop polling, so they cannot see the outage either).
         # librdkafka keeps the messages queued and retries them; ``close`` flushes.
+        self._resend_failed()
         for dl in items:
-            while True:
-                try:
-                    self.producer.produce(self.topic, dl.encode(), key=dl.key)
-                    break
-                except BufferError:  # the local queue is full: let deliveries drain
-                    self.producer.poll(0.1)
+            self._produce(dl.encode(), dl.key)
             self.count += 1
             log.warning("dead_letter", topic=dl.topic, partition=dl.partition,
                         offset=dl.offset, reason=dl.reason[:200])
@@ -252,6 +285,14 @@ class _DeadLetterPartition(StatelessSinkPartition[Any]):
 
     def close(self) -> None:
         self.producer.flush(30)
+        for _ in range(self.CLOSE_ROUNDS):
+            if not self.failed:
+                return
+            self._resend_failed()
+            self.producer.flush(30)
+        if self.failed:
+            log.error("dead_letters_undelivered", topic=self.topic, messages=len(self.failed),
+                      fix=f"create the topic ({self.topic!r}) and replay the source range")
 
 
 class DeadLetterSink(DynamicSink[Any]):
