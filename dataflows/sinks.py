@@ -225,12 +225,14 @@ class StoreSink(DynamicSink[Any]):
 
 
 class _DeadLetterPartition(StatelessSinkPartition[Any]):
-    """Produces dead letters; one whose delivery failed is produced again, never dropped.
+    """Produces dead letters; one whose delivery failed is produced again, not dropped.
 
     librdkafka retries a message until ``message.timeout.ms``; past that (the broker away
     for minutes, or the topic missing: producers never create topics) the delivery report
-    carries the error, and the message is queued here and sent again with the next batch
-    and at close.
+    carries the error, and the message is kept here and sent again with the next batch.
+    ``close`` tries ``CLOSE_ROUNDS`` more times, then logs how many it could not deliver.
+    The kept messages are in memory: as many as dead letters failed (malformed input is
+    rare, and each is one small message).
     """
 
     #: how many times ``close`` re-sends failed dead letters before it gives up (and logs

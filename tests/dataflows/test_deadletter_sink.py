@@ -1,4 +1,4 @@
-"""The dead-letter sink never drops a dead letter whose delivery failed (real broker)."""
+"""The dead-letter sink sends a dead letter whose delivery failed again (real broker)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def _dead_letter(i: int) -> DeadLetter:
 
 def test_a_failed_delivery_is_sent_again_once_the_topic_exists(broker: str) -> None:
     """The topic is missing (producers never create one): each message times out, is kept,
-    and reaches the topic once it is created. Without the re-send the topic stays empty."""
+    and reaches the topic once it is created. Without the re-send only the third arrives."""
     from dataflows.sinks import _DeadLetterPartition
 
     topic = f"dlq-{uuid.uuid4().hex[:8]}"
