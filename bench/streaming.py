@@ -715,10 +715,13 @@ def find_quix_python(arg: str | None) -> str:
     candidates = [arg] if arg else [os.environ.get("TESSERA_QUIX_PYTHON")]
     if not candidates[0]:
         candidates = [sys.executable, str(Path.home() / ".venvs" / "tessera-quix" / "bin" / "python")]
-    for py in candidates:
-        if py and Path(py).exists() and subprocess.run(
-                [py, "-c", "import quixstreams, datasketches, fastavro, yaml"],
-                capture_output=True, cwd=REPO).returncode == 0:
+    for py in filter(None, candidates):
+        try:
+            probe = subprocess.run([py, "-c", "import quixstreams, datasketches, fastavro, yaml"],
+                                   capture_output=True, cwd=REPO)
+        except OSError:  # no such interpreter
+            continue
+        if probe.returncode == 0:
             return py
     sys.exit(f"no interpreter with Quix Streams (tried {', '.join(c for c in candidates if c)}). "
              "Make its venv: python3.11 -m venv ~/.venvs/tessera-quix && "
