@@ -11,12 +11,14 @@ dropped: a full queue spools synchronously instead.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import queue
 import struct
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,42 +30,72 @@ _LEN = struct.Struct("<I")
 
 
 class Spool:
-    """Length-prefixed messages in segment files; append is fsynced."""
+    """Length-prefixed messages in segment files; append is fsynced.
+
+    Several serving processes (``tessera serve --workers N``) share one spool directory. Each
+    holds an exclusive ``flock`` on the segment it is appending to, and a drain takes only
+    segments it can lock itself, holding the lock until it has sent and deleted them: no
+    process sends or deletes a segment another is still writing, and no two send the same
+    one. A segment whose writer died is unlocked (the kernel drops a dead process's locks)
+    and drained by whichever process gets to it first.
+    """
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._current: Path | None = None
+        self._current_fd: int | None = None
 
     def append(self, payloads: list[bytes]) -> None:
         """Persist ``payloads`` (durable when this returns)."""
         if not payloads:
             return
+        data = b"".join(_LEN.pack(len(p)) + p for p in payloads)
         with self._lock:
-            if self._current is None:
-                self._current = self.dir / f"spool-{time.time_ns()}-{uuid.uuid4().hex[:6]}.bin"
-            with self._current.open("ab") as f:
-                before = f.tell()
+            if self._current_fd is None:
+                name = f"spool-{time.time_ns()}-{uuid.uuid4().hex[:6]}.bin"
+                # locked under a name no drain lists, then renamed (same file, same lock):
+                # another process's drain never sees it unlocked and empty
+                hidden = self.dir / f".{name}.new"
+                fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.rename(hidden, self.dir / name)
+                self._current, self._current_fd = self.dir / name, fd
+            fd = self._current_fd
+            before = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError:
+                # never leave a torn record: cut the segment back to its last whole one
                 try:
-                    for p in payloads:
-                        f.write(_LEN.pack(len(p)))
-                        f.write(p)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    os.ftruncate(fd, before)
                 except OSError:
-                    # never leave a torn record: cut the segment back to its last whole one
-                    try:
-                        f.truncate(before)
-                    except OSError:
-                        self._current = None  # start a fresh segment next time
-                    raise
+                    self._close_current()  # start a fresh segment next time
+                raise
 
-    def take_segments(self) -> list[Path]:
-        """Close the current segment and return every segment waiting to be sent."""
+    def _close_current(self) -> None:
+        if self._current_fd is not None:
+            os.close(self._current_fd)  # releases this process's lock on it
+        self._current, self._current_fd = None, None
+
+    def take_segments(self) -> list[SpoolSegment]:
+        """Close the current segment and lock every segment no other process holds.
+
+        The caller sends each one's messages, then ``remove()``s it or ``release()``s it
+        for a later drain.
+        """
         with self._lock:
-            self._current = None
-            return sorted(self.dir.glob("spool-*.bin"))
+            self._close_current()
+        taken = []
+        for path in sorted(self.dir.glob("spool-*.bin")):
+            segment = SpoolSegment.lock(path)
+            if segment is not None:
+                taken.append(segment)
+        return taken
 
     @staticmethod
     def read(segment: Path) -> list[bytes]:
@@ -79,8 +111,52 @@ class Spool:
         return out
 
     def pending(self) -> int:
-        """Number of spooled messages."""
-        return sum(len(self.read(s)) for s in sorted(self.dir.glob("spool-*.bin")))
+        """Number of spooled messages (every process's segments)."""
+        total = 0
+        for path in sorted(self.dir.glob("spool-*.bin")):
+            try:
+                total += len(self.read(path))
+            except FileNotFoundError:
+                pass  # drained meanwhile
+        return total
+
+
+@dataclass
+class SpoolSegment:
+    """A spool segment this process has locked for draining (see ``Spool``)."""
+
+    path: Path
+    fd: int
+
+    @classmethod
+    def lock(cls, path: Path) -> SpoolSegment | None:
+        """Lock ``path`` without waiting; None if another process holds it or it is gone."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None  # drained and deleted by another process meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # locked: but another drain may have deleted it just before (same inode?)
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                raise FileNotFoundError(path)
+        except (BlockingIOError, FileNotFoundError):
+            os.close(fd)
+            return None
+        return cls(path, fd)
+
+    def read(self) -> list[bytes]:
+        """Every complete message in the segment."""
+        return Spool.read(self.path)
+
+    def remove(self) -> None:
+        """Delete the segment (all of it was sent) and drop the lock."""
+        self.path.unlink()
+        self.release()
+
+    def release(self) -> None:
+        """Drop the lock; the segment stays for a later drain."""
+        os.close(self.fd)
 
 
 class ImpressionLogger:
@@ -227,26 +303,35 @@ class ImpressionLogger:
         segments = sorted(self.spool.dir.glob("spool-*.bin"))
         if not segments or not self._reachable():
             return
-        for segment in self.spool.take_segments():
-            if not segment.exists():
-                continue
-            payloads = Spool.read(segment)
-            failed: list[bytes] = []
+        taken = self.spool.take_segments()
+        try:
+            while taken:
+                if not self._drain_segment(taken[0]):
+                    return  # still unacknowledged: kept for the next drain
+                taken.pop(0)
+        finally:
+            for segment in taken:
+                segment.release()
 
-            def done(err, _msg, p, failed=failed) -> None:
-                if err is not None:
-                    failed.append(p)  # callbacks run in this thread (flush/poll): no lock
+    def _drain_segment(self, segment: SpoolSegment) -> bool:
+        """Send one locked segment; delete it once every message was acknowledged."""
+        payloads = segment.read()
+        failed: list[bytes] = []
 
-            for p in payloads:
-                self._producer.produce(self.topic, p, on_delivery=lambda e, m, p=p: done(e, m, p))
-            remaining = self._producer.flush(15)
-            if remaining:
-                return  # still unacknowledged: keep the segment for the next drain
-            segment.unlink()
-            if failed:
-                self.spool.append(failed)
-            else:
-                log.info("spool_drained", messages=len(payloads))
+        def done(err, _msg, p) -> None:
+            if err is not None:
+                failed.append(p)  # callbacks run in this thread (flush/poll): no lock
+
+        for p in payloads:
+            self._producer.produce(self.topic, p, on_delivery=lambda e, m, p=p: done(e, m, p))
+        if self._producer.flush(15):
+            return False
+        if failed:
+            self.spool.append(failed)  # into this process's current segment, before the delete
+        segment.remove()
+        if not failed:
+            log.info("spool_drained", messages=len(payloads))
+        return True
 
     def flush(self, timeout_s: float = 15.0) -> None:
         """Wait until queued impressions were handed to Kafka (or spooled)."""
