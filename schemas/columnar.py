@@ -98,7 +98,39 @@ class DictColumn:
         return cls(np.concatenate(remapped), _object_array(list(index)))
 
 
-Column = np.ndarray | DictColumn
+@dataclass(eq=False)
+class MapMatrix:
+    """A map-of-double column as a matrix: row ``i`` maps ``keys[j]`` to ``values[i, j]``
+    wherever ``present[i, j]``, in the order of ``keys``.
+
+    An encode-side shape for maps whose rows share their keys (a served page's logged
+    features and scores): ``encode_batch`` writes it without a Python dict per row, in
+    exactly the bytes the same rows as dicts (keys in this order) would give.
+    """
+
+    keys: tuple[str, ...]
+    values: np.ndarray
+    present: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.values = np.asarray(self.values, dtype=np.float64)
+        self.present = np.asarray(self.present, dtype=bool)
+        if self.values.ndim != 2 or self.values.shape[1] != len(self.keys) \
+                or self.present.shape != self.values.shape:
+            raise ValueError(f"MapMatrix: values {self.values.shape} and present "
+                             f"{self.present.shape} must both be (rows, {len(self.keys)} keys)")
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def to_dicts(self) -> list[dict[str, float]]:
+        """One dict per row (the row's present keys, in key order)."""
+        keys = self.keys
+        return [{keys[j]: v for j, v in zip(np.flatnonzero(p).tolist(), row[p].tolist())}
+                for row, p in zip(self.values, self.present)]
+
+
+Column = np.ndarray | DictColumn | MapMatrix
 
 
 def _object_array(items: list[Any]) -> np.ndarray:
@@ -340,6 +372,48 @@ def records_to_columns(topic: str, records: Sequence[Mapping[str, Any]]) -> Even
     return EventColumns(topic, n, cols)
 
 
+def columns_of(topic: str, n: int, values: Mapping[str, Any]) -> EventColumns:
+    """Return ``n`` events of ``topic`` from one value per field, without a dict per event.
+
+    Each value is a whole column (a list or array of ``n``, a ``DictColumn``, a
+    ``MapMatrix``) or one value every event shares (a number, a string, a dict for a map
+    field). A missing field takes its default.
+
+    Raises:
+        EncodeError: a required field is missing, a value has the wrong type or length.
+    """
+    specs = _spec_map(topic)
+    unknown = next((k for k in values if k not in specs), None)
+    if unknown is not None:
+        raise EncodeError(f"unknown field; the fields of {topic!r} are {', '.join(specs)}",
+                          topic=topic, field=unknown)
+    cols: dict[str, Column] = {}
+    for name, spec in specs.items():
+        if name not in values:
+            if not spec.info.has_default:
+                raise EncodeError("missing required field", topic=topic, field=name)
+            cols[name] = _default_column(spec, n)
+            continue
+        v = values[name]
+        if isinstance(v, (DictColumn, MapMatrix)):
+            cols[name] = v
+        elif spec.wire == "dict_str":
+            if v is None or isinstance(v, str):
+                col = DictColumn(np.full(n, NULL_CODE if v is None else 0, np.int32),
+                                 _object_array([] if v is None or not n else [v]))
+            else:
+                col = DictColumn.from_values(v)
+            _check_dict_column(topic, spec, col, n, EncodeError)
+            cols[name] = col
+        elif spec.wire in ("i64", "i32", "f64"):
+            vals = [v] * n if np.isscalar(v) else list(v)
+            cols[name] = (_float_column if spec.wire == "f64" else _int_column)(topic, spec, vals)
+        else:
+            vals = [v] * n if isinstance(v, Mapping) else list(v)
+            cols[name] = _map_column(topic, spec, vals)
+    return EventColumns(topic, n, cols)
+
+
 def empty_columns(topic: str) -> EventColumns:
     """Return zero events of ``topic`` with every column present."""
     return records_to_columns(topic, [])
@@ -348,6 +422,8 @@ def empty_columns(topic: str) -> EventColumns:
 def _to_list(col: Column) -> list[Any]:
     if isinstance(col, DictColumn):
         return col.values().tolist()
+    if isinstance(col, MapMatrix):
+        return col.to_dicts()
     if col.dtype == object:
         return [dict(m) for m in col]
     return col.tolist()
@@ -409,6 +485,30 @@ def _default_column(spec: _Spec, n: int) -> Column:
     return _object_array([dict(d) for _ in range(n)])
 
 
+def _encode_map_matrix(topic: str, spec: _Spec, col: MapMatrix) -> tuple[bytes, list[str]]:
+    """The bytes ``_encode_map`` writes for ``col.to_dicts()``, from the matrix."""
+    if spec.wire != "map_f64":
+        raise EncodeError(f"a MapMatrix holds doubles; this is a map of string to "
+                          f"{spec.info.map_values}", topic=topic, field=spec.name)
+    bad = next((k for k in col.keys if not isinstance(k, str)), None)
+    if bad is not None:
+        raise EncodeError(f"bad map key {bad!r}: keys are strings", topic=topic, field=spec.name)
+    n, k = col.values.shape
+    present = col.present
+    lengths = present.sum(axis=1, dtype=np.int64).astype("<i4")
+    # codes in first-seen order, row by row (as the dict path assigns them)
+    first = (np.where(present.any(axis=0), present.argmax(axis=0) * k + np.arange(k), -1)
+             if n else np.full(k, -1))
+    used = np.flatnonzero(first >= 0)
+    used = used[np.argsort(first[used], kind="stable")]
+    code_of = np.full(k, -1, np.int64)
+    code_of[used] = np.arange(len(used))
+    keys = np.broadcast_to(code_of, (n, k))[present].astype("<i4")
+    vals = col.values[present].astype("<f8")
+    data = lengths.tobytes() + keys.tobytes() + vals.tobytes()
+    return data, [col.keys[j] for j in used.tolist()]
+
+
 def _encode_map(topic: str, spec: _Spec, col: np.ndarray) -> tuple[bytes, list[str]]:
     checked = _map_column(topic, spec, list(col))
     index: dict[str, int] = {}
@@ -436,6 +536,11 @@ def _encode_column(topic: str, spec: _Spec, col: Any, n: int) -> dict[str, Any]:
         _check_dict_column(topic, spec, col, n, EncodeError)
         data = col.codes.astype("<i4", copy=False).tobytes()
         dictionary = col.dictionary.tolist()
+    elif isinstance(col, MapMatrix):
+        if len(col) != n:
+            raise EncodeError(f"column length mismatch: {len(col)} rows, expected ({n},)",
+                              topic=topic, field=name)
+        data, dictionary = _encode_map_matrix(topic, spec, col)
     elif spec.wire in ("map_f64", "map_str"):
         data, dictionary = _encode_map(topic, spec, col)
     else:
@@ -654,6 +759,8 @@ __all__ = [
     "Column",
     "DictColumn",
     "EventColumns",
+    "MapMatrix",
+    "columns_of",
     "columns_to_records",
     "concat_columns",
     "decode_batch",

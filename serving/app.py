@@ -38,7 +38,7 @@ from serving.catalog import CatalogFollower, ItemCatalog, refresh_lists
 from serving.catalog_builder import CatalogBuilder
 from serving.config import ServingConfig
 from serving.errors import BadRequest, Overloaded, PayloadTooLarge, ServingError, Unauthorized
-from serving.forward_log import ImpressionLogger
+from serving.forward_log import EngagementForwarder, ImpressionLogger
 from serving.gcpause import GcFreezer, GcPauses
 from serving.metrics import ServingMetrics
 from serving.openapi import OPENAPI
@@ -101,13 +101,10 @@ class ServingState:
                                      ctr=self.ctr, drift=self.drift, snapshots=self.snapshots)
         self.follower = CatalogFollower(config.bootstrap, self.catalog).start() \
             if config.bootstrap else None
-        self.events_producer = None
-        if config.bootstrap:
-            from confluent_kafka import Producer
-
-            from tessera.topics import producer_config
-
-            self.events_producer = Producer(producer_config(config.bootstrap))
+        # engagements posted to /v1/events: spooled like impressions when Kafka is away
+        self.engagements = EngagementForwarder(
+            config.bootstrap, config.spool_dir / "engagements", metrics=self.metrics) \
+            if config.bootstrap else None
         self.in_flight = 0
         self._feed_limiter: anyio.CapacityLimiter | None = None
         self._lock = threading.Lock()
@@ -204,8 +201,8 @@ class ServingState:
         if self.follower is not None:
             self.follower.stop()
         self.logger.close()
-        if self.events_producer is not None:
-            self.events_producer.flush(10)
+        if self.engagements is not None:
+            self.engagements.close()
         self.store.close()
 
     # ------------------------------------------------------------------ helpers
@@ -272,7 +269,7 @@ def create_app(config: ServingConfig) -> Starlette:
         st = state()
         st.authorize(request, "write")
         records = parse_engagements(await st.body_json(request))
-        if st.events_producer is None:
+        if st.engagements is None:
             raise ServingError("no Kafka configured for engagements (start with --bootstrap)",
                                field=None)
         _produce_engagements(st, records)
@@ -406,10 +403,8 @@ def _produce_engagements(st: ServingState, records: list[dict[str, Any]]) -> Non
     catalog = st.pipeline.catalog
     for rec in records:
         rec["author_id"], rec["topic"], _ = catalog.meta(rec["item_id"]) or ("", "", 0)
-        st.events_producer.produce("engagements", encode("engagements", rec),
-                                   key=rec["user_id"].encode())
+        st.engagements.send(rec["user_id"].encode(), encode("engagements", rec))
         st.ctr.record_engagement(rec["impression_id"], rec["action"], rec["event_ts"])
-    st.events_producer.poll(0)
 
 
 def app_from_env() -> Starlette:

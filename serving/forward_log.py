@@ -1,10 +1,12 @@
-"""Forward logging of impressions to Kafka, off the request path, with a disk spool.
+"""Forward logging of impressions and posted engagements to Kafka, off the request path,
+with a disk spool.
 
-Requests hand their impressions to ``ImpressionLogger.log`` (a bounded queue, never
-blocking the request on Kafka). A background thread encodes each request's impressions as
-one columnar batch envelope and produces it. Whatever Kafka does not acknowledge (broker
-down: librdkafka fails the delivery after ``message.timeout.ms``) is appended to a spool file
-on disk, fsynced; a drainer resends spooled messages once Kafka acknowledges again and
+Requests hand their impressions to ``ImpressionLogger.log`` and ``/v1/events`` its
+engagements to ``EngagementForwarder.send`` (bounded queues, never blocking the request on
+Kafka). A background thread encodes each request's impressions as one columnar batch
+envelope (an engagement arrives encoded, with its key) and produces it. Whatever Kafka does
+not acknowledge (broker down: librdkafka fails the delivery after ``message.timeout.ms``) is
+appended to a spool file on disk, fsynced; a drainer resends spooled messages once Kafka acknowledges again and
 deletes each spool segment only after every message in it was acknowledged. Nothing is
 dropped: a full queue spools synchronously instead.
 """
@@ -22,11 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas.columnar import encode_batch, records_to_columns
+from schemas.columnar import EventColumns, encode_batch, records_to_columns
 from tessera.logs import get_logger
 
 log = get_logger("serving.forward_log")
 _LEN = struct.Struct("<I")
+
+
+def _count_of(records: EventColumns | list[dict]) -> int:
+    return records.n if isinstance(records, EventColumns) else len(records)
 
 
 class Spool:
@@ -159,14 +165,40 @@ class SpoolSegment:
         os.close(self.fd)
 
 
-class ImpressionLogger:
-    """Asynchronous, loss-free impression logging (see the module docstring)."""
+_KEY = struct.Struct("<I")
+_NO_KEY = 0xFFFFFFFF
 
-    def __init__(self, bootstrap: str | None, spool_dir: Path, *, topic: str = "impressions",
-                 metrics: Any = None, queue_size: int = 10_000, drain_interval_s: float = 2.0):
+
+def pack_keyed(key: bytes | None, value: bytes) -> bytes:
+    """One spool payload holding a Kafka message's key (None kept apart from b"") and value."""
+    if key is None:
+        return _KEY.pack(_NO_KEY) + value
+    return _KEY.pack(len(key)) + key + value
+
+
+def unpack_keyed(payload: bytes) -> tuple[bytes | None, bytes]:
+    """The (key, value) ``pack_keyed`` packed."""
+    (n,) = _KEY.unpack_from(payload)
+    if n == _NO_KEY:
+        return None, payload[_KEY.size:]
+    return payload[_KEY.size:_KEY.size + n], payload[_KEY.size + n:]
+
+
+class ForwardLog:
+    """Loss-free forwarding to one Kafka topic off the caller's thread (see the module
+    docstring): a background thread produces what is queued, spools what Kafka does not
+    acknowledge, and resends the spool once Kafka answers. Subclasses say what a queued
+    item is (``_message``) and count outcomes (``_count``)."""
+
+    #: the background thread's name
+    thread_name = "forward-log"
+
+    def __init__(self, bootstrap: str | None, spool_dir: Path, *, topic: str,
+                 keyed: bool = False, queue_size: int = 10_000, drain_interval_s: float = 2.0):
         self.topic = topic
+        #: spooled payloads carry the message key (``pack_keyed``)
+        self.keyed = keyed
         self.spool = Spool(spool_dir)
-        self.metrics = metrics
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
         self._producer = None
@@ -186,18 +218,27 @@ class ImpressionLogger:
             self._producer = Producer(producer_config(
                 bootstrap, **{"message.timeout.ms": 5000, "socket.timeout.ms": 3000,
                               "reconnect.backoff.max.ms": 1000, "linger.ms": 5}))
-        self._thread = threading.Thread(target=self._run, name="impression-logger", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
 
-    # ------------------------------------------------------------------ request side
-    def log(self, records: list[dict]) -> None:
-        """Queue one request's impressions (returns at once; spools if the queue is full)."""
-        if not records:
-            return
+    # ------------------------------------------------------------------ caller side
+    def _enqueue(self, item: Any) -> None:
+        """Queue ``item`` (returns at once; spools it now if the queue is full)."""
         try:
-            self._queue.put_nowait(records)
+            self._queue.put_nowait(item)
         except queue.Full:
-            self._spool([self._encode(records)], len(records))
+            key, payload, n = self._message(item)
+            self._spool([self._spooled(key, payload)], n)
+
+    def _message(self, item: Any) -> tuple[bytes | None, bytes, int]:
+        """(key, value, events) of a queued item."""
+        raise NotImplementedError
+
+    def _count(self, outcome: str, n: int) -> None:
+        """Count ``n`` events ``sent``, ``spooled`` or ``held_in_memory``."""
+
+    def _spooled(self, key: bytes | None, payload: bytes) -> bytes:
+        return pack_keyed(key, payload) if self.keyed else payload
 
     def _spool(self, payloads: list[bytes], n: int) -> None:
         """Persist payloads; if the disk refuses (full, read-only), keep them in memory.
@@ -215,26 +256,19 @@ class ImpressionLogger:
                 self.spool_errors += 1
             self._count("held_in_memory", n)
             log.error("spool_write_failed", error=str(exc), held=len(self._unspooled),
-                      spool=str(self.spool.dir))
+                      spool=str(self.spool.dir), topic=self.topic)
 
     # ------------------------------------------------------------------ background
-    def _encode(self, records: list[dict]) -> bytes:
-        return encode_batch(records_to_columns(self.topic, records))
-
-    def _count(self, outcome: str, n: int) -> None:
-        if self.metrics is not None:
-            self.metrics.impressions.labels(outcome=outcome).inc(n)
-
-    def _send(self, payload: bytes, n: int) -> None:
+    def _send(self, key: bytes | None, payload: bytes, n: int) -> None:
         if self._producer is None:
-            self._spool([payload], n)
+            self._spool([self._spooled(key, payload)], n)
             return
 
-        def delivered(err, _msg, payload=payload, n=n) -> None:
+        def delivered(err, _msg, key=key, payload=payload, n=n) -> None:
             with self._lock:
                 self._inflight -= 1
             if err is not None:
-                self._spool([payload], n)
+                self._spool([self._spooled(key, payload)], n)
             else:
                 self._last_ack = time.monotonic()
                 self._count("sent", n)
@@ -243,7 +277,7 @@ class ImpressionLogger:
             try:
                 with self._lock:
                     self._inflight += 1
-                self._producer.produce(self.topic, payload, on_delivery=delivered)
+                self._producer.produce(self.topic, payload, key=key, on_delivery=delivered)
                 return
             except BufferError:
                 with self._lock:
@@ -253,10 +287,9 @@ class ImpressionLogger:
     def _run(self) -> None:
         next_drain = time.monotonic() + self._drain_interval
         while not self._stop.is_set() or not self._queue.empty():
-            try:  # this thread must survive anything: it is the only way impressions leave
+            try:  # this thread must survive anything: it is the only way messages leave
                 try:
-                    records = self._queue.get(timeout=0.05)
-                    self._send(self._encode(records), len(records))
+                    self._send(*self._message(self._queue.get(timeout=0.05)))
                 except queue.Empty:
                     pass
                 if self._producer is not None:
@@ -267,7 +300,7 @@ class ImpressionLogger:
                         self._drain()
                     next_drain = time.monotonic() + self._drain_interval
             except Exception as exc:
-                log.error("impression_logger_error", error=str(exc)[:300])
+                log.error("forward_log_error", topic=self.topic, error=str(exc)[:300])
                 time.sleep(0.1)
 
     def _retry_held(self) -> None:
@@ -323,7 +356,9 @@ class ImpressionLogger:
                 failed.append(p)  # callbacks run in this thread (flush/poll): no lock
 
         for p in payloads:
-            self._producer.produce(self.topic, p, on_delivery=lambda e, m, p=p: done(e, m, p))
+            key, value = unpack_keyed(p) if self.keyed else (None, p)
+            self._producer.produce(self.topic, value, key=key,
+                                   on_delivery=lambda e, m, p=p: done(e, m, p))
         if self._producer.flush(15):
             return False
         if failed:
@@ -358,3 +393,58 @@ class ImpressionLogger:
         self._thread.join(timeout=timeout_s)
         if self._producer is not None:
             self._producer.flush(timeout_s)
+
+
+class ImpressionLogger(ForwardLog):
+    """Asynchronous, loss-free impression logging: a request's impressions become one
+    columnar batch message (see the module docstring)."""
+
+    thread_name = "impression-logger"
+
+    def __init__(self, bootstrap: str | None, spool_dir: Path, *, topic: str = "impressions",
+                 metrics: Any = None, queue_size: int = 10_000, drain_interval_s: float = 2.0):
+        self.metrics = metrics
+        super().__init__(bootstrap, spool_dir, topic=topic, queue_size=queue_size,
+                         drain_interval_s=drain_interval_s)
+
+    def log(self, records: EventColumns | list[dict]) -> None:
+        """Queue one request's impressions, as columns or one dict each (returns at once;
+        spools if the queue is full)."""
+        if _count_of(records):
+            self._enqueue(records)
+
+    def _message(self, item: EventColumns | list[dict]) -> tuple[bytes | None, bytes, int]:
+        if isinstance(item, EventColumns):
+            return None, encode_batch(item), item.n
+        return None, encode_batch(records_to_columns(self.topic, item)), len(item)
+
+    def _count(self, outcome: str, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.impressions.labels(outcome=outcome).inc(n)
+
+
+class EngagementForwarder(ForwardLog):
+    """Engagements posted to serving (``POST /v1/events``), one keyed message each, as loss
+    free as impressions: what Kafka does not acknowledge within the producer's message
+    timeout is spooled (its own directory, keys kept) and resent when Kafka answers. A
+    client resending an event after a timeout is counted once by the workers' ``event_id``
+    deduplication."""
+
+    thread_name = "engagement-forwarder"
+
+    def __init__(self, bootstrap: str | None, spool_dir: Path, *, topic: str = "engagements",
+                 metrics: Any = None, queue_size: int = 100_000, drain_interval_s: float = 2.0):
+        self.metrics = metrics
+        super().__init__(bootstrap, spool_dir, topic=topic, keyed=True, queue_size=queue_size,
+                         drain_interval_s=drain_interval_s)
+
+    def send(self, key: bytes | None, value: bytes) -> None:
+        """Queue one encoded engagement (returns at once; spools it if the queue is full)."""
+        self._enqueue((key, value))
+
+    def _message(self, item: tuple[bytes | None, bytes]) -> tuple[bytes | None, bytes, int]:
+        return item[0], item[1], 1
+
+    def _count(self, outcome: str, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.engagements.labels(outcome=outcome).inc(n)

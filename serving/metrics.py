@@ -31,6 +31,9 @@ class ServingMetrics:
         self.in_flight = Gauge("tessera_in_flight", "Feed requests being served", registry=r)
         self.impressions = Counter("tessera_impressions_total", "Impressions logged",
                                    ["outcome"], registry=r)
+        self.engagements = Counter("tessera_engagements_total",
+                                   "Engagements posted to /v1/events, by what became of them",
+                                   ["outcome"], registry=r)
         self.degraded = Counter("tessera_degraded_total", "Requests served in a degraded mode",
                                 ["reason"], registry=r)
         self.gc_pause = Histogram("tessera_gc_pause_seconds",

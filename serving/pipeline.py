@@ -7,6 +7,7 @@ histogram, and each stage's candidate survival is recorded.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -24,6 +25,7 @@ from features.fingerprint import fingerprint_name, list_fingerprint
 from features.spec import DEFAULT_BLOCK_SIZES
 from features.store.base import NO_WATERMARK
 from models.features import CodedColumn
+from schemas.columnar import MapMatrix, columns_of
 from serving.catalog import ItemCatalog
 from serving.config import ServingConfig
 from serving.forward_log import ImpressionLogger
@@ -83,6 +85,12 @@ class Candidates:
     def ids(self) -> list[str]:
         """The candidates' item ids."""
         return self.frame.ids_at(self.pos)
+
+
+def impression_ids(n: int) -> list[str]:
+    """``n`` new impression ids (``imp-`` and 32 random hex digits) from one ``urandom``."""
+    raw = os.urandom(16 * n).hex()
+    return [f"imp-{raw[32 * i:32 * i + 32]}" for i in range(n)]
 
 
 class FeedPipeline:
@@ -344,7 +352,6 @@ class FeedPipeline:
             scores_l2 = (ranker2.score(sub_cols, user=user_row, context=sub_ctx)
                          if len(keep) else np.zeros(0))
             order = keep[np.argsort(-scores_l2, kind="stable")]
-            l2_of = dict(zip(keep.tolist(), scores_l2.tolist()))
         with self._stage("rules", timings):
             # the author cap over author codes (the table's code of '' is no author)
             per_author: Counter = Counter()
@@ -363,7 +370,7 @@ class FeedPipeline:
         self.metrics.survival.labels(stage="page").set(len(page) / n0)
         versions = models.versions
         now = int(time.time() * 1000)
-        items, impressions = [], []
+        items = []
         feat_names = list(item_cols)
         # what is logged is what belongs to the logged end: not a split family's values
         unlogged = (set(item_names) if "item" in splits else set()) | \
@@ -376,35 +383,47 @@ class FeedPipeline:
             user_logged.update({f"user:{fingerprint_name(k)}": list_fingerprint(v)
                                 for k, v in user_row.items()
                                 if v is None or isinstance(v, list)})
-        page_ids = frame.ids_at(cands.pos[page])
-        page_authors = author_col.take(page).values().tolist()
-        page_topics = topic_col.take(page).values().tolist()
-        for pos, (idx, item_id, author, topic) in enumerate(
-                zip(page, page_ids, page_authors, page_topics)):
-            source = SOURCES[cands.source[idx]]
-            imp_id = f"imp-{uuid.uuid4().hex}"
-            score = float(l2_of[idx])
+        page_idx = np.asarray(page, dtype=np.intp)
+        n_page = len(page_idx)
+        page_ids = frame.ids_at(cands.pos[page_idx])
+        page_authors = author_col.take(page_idx).values().tolist()
+        page_topics = topic_col.take(page_idx).values().tolist()
+        page_sources = [SOURCES[c] for c in cands.source[page_idx].tolist()]
+        rank_in_keep = np.empty(n_cands, dtype=np.intp)
+        rank_in_keep[keep] = np.arange(len(keep))
+        page_l2 = scores_l2[rank_in_keep[page_idx]] if n_page else np.zeros(0)
+        imp_ids = impression_ids(n_page)
+        for pos, (item_id, author, source, score, imp_id) in enumerate(zip(
+                page_ids, page_authors, page_sources, page_l2.tolist(), imp_ids)):
             items.append({"item_id": item_id, "author_id": author, "score": score,
                           "source": source, "position": pos, "impression_id": imp_id})
-            feats = {n: float(item_cols[n][idx]) for n in logged_names
-                     if item_cols[n][idx] == item_cols[n][idx]}
-            feats.update(user_logged)
-            impressions.append({
-                "impression_id": imp_id, "event_id": imp_id, "event_ts": now,
-                "request_id": request_id, "user_id": req.user_id, "item_id": item_id,
-                "author_id": author, "topic": topic, "position": pos,
-                "feed_type": req.feed_type, "source": source,
-                "model_versions": versions,
-                "scores": {"l1": float(scores_l1[idx]), "l2": score},
-                "features": feats, "feature_watermark": int(watermark),
-            })
+        # the logged rows as columns: one matrix of the page's item values (NaN: not
+        # logged) beside the user's values, which every row shares
+        item_vals = (np.column_stack([np.asarray(item_cols[n], dtype=np.float64)[page_idx]
+                                      for n in logged_names])
+                     if logged_names else np.zeros((n_page, 0)))
+        user_vals = np.array(list(user_logged.values()), dtype=np.float64)
+        features = MapMatrix(
+            tuple(logged_names) + tuple(user_logged),
+            np.hstack([item_vals, np.broadcast_to(user_vals, (n_page, len(user_vals)))]),
+            np.hstack([item_vals == item_vals, np.ones((n_page, len(user_vals)), bool)]))
+        impressions = columns_of("impressions", n_page, {
+            "impression_id": imp_ids, "event_id": imp_ids, "event_ts": now,
+            "request_id": request_id, "user_id": req.user_id, "item_id": page_ids,
+            "author_id": page_authors, "topic": page_topics,
+            "position": np.arange(n_page, dtype=np.int64), "feed_type": req.feed_type,
+            "source": page_sources, "model_versions": versions,
+            "scores": MapMatrix(("l1", "l2"),
+                                np.column_stack([scores_l1[page_idx], page_l2]),
+                                np.ones((n_page, 2), bool)),
+            "features": features, "feature_watermark": int(watermark),
+        })
         with self._stage("log", timings):
             self.logger.log(impressions)
             if self.ctr is not None:
                 from serving.tracking import version_label
 
-                self.ctr.record_impressions(version_label(versions),
-                                            [i["impression_id"] for i in items], now)
+                self.ctr.record_impressions(version_label(versions), imp_ids, now)
             if self.drift is not None and page and not degraded:
                 for n in feat_names:
                     self.drift.observe(n, item_cols[n][page])

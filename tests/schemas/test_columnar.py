@@ -13,6 +13,8 @@ from schemas.codec import decode, encode, frame
 from schemas.columnar import (
     DictColumn,
     EventColumns,
+    MapMatrix,
+    columns_of,
     columns_to_records,
     concat_columns,
     decode_batch,
@@ -272,3 +274,64 @@ def test_batch_topic_and_schema_checks() -> None:
     with pytest.raises(DecodeError, match="truncated body") as info:
         decode_message(data[:-3], "items")
     assert info.value.field == "columns"
+
+
+# ---------------------------------------------------------------- MapMatrix, columns_of
+
+
+def _impression_dicts(n: int, features: list[dict]) -> list[dict]:
+    return [{"impression_id": f"imp-{i}", "event_id": f"imp-{i}", "event_ts": 1_700_000_000_000,
+             "request_id": "r-1", "user_id": "u1", "item_id": f"i{i % 3}", "author_id": "a",
+             "topic": "t", "position": i, "feed_type": "EXPLORE", "source": "ann",
+             "model_versions": {"l1": "v1", "l2": "v2"},
+             "scores": {"l1": 0.5 * i, "l2": -1.0 * i}, "features": features[i],
+             "feature_watermark": 1_700_000_000_000} for i in range(n)]
+
+
+@given(n=st.integers(0, 12), k=st.integers(0, 6), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_a_map_matrix_encodes_to_the_bytes_of_the_same_rows_as_dicts(n, k, seed):
+    """Row by row, in key order, with a key absent where ``present`` is False (a key no row
+    has is not in the dictionary, and codes come in first-seen order)."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=(n, k))
+    present = rng.random((n, k)) < 0.6
+    keys = tuple(f"f{j}" for j in rng.permutation(k))
+    matrix = MapMatrix(keys, values, present)
+    dicts = _impression_dicts(n, matrix.to_dicts())
+    assert [list(d) == [keys[j] for j in np.flatnonzero(p)]
+            for d, p in zip(matrix.to_dicts(), present)] == [True] * n
+    expected = encode_batch(records_to_columns("impressions", dicts))
+    cols = columns_of("impressions", n, {
+        "impression_id": [d["impression_id"] for d in dicts],
+        "event_id": [d["event_id"] for d in dicts], "event_ts": 1_700_000_000_000,
+        "request_id": "r-1", "user_id": "u1", "item_id": [d["item_id"] for d in dicts],
+        "author_id": "a", "topic": "t", "position": np.arange(n), "feed_type": "EXPLORE",
+        "source": "ann", "model_versions": {"l1": "v1", "l2": "v2"},
+        "scores": MapMatrix(("l1", "l2"), np.column_stack([0.5 * np.arange(n), -1.0 * np.arange(n)]),
+                            np.ones((n, 2), bool)),
+        "features": matrix, "feature_watermark": 1_700_000_000_000})
+    assert encode_batch(cols) == expected
+    assert columns_to_records(cols) == dicts
+
+
+def test_columns_of_names_the_field_it_cannot_take():
+    base = {"impression_id": ["a", "b"], "event_id": ["a", "b"], "event_ts": 1, "request_id": "r",
+            "user_id": "u", "item_id": ["i", "j"], "position": [0, 1], "feature_watermark": 1}
+    assert columns_of("impressions", 2, base).n == 2  # defaults fill the rest
+    with pytest.raises(EncodeError) as err:
+        columns_of("impressions", 2, {**base, "position": ["x", "y"]})
+    assert err.value.field == "position"
+    with pytest.raises(EncodeError) as err:
+        columns_of("impressions", 2, {k: v for k, v in base.items() if k != "user_id"})
+    assert err.value.field == "user_id"
+    with pytest.raises(EncodeError) as err:
+        columns_of("impressions", 2, {**base, "colour": "red"})
+    assert err.value.field == "colour"
+    cols = columns_of("impressions", 2, {**base, "model_versions": MapMatrix(
+        ("l1",), np.zeros((2, 1)), np.ones((2, 1), bool))})
+    with pytest.raises(EncodeError) as err:  # a map of strings is not a matrix of doubles
+        encode_batch(cols)
+    assert err.value.field == "model_versions"
+    with pytest.raises(ValueError, match="keys"):
+        MapMatrix(("a", "b"), np.zeros((2, 1)), np.ones((2, 1), bool))

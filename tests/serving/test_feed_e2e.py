@@ -215,7 +215,7 @@ def test_a_family_read_at_its_own_end_is_not_logged_as_the_requests(stack):
             self.impressions = []
 
         def log(self, impressions):
-            self.impressions += impressions
+            self.impressions += columns_to_records(impressions)
 
     def serve(client):
         logger = Captured()
