@@ -45,11 +45,11 @@ from typing import Any, Literal, NamedTuple, get_args
 import numpy as np
 import pyarrow as pa
 
-from features.backfill import backfill_columns
+from features.backfill import BackfillEngine, backfill_columns
 from features.errors import TesseraError
 from features.expressions import parse_derived, parse_filter
 from features.fingerprint import fingerprint_name, list_fingerprint
-from features.pointintime import point_in_time, query_ends
+from features.pointintime import earliest_start, point_in_time, query_ends
 from features.spec import DerivedFeatureSpec, FeatureSet, FeatureSpec
 from features.tiling import tail_hop
 from features.timeutil import to_iso
@@ -459,6 +459,7 @@ def consistency_report(
     from_ts: int | None = None,
     to_ts: int | None = None,
     features_column: str = "features",
+    engine: BackfillEngine | None = None,
 ) -> ConsistencyReport:
     """Compare logged online feature values with the offline recomputation, per feature.
 
@@ -476,6 +477,10 @@ def consistency_report(
             the range, or ``None`` when there are none.
         sample: at most this many impressions are checked, drawn uniformly with ``seed``.
         from_ts, to_ts: the range, for the report's title (default: the sample's times).
+        engine: recompute the values there (``features.ray_engine.RayBackfillEngine``: a
+            Ray cluster) instead of in this process; the same values, so the same report.
+            This process then reads the blocks of a feature only to attribute its
+            mismatches (none for a feature whose logged values all match).
 
     Returns:
         A :class:`ConsistencyReport` with one entry per checked feature, sorted by name.
@@ -542,7 +547,8 @@ def consistency_report(
         return blocks
 
     offline = backfill_columns(table, features,
-                               list(dict.fromkeys(by_list.get(k, k) for k in names)), capture)
+                               list(dict.fromkeys(by_list.get(k, k) for k in names)), capture,
+                               engine=engine)
     for fp_name, name in by_list.items():
         if fp_name in names:  # the backfill gives lists as JSON text
             offline[fp_name] = np.array([list_fingerprint(json.loads(v)) for v in offline[name]],
@@ -559,10 +565,13 @@ def consistency_report(
         if name in signals:
             return signals[name]
         spec, w = by_window[by_list.get(name, name)]
+        ends = query_ends(ts, wm, spec.streaming_block)
         if spec.key not in late_by_spec:
             late_by_spec[spec.key] = _late_index(spec, late_records.get(spec.source, ()))
+            if spec.key not in scanned:  # recomputed elsewhere (engine): read them here now
+                capture(feature_keys=[spec.key], start_from=earliest_start(spec, ends),
+                        start_to=int(ends.max()) if len(ends) else 0)
             blocks_by_spec[spec.key] = _block_index(scanned.get(spec.key))
-        ends = query_ends(ts, wm, spec.streaming_block)
         hop = tail_hop(w, spec.block_sizes)
         lo = ends - w
         lo = lo - lo % hop
@@ -593,12 +602,17 @@ def consistency_report(
 
     results = []
     for name in names:
-        sig = (window_signals(name) if name in by_window or name in by_list
-               else derived_signals(by_derived[name]))
         present = np.array([name in row for row in logged], dtype=bool)
         got = np.array([row.get(name, np.nan) for row in logged], dtype=np.float64)
         want = np.asarray(offline[name], dtype=np.float64)
         match = values_match(want, got)
+        if not (present & ~match).any():  # nothing to attribute
+            results.append(FeatureConsistency(name, int(present.sum()),
+                                              int(np.sum(present & match)),
+                                              dict.fromkeys(CAUSES, 0), ()))
+            continue
+        sig = (window_signals(name) if name in by_window or name in by_list
+               else derived_signals(by_derived[name]))
         logged_no_data = values_match(np.full(n, sig.no_data), got)
         late = sig.late if sig.late_range is None else \
             sig.late & _within(got, *sig.late_range, integral=name in by_window

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from features.errors import TesseraError
+from tessera.commands.offline import _ENGINE, _RAY_ADDRESS, _RAY_WORKERS
 
 # Columns read from the impressions besides the entity keys of the definitions.
 _BASE_COLUMNS = ("impression_id", "event_ts", "feature_watermark", "features")
@@ -57,8 +58,12 @@ def _read_impressions(warehouse: Path, fs, from_ts: int, to_ts: int):
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the JSON report to this file (replaced atomically; the "
                    "dashboard reads <home>/consistency.json).")
+@_ENGINE
+@_RAY_ADDRESS
+@_RAY_WORKERS
 def consistency(from_: str, to: str, sample: int, seed: int, warehouse: Path,
-                features_file: Path, png: Path, as_json: bool, output: Path | None) -> None:
+                features_file: Path, png: Path, as_json: bool, output: Path | None,
+                engine: str, ray_address: str | None, ray_workers: int | None) -> None:
     """Check logged online feature values against the offline blocks.
 
     For a sample of the impressions logged in [--from, --to), every logged window or derived
@@ -69,11 +74,14 @@ def consistency(from_: str, to: str, sample: int, seed: int, warehouse: Path,
     the late events), missing blocks (the offline table and the online read disagree on
     whether there were blocks) or other causes; the last two are "unexplained". Prints a
     table per feature and writes a PNG.
+
+    With --engine ray the values are recomputed on a Ray cluster (the backfill's engine: the
+    same values); this process reads a feature's blocks only to attribute its mismatches.
     """
     from features.consistency import consistency_report
     from features.consistency_plot import plot_consistency
     from features.tiling import tail_hop
-    from tessera.commands.offline import _load, _time
+    from tessera.commands.offline import _load, _on_ray, _ray_backfill, _time
 
     fs = _load(features_file)
     from_ts, to_ts = _time(from_, "--from"), _time(to, "--to")
@@ -85,8 +93,10 @@ def consistency(from_: str, to: str, sample: int, seed: int, warehouse: Path,
         reach = max((w + tail_hop(w, f.block_sizes) for f in fs.features for w in f.windows),
                     default=0)
         late = offline.scan_late_events(from_ts=from_ts - reach, to_ts=to_ts)
-        report = consistency_report(rows, fs, offline.scan_blocks, late, sample=sample,
-                                    seed=seed, from_ts=from_ts, to_ts=to_ts)
+        with _on_ray(engine, ray_address, ray_workers) as on_ray:
+            report = consistency_report(rows, fs, offline.scan_blocks, late, sample=sample,
+                                        seed=seed, from_ts=from_ts, to_ts=to_ts,
+                                        engine=_ray_backfill(offline) if on_ray else None)
     except (TesseraError, KeyError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(report.to_json() if as_json else report.to_table())
