@@ -215,6 +215,30 @@ def _read_iceberg(ray: Any, tables: Any, name: str, row_filter: Any, blocks: int
     return ds.select_columns(list(columns)) if columns else ds
 
 
+def iceberg_batches(tables: Any, identifier: str, row_filter: Any,
+                    columns: Sequence[str] | None = None,
+                    blocks: int | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream the rows of Iceberg table ``identifier`` that ``row_filter`` keeps to this
+    process as record batches, read by the Ray cluster's tasks (``blocks`` of them: the
+    job's shard count by default), in the plan's order (the same order every run)."""
+    ray = _import_ray()
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The 'row_filter' parameter", DeprecationWarning)
+            ds = ray.data.read_iceberg(table_identifier=identifier,
+                                       catalog_kwargs=tables.catalog_config,
+                                       row_filter=row_filter,
+                                       override_num_blocks=blocks or _cluster_shards(ray, None))
+        if columns:
+            ds = ds.select_columns(list(columns))  # pushed down to the Parquet reads
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            yield from table.to_batches()
+    finally:
+        options.preserve_order = before
+
+
 # -- batch blocks ---------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "ArrowExamples",
     "ExampleSource",
     "IcebergExamples",
+    "RayExamples",
     "TimeRange",
     "TrainingDataError",
     "decode_batch",
@@ -185,6 +186,34 @@ class IcebergExamples:
                 f"could not scan {self.training.identifier!r} version {self.version!r}: {exc}"
             ) from exc
         yield from _rechunk(_dedupe(reader), self.batch_rows)
+
+
+class RayExamples(IcebergExamples):
+    """The rows :class:`IcebergExamples` streams, read by a Ray cluster's tasks instead of
+    this process (Ray Data ``read_iceberg``: the range's files read in parallel, the same
+    row filter and columns) and streamed here in the plan's order; deduplicated and cut into
+    batches the same way. Needs a Ray runtime (``features.ray_engine.ray_runtime``)."""
+
+    def batches(self, time_range: TimeRange,
+                columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Yield deduplicated batches of ``batch_rows`` rows, never the whole range at once."""
+        from features.ray_engine import iceberg_batches
+
+        have = self.column_names()
+        wanted = have if columns is None else list(dict.fromkeys([*columns, "impression_id"]))
+        fields = [c for c in wanted if c in have]
+        preds = [EqualTo("version", self.version)]
+        preds += _range_predicates("event_ts", "event_day", time_range.start, time_range.end)
+        try:
+            reader = iceberg_batches(self.training.offline, self.training.identifier,
+                                     _and_all(preds), fields)
+            yield from _rechunk(_dedupe(reader), self.batch_rows)
+        except TesseraError:
+            raise
+        except Exception as exc:
+            raise TrainingDataError(
+                f"could not scan {self.training.identifier!r} version {self.version!r} on "
+                f"Ray: {exc}") from exc
 
 
 class ArrowExamples:

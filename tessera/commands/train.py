@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from features.errors import TesseraError
+from tessera.commands.offline import _RAY_ADDRESS, _RAY_WORKERS
 
 
 def _time(text: str | None, option: str) -> int | None:
@@ -50,6 +51,13 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Publish the exported model to the registry (and make it current)."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Also keep the ONNX files and metrics.json in this directory."),
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+                     show_default=True,
+                     help="Who reads the training table: this process, or a Ray cluster's "
+                          "tasks streaming the rows here (Ray Data; pip install -e '.[ray]'). "
+                          "The same rows."),
+        _RAY_ADDRESS,
+        _RAY_WORKERS,
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -85,9 +93,20 @@ class _Bars:
 
 def _run(kind: str, from_: str, to: str, eval_from: str | None, warehouse: Path,
          table_version: str | None, registry: Path, epochs: int, batch_size: int, lr: float,
-         seed: int, threads: int, publish: bool, out: Path | None) -> None:
+         seed: int, threads: int, publish: bool, out: Path | None, engine: str = "local",
+         ray_address: str | None = None, ray_workers: int | None = None) -> None:
+    from tessera.commands.offline import _on_ray
+
+    with _on_ray(engine, ray_address, ray_workers) as on_ray:
+        _train(kind, from_, to, eval_from, warehouse, table_version, registry, epochs,
+               batch_size, lr, seed, threads, publish, out, on_ray)
+
+
+def _train(kind: str, from_: str, to: str, eval_from: str | None, warehouse: Path,
+           table_version: str | None, registry: Path, epochs: int, batch_size: int, lr: float,
+           seed: int, threads: int, publish: bool, out: Path | None, on_ray: bool) -> None:
     from features.offline.training import TrainingTables
-    from models.data import IcebergExamples, latest_version, time_split
+    from models.data import IcebergExamples, RayExamples, latest_version, time_split
     from models.onnx_export import export_result
     from models.publish import publish_result
     from models.train import TrainConfig, train_l1, train_l2, train_retrieval
@@ -97,7 +116,7 @@ def _run(kind: str, from_: str, to: str, eval_from: str | None, warehouse: Path,
         train_range, eval_range = time_split(start, end, _time(eval_from, "--eval-from"))
         training = TrainingTables.open(warehouse)
         version = table_version or latest_version(training)
-        source = IcebergExamples(training, version)
+        source = (RayExamples if on_ray else IcebergExamples)(training, version)
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                              threads=threads)
         click.echo(f"training {kind} on {training.identifier} version {version}: "

@@ -23,7 +23,7 @@ from features.backfill import resolve_names, run_backfill, spine_columns
 from features.batch import run_batch_blocks
 from features.consistency import consistency_report
 from features.offline.raw import RawTables
-from features.offline.training import TrainingTables
+from features.offline.training import BASE_VERSION, TrainingTables
 from features.ray_engine import (
     RayBackfillEngine,
     RayBlocksEngine,
@@ -33,6 +33,7 @@ from features.ray_engine import (
 from features.spec_loader import load_features
 from features.store import open_store
 from features.timeutil import DAY, HOUR
+from models.data import IcebergExamples, RayExamples, TimeRange
 from schemas.columnar import records_to_columns
 from tessera.synth import WorldConfig, generate_records
 
@@ -204,6 +205,13 @@ def test_ray_engine_computes_what_the_local_engine_does(baseline, tmp_path, work
                               b.training.offline.scan_blocks, timestamp="ts", engine=engine)
         consistency = consistency_report(b.logged, FEATURES, b.training.offline.scan_blocks,
                                          None, engine=engine).to_json()
+        # the training-data scan: the rows the local scan streams, as many per batch (of the
+        # base version: every impression is also in the backfilled versions, read first)
+        span = TimeRange(WORLD.start_ts, WORLD.start_ts + 3 * DAY)
+        cols = ["impression_id", "version", "event_ts", "label_click", "first_engagement_ms"]
+        on_ray = list(RayExamples(b.training, BASE_VERSION, batch_rows=97).batches(span, cols))
+        local = list(IcebergExamples(b.training, BASE_VERSION, batch_rows=97).batches(span,
+                                                                                     cols))
     got = _blocks(raw)
     assert (report.events, report.blocks) == (b.report.events, b.report.blocks)
     assert got.num_rows == b.blocks.num_rows
@@ -217,6 +225,11 @@ def test_ray_engine_computes_what_the_local_engine_does(baseline, tmp_path, work
     for name in b.spine.column_names:
         assert _same(spine.column(name).to_pylist(), b.spine.column(name).to_pylist()), name
     assert consistency == b.consistency, f"{workers} Ray workers: another consistency report"
+    assert [x.num_rows for x in on_ray] == [x.num_rows for x in local]
+    assert sum(x.num_rows for x in local) > 300
+    ray_rows = pa.Table.from_batches(on_ray).sort_by("impression_id")
+    local_rows = pa.Table.from_batches(local).sort_by("impression_id")
+    assert ray_rows.select(cols).equals(local_rows.select(cols)), "the Ray scan read other rows"
 
 
 def _same(a: list, b: list) -> bool:
