@@ -26,6 +26,7 @@ from features.spec import DEFAULT_BLOCK_SIZES
 from features.store.base import NO_WATERMARK
 from models.features import CodedColumn
 from schemas.columnar import MapMatrix, columns_of
+from schemas.errors import EncodeError
 from serving.catalog import ItemCatalog
 from serving.config import ServingConfig
 from serving.forward_log import ImpressionLogger
@@ -407,19 +408,24 @@ class FeedPipeline:
             tuple(logged_names) + tuple(user_logged),
             np.hstack([item_vals, np.broadcast_to(user_vals, (n_page, len(user_vals)))]),
             np.hstack([item_vals == item_vals, np.ones((n_page, len(user_vals)), bool)]))
-        impressions = columns_of("impressions", n_page, {
-            "impression_id": imp_ids, "event_id": imp_ids, "event_ts": now,
-            "request_id": request_id, "user_id": req.user_id, "item_id": page_ids,
-            "author_id": page_authors, "topic": page_topics,
-            "position": np.arange(n_page, dtype=np.int64), "feed_type": req.feed_type,
-            "source": page_sources, "model_versions": versions,
-            "scores": MapMatrix(("l1", "l2"),
-                                np.column_stack([scores_l1[page_idx], page_l2]),
-                                np.ones((n_page, 2), bool)),
-            "features": features, "feature_watermark": int(watermark),
-        })
+        try:
+            impressions = columns_of("impressions", n_page, {
+                "impression_id": imp_ids, "event_id": imp_ids, "event_ts": now,
+                "request_id": request_id, "user_id": req.user_id, "item_id": page_ids,
+                "author_id": page_authors, "topic": page_topics,
+                "position": np.arange(n_page, dtype=np.int64), "feed_type": req.feed_type,
+                "source": page_sources, "model_versions": versions,
+                "scores": MapMatrix(("l1", "l2"),
+                                    np.column_stack([scores_l1[page_idx], page_l2]),
+                                    np.ones((n_page, 2), bool)),
+                "features": features, "feature_watermark": int(watermark),
+            })
+        except EncodeError as exc:  # a value the schema refuses: the page is still served
+            log.error("impressions_not_logged", request_id=request_id, error=str(exc)[:300])
+            impressions = None
         with self._stage("log", timings):
-            self.logger.log(impressions)
+            if impressions is not None:
+                self.logger.log(impressions)
             if self.ctr is not None:
                 from serving.tracking import version_label
 
