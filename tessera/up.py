@@ -96,6 +96,24 @@ class UpConfig:
     seed: int = 7
     #: how often the served impressions are checked against the offline recomputation
     consistency_every_s: float = 60.0
+    #: where the offline jobs (batch blocks, backfill, the training-data scan, consistency)
+    #: run: ``local`` or ``ray`` (a local Ray cluster per job, or ``ray_address``'s)
+    offline_engine: str = "local"
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.offline_engine not in ("local", "ray"):
+            raise ValueError(f"offline_engine must be 'local' or 'ray', got "
+                             f"{self.offline_engine!r}")
+        if self.ray_address and self.offline_engine != "ray":
+            raise ValueError("ray_address needs offline_engine='ray'")
+
+    def engine_args(self) -> list[str]:
+        """The ``--engine`` options every offline job of the platform gets."""
+        if self.offline_engine == "local":
+            return []
+        return ["--engine", "ray", *(["--ray-address", self.ray_address]
+                                     if self.ray_address else [])]
 
     @property
     def state_dir(self) -> Path:
@@ -306,15 +324,17 @@ class Platform:
         wh = str(c.wh)
         f, t = str(from_ts), str(to_ts)
         self.run_step("batch", self._tessera("batch", "blocks", "--from", f, "--to", t,
-                                             "--warehouse", wh, "--store", c.store))
+                                             "--warehouse", wh, "--store", c.store,
+                                             *c.engine_args()))
         version = f"bf-{to_ts}"
         self.run_step("backfill", self._tessera(
             "backfill", "--features", ",".join(BACKFILL_FEATURES), "--from", f, "--to", t,
-            "--warehouse", wh, "--version", version))
+            "--warehouse", wh, "--version", version, *c.engine_args()))
         for kind in ("l1", "l2", "retrieval"):
             self.run_step(f"train-{kind}", self._tessera(
                 "train", kind, "--from", f, "--to", t, "--warehouse", wh, "--version", version,
-                "--registry", str(c.registry), "--epochs", str(c.epochs), "--seed", str(c.seed)))
+                "--registry", str(c.registry), "--epochs", str(c.epochs), "--seed", str(c.seed),
+                *c.engine_args()))
         from models.registry import ModelRegistry
 
         reg = ModelRegistry(c.registry)
@@ -427,7 +447,7 @@ class Platform:
             "consistency", "--from", str(self.serving_since_ms), "--to", str(to_ms),
             "--warehouse", str(c.wh), "--sample", "5000", "--json",
             "--output", str(c.home / "consistency.json"),
-            "--png", str(c.home / "consistency.png")), oneshot=True)
+            "--png", str(c.home / "consistency.png"), *c.engine_args()), oneshot=True)
         return True
 
     def down(self) -> None:

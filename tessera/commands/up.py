@@ -26,9 +26,17 @@ import click
 @click.option("--max-retrains", default=None, type=int, help="Stop retraining after N rounds.")
 @click.option("--popularity-share", default=0.5, show_default=True,
               help="Share of simulated users ranked by the popularity baseline.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True,
+              help="Where the offline jobs run (batch blocks, backfill, the training-data "
+                   "scan, consistency): in their own process, or on Ray (pip install -e "
+                   "'.[ray]'; a local cluster per job unless --ray-address).")
+@click.option("--ray-address", default=None,
+              help="With --engine ray: an existing cluster for every offline job.")
 def up(home: Path, port: int, bootstrap: str | None, store_url: str | None,
        warehouse: Path | None, short: bool, retrain_every: float | None,
-       max_retrains: int | None, popularity_share: float) -> None:
+       max_retrains: int | None, popularity_share: float, engine: str,
+       ray_address: str | None) -> None:
     """Run the whole platform: broker, workers, training, serving, simulator, retraining.
 
     Prints the URLs as they come up. Ctrl-C (or `tessera down` from another shell) stops
@@ -43,10 +51,14 @@ def up(home: Path, port: int, bootstrap: str | None, store_url: str | None,
 
     sizes = {"history_days": 1.0, "history_views": 40_000, "users": 500, "items": 3_000,
              "label_window": "2m", "epochs": 2} if short else {}
-    config = UpConfig(home=home, port=port, bootstrap=bootstrap, store_url=store_url,
-                      warehouse=warehouse, popularity_share=popularity_share,
-                      retrain_every_s=retrain_every or (60.0 if short else 180.0),
-                      max_retrains=max_retrains, **sizes)
+    try:
+        config = UpConfig(home=home, port=port, bootstrap=bootstrap, store_url=store_url,
+                          warehouse=warehouse, popularity_share=popularity_share,
+                          retrain_every_s=retrain_every or (60.0 if short else 180.0),
+                          max_retrains=max_retrains, offline_engine=engine,
+                          ray_address=ray_address, **sizes)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     platform = Platform(config, say=lambda m: click.echo(m, err=True))
