@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from models.features import CodedColumn, CodeTable
-from serving.frame import CandidateFrame, build_frame, positions_in
+from serving.frame import CandidateFrame, build_frame, carry_over, positions_in
 from tessera.logs import get_logger
 
 log = get_logger("serving.catalog")
@@ -208,6 +208,7 @@ class ItemCatalog:
             frame = build_frame(ids, self.authors(id_list), self.topics(id_list),
                                 trending=snap.trending, fresh=snap.fresh,
                                 by_topic=snap.by_topic, catalog_version=version)
+        frame = carry_over(self.frame, frame)
         with self._lock:
             self._frame_versions = (*self._frame_versions[-1:], frame.catalog_version)
         self.snapshot = snap

@@ -13,7 +13,7 @@ table or per frame, once (``models.features.CodeTable``, ``SnapshotKeeper.rows_a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import repeat
 
 import numpy as np
@@ -94,3 +94,29 @@ def build_frame(ids: np.ndarray, authors: list[str], topics: list[str], *,
     return CandidateFrame(ids, CodeTable(ids), factorize(authors), factorize(topics),
                           pos(trending), pos(fresh), {t: pos(v) for t, v in by_topic.items()},
                           catalog_version)
+
+
+def _same_table(old: CodedColumn, new: CodedColumn) -> CodedColumn:
+    """``new``, over ``old``'s table when the two tables hold the same values."""
+    if old.table is new.table or (len(old.table) == len(new.table)
+                                  and np.array_equal(old.table.values, new.table.values)):
+        return CodedColumn(new.codes, old.table)
+    return new
+
+
+def carry_over(old: CandidateFrame, new: CandidateFrame) -> CandidateFrame:
+    """``new`` sharing ``old``'s ids array and code tables wherever they hold the same values.
+
+    Every catalog refresh builds a new frame, nearly always over the same items. What
+    serving computed per table (hash buckets of the ids, authors and topics; the value
+    index) and per ids array (a snapshot's rows are its positions when the arrays are one
+    object) then carries over instead of being computed again by the first requests on the
+    new frame: 20-30 ms each at 100,000 items, a burst of slow requests every refresh.
+    """
+    if not len(old.ids) or len(old.ids) != len(new.ids):
+        return new
+    if old.ids is not new.ids and not np.array_equal(old.ids, new.ids):
+        return new
+    return replace(new, ids=old.ids, items=old.items,
+                               authors=_same_table(old.authors, new.authors),
+                               topics=_same_table(old.topics, new.topics))

@@ -104,9 +104,11 @@ class SnapshotKeeper:
 
     def rows_at(self, snap: ItemSnapshot, frame: CandidateFrame, pos: np.ndarray) -> np.ndarray:
         """``rows`` for the items at ``pos`` of ``frame``: the positions themselves when
-        ``snap`` was built over ``frame`` (requests use the snapshot's frame), else a gather
-        from a position-to-row map made once per (snapshot, frame)."""
-        if snap.frame is frame and len(snap.features.ids) == len(frame.ids):
+        ``snap`` was built over ``frame``'s ids array (requests use the snapshot's frame;
+        a refreshed frame over the same items shares it: ``serving.frame.carry_over``),
+        else a gather from a position-to-row map made once per (snapshot, frame)."""
+        if snap.frame is not None and snap.frame.ids is frame.ids \
+                and len(snap.features.ids) == len(frame.ids):
             rows = np.array(pos, dtype=np.int64)
         else:
             rows = self.frame_rows(snap, frame)[pos]
@@ -160,7 +162,7 @@ class SnapshotKeeper:
         if not len(frame):
             return self.current
         if cur is not None and cur.frame is not None and cur.frame is not frame \
-                and np.array_equal(cur.frame.ids, frame.ids):
+                and (cur.frame.ids is frame.ids or np.array_equal(cur.frame.ids, frame.ids)):
             # a refreshed frame over the same items (every catalog refresh makes one): the
             # rows are its positions too; pair it, no rebuild (a rebuild assembles 100,000
             # items, seconds of the child's CPU when the pre-assembled values trail the end).

@@ -188,3 +188,31 @@ def test_a_refreshed_frame_over_the_same_items_is_paired_with_the_snapshot_not_r
     catalog.publish(catalog.rebuild({"new-item": 1.0}))
     third = keeper.refresh()
     assert len(builds) > n_builds and "new-item" in third.features.ids.tolist()
+
+
+def test_a_refresh_over_the_same_items_carries_the_tables_and_their_hashes_over():
+    """A refreshed frame shares the ids array and the code tables of the frame before it
+    when they hold the same values, so hash buckets and snapshot rows are not computed
+    again by the first requests after every refresh; a changed table is not shared."""
+    catalog = _catalog()
+    old = catalog.frame
+    buckets = old.items.hashed(1_000)
+    assert (buckets >= 0).all()
+    catalog.publish(catalog.snapshot)  # a refresh: a new frame over the same items
+    new = catalog.frame
+    assert new is not old and new.ids is old.ids and new.items is old.items
+    assert new.authors.table is old.authors.table and new.topics.table is old.topics.table
+    np.testing.assert_array_equal(new.items.hashed(1_000), buckets)
+    ids = new.ids.tolist()
+    authors, topics = catalog.candidate_columns(new)
+    assert list(authors) == catalog.authors(ids) and list(topics) == catalog.topics(ids)
+
+    catalog.upsert("i000", "a-brand-new", "t0", 1_000)  # a new author value
+    catalog.publish(catalog.snapshot)  # the catalog builds the frame from its metadata
+    renamed = catalog.frame
+    assert renamed.ids is old.ids and renamed.authors.table is not old.authors.table
+    assert list(renamed.authors) == catalog.authors(ids)
+
+    catalog.upsert("i999", "a1", "t1", 7)
+    catalog.publish(catalog.rebuild({"i999": 1.0}))  # other items: nothing shared
+    assert catalog.frame.ids is not old.ids and catalog.frame.items is not old.items

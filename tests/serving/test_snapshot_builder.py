@@ -54,3 +54,39 @@ def test_the_child_exits_when_the_serving_process_is_killed(tmp_path):
         assert not any(_pid_running(c) for c in children)
     finally:
         proc.kill()
+
+
+def test_jobs_cross_through_files_that_are_removed(tmp_path):
+    """Arguments and results go through files of one private directory (not the pool's
+    pipe); each file is gone once read, and the directory once the builder closes."""
+    import numpy as np
+
+    builder = SnapshotBuilder(f"lmdb://{tmp_path}/store", REPO / "features.yaml")
+    try:
+        got = builder.run(np.arange, 3_000_000)  # 24 MB: hundreds of pipe-sized chunks
+        np.testing.assert_array_equal(got, np.arange(3_000_000))
+        handoff = Path(builder._handoff)
+        assert handoff.is_dir() and list(handoff.iterdir()) == []
+        with pytest.raises(ValueError):  # the child's error, raised here as it was there
+            builder.run(int, "not a number")
+        assert list(handoff.iterdir()) == []
+    finally:
+        builder.close()
+    assert not handoff.exists()
+
+
+def test_the_handoff_directory_of_a_dead_process_is_removed():
+    from features.snapshot_process import _HANDOFF_PREFIX, handoff_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = Path(handoff_dir())
+    try:
+        left = mine.parent / f"{_HANDOFF_PREFIX}{dead.pid}-left"
+        left.mkdir()
+        (left / "x.pickle").write_bytes(b"x")
+        second = Path(handoff_dir())
+        assert not left.exists() and mine.exists()  # a live process's directory is kept
+        second.rmdir()
+    finally:
+        mine.rmdir()
