@@ -13,7 +13,7 @@ Arguments and results cross through a file (in ``/dev/shm`` where there is one),
 through the pool's pipe. A pipe moves a few MB in 64 KB chunks, and the serving thread
 that reads them takes the interpreter lock back after each one: about 130 hand-overs per
 catalog refresh, each forcing a request thread to yield for up to the switch interval.
-``bench/serving.py`` saw every 30 s refresh put 10-30 requests over 50 ms at 100
+``bench/serving.py`` saw every 30 s refresh put up to 38 requests over 50 ms at 100
 requests/s, at about 1.5 of the 2 cores busy. One ``write`` and one ``read`` of the whole
 pickle (protocol 5) release the lock once each.
 """

@@ -118,5 +118,5 @@ def carry_over(old: CandidateFrame, new: CandidateFrame) -> CandidateFrame:
     if old.ids is not new.ids and not np.array_equal(old.ids, new.ids):
         return new
     return replace(new, ids=old.ids, items=old.items,
-                               authors=_same_table(old.authors, new.authors),
-                               topics=_same_table(old.topics, new.topics))
+                   authors=_same_table(old.authors, new.authors),
+                   topics=_same_table(old.topics, new.topics))
