@@ -275,69 +275,58 @@ class FeedPipeline:
         self.metrics.feature_lag.set(max(0, items_fv.lag_ms) / 1000)
         return item_cols
 
-    def feed(self, req: FeedRequest, *, ranker: str | None = None) -> FeedResult:
-        """Serve one feed page (see the module docstring).
+    def _hydrate_user(self, req: FeedRequest, models: ModelBundle, degraded: list[str],
+                      splits: set[str]) -> tuple[int, dict[str, Any]]:
+        """The request's one window end and the user's values at it.
 
-        Args:
-            ranker: ``"popularity"`` ranks with the baseline (experiments, the simulator's
-                control arm); None uses the loaded models.
+        One end for every read of the request (user, item and author families alike):
+        what is served and logged is one snapshot, the values the backfill recomputes at
+        the logged watermark. A store failure degrades the request (no user values).
         """
-        timings: dict[str, float] = {}
-        degraded: list[str] = []
-        models = self.models  # one consistent bundle for the whole request
-        if ranker == "popularity":
-            models = ModelBundle(retrieval=models.retrieval)
-        request_id = f"r-{uuid.uuid4().hex}"
-        with self._stage("sequence", timings):
-            seq_items, _ = self._sequence(req.user_id, degraded)
-        user_names = models.user_feature_names()
         item_names = models.item_feature_names()
-        author_names = models.author_feature_names()
-        user_row: dict[str, Any] = {}
+        user_names = models.user_feature_names()
         watermark = 0
-        splits: set[str] = set()  # families read at their own end, not the request's
-        with self._stage("hydrate_user", timings):
-            try:
-                # One window end for every read of this request (user, item and author
-                # families alike): what is served and logged is one snapshot, the values
-                # the backfill recomputes at the logged watermark.
-                watermark = self._request_end(
-                    self.client.snapshot_end(
-                        [("user", user_names), ("item", item_names), ("author", author_names)]),
-                    item_names + author_names)
-                if user_names:
-                    ufv = self._read("user", [req.user_id], user_names, watermark, splits)
-                    user_row = ufv.row(0)
-            except TesseraError as exc:
-                degraded.append("store_unavailable")
-                log.warning("hydrate_user_failed", error=str(exc)[:200])
-        with self._stage("candidates", timings):
-            cands = self.candidates(req, seq_items, models, user_row)
-            cands = cands.without(seq_items)  # what the user just saw is not offered again
-            frame = cands.frame
-            authors_all, topics_all = self.catalog.candidate_columns(frame)
-            item_col = CodedColumn(cands.pos, frame.items)
-            author_col = authors_all.take(cands.pos)
-            topic_col = topics_all.take(cands.pos)
-        n_cands = len(cands)
-        self.metrics.candidates.labels(stage="retrieved").observe(n_cands)
+        try:
+            watermark = self._request_end(
+                self.client.snapshot_end([("user", user_names), ("item", item_names),
+                                          ("author", models.author_feature_names())]),
+                item_names + models.author_feature_names())
+            user_row: dict[str, Any] = {}
+            if user_names:
+                user_row = self._read("user", [req.user_id], user_names, watermark,
+                                      splits).row(0)
+            return watermark, user_row
+        except TesseraError as exc:
+            degraded.append("store_unavailable")
+            log.warning("hydrate_user_failed", error=str(exc)[:200])
+            return watermark, {}
 
-        with self._stage("hydrate", timings):
-            try:
-                if "store_unavailable" in degraded:
-                    raise TesseraError("the store failed for the user read")
-                item_cols = self._hydrate_items(cands, item_names, author_names, watermark,
-                                                splits)
-            except TesseraError as exc:
-                if "store_unavailable" not in degraded:
-                    degraded.append("store_unavailable")
-                self.metrics.degraded.labels(reason="store_unavailable").inc()
-                log.warning("hydrate_failed", error=str(exc)[:200])
-                item_cols = {"item_views_1d": self.catalog.snapshot.popularity.of(cands.ids()),
-                             "item_ctr_1d": np.full(n_cands, 0.01)}
-                user_row = {}
-        context = {"item_id": item_col, "author_id": author_col, "topic": topic_col,
-                   "user_id": CodedColumn.repeat(req.user_id, n_cands), "sequence": seq_items}
+    def _hydrate(self, cands: Candidates, models: ModelBundle, watermark: int,
+                 degraded: list[str], splits: set[str]) -> dict[str, np.ndarray] | None:
+        """Item and author columns of the candidates at ``watermark``; None when the store
+        failed (the request is then ranked by popularity from the catalog)."""
+        try:
+            if "store_unavailable" in degraded:
+                raise TesseraError("the store failed for the user read")
+            return self._hydrate_items(cands, models.item_feature_names(),
+                                       models.author_feature_names(), watermark, splits)
+        except TesseraError as exc:
+            if "store_unavailable" not in degraded:
+                degraded.append("store_unavailable")
+            self.metrics.degraded.labels(reason="store_unavailable").inc()
+            log.warning("hydrate_failed", error=str(exc)[:200])
+            return None
+
+    def _rank(self, models: ModelBundle, item_cols: dict[str, np.ndarray],
+              user_row: dict[str, Any], context: dict[str, Any], degraded: list[str],
+              timings: dict[str, float]) -> tuple[np.ndarray, ...]:
+        """L1 over every candidate, L2 over L1's best ``l1_keep`` (the popularity ranker for
+        a stage without a model or a degraded request).
+
+        Returns ``(scores_l1, keep, scores_l2, order)``: ``keep`` the candidates L1 kept,
+        ``scores_l2`` theirs in that order, ``order`` the kept ones best first.
+        """
+        n_cands = len(context["item_id"])
         scores_l1 = np.zeros(n_cands)
         with self._stage("l1", timings):
             ranker = models.l1 if models.l1 is not None and not degraded else models.fallback
@@ -353,30 +342,87 @@ class FeedPipeline:
             scores_l2 = (ranker2.score(sub_cols, user=user_row, context=sub_ctx)
                          if len(keep) else np.zeros(0))
             order = keep[np.argsort(-scores_l2, kind="stable")]
+        return scores_l1, keep, scores_l2, order
+
+    def _author_capped(self, order: np.ndarray, authors: CodedColumn, limit: int) -> list[int]:
+        """The first ``limit`` of ``order`` (candidate indexes, best first) with at most
+        ``author_cap`` items per author (the code of '' is no author: never capped)."""
+        per_author: Counter = Counter()
+        page: list[int] = []
+        no_author = int(authors.table.codes_of([""])[0])
+        for idx, code in zip(order.tolist(), authors.codes[order].tolist()):
+            if code != no_author and per_author[code] >= self.config.author_cap:
+                continue
+            per_author[code] += 1
+            page.append(idx)
+            if len(page) >= limit:
+                break
+        return page
+
+    def feed(self, req: FeedRequest, *, ranker: str | None = None) -> FeedResult:
+        """Serve one feed page (see the module docstring).
+
+        Args:
+            ranker: ``"popularity"`` ranks with the baseline (experiments, the simulator's
+                control arm); None uses the loaded models.
+        """
+        timings: dict[str, float] = {}
+        degraded: list[str] = []
+        models = self.models  # one consistent bundle for the whole request
+        if ranker == "popularity":
+            models = ModelBundle(retrieval=models.retrieval)
+        request_id = f"r-{uuid.uuid4().hex}"
+        with self._stage("sequence", timings):
+            seq_items, _ = self._sequence(req.user_id, degraded)
+        splits: set[str] = set()  # families read at their own end, not the request's
+        with self._stage("hydrate_user", timings):
+            watermark, user_row = self._hydrate_user(req, models, degraded, splits)
+        with self._stage("candidates", timings):
+            cands = self.candidates(req, seq_items, models, user_row)
+            cands = cands.without(seq_items)  # what the user just saw is not offered again
+            frame = cands.frame
+            authors_all, topics_all = self.catalog.candidate_columns(frame)
+            item_col = CodedColumn(cands.pos, frame.items)
+            author_col = authors_all.take(cands.pos)
+            topic_col = topics_all.take(cands.pos)
+        n_cands = len(cands)
+        self.metrics.candidates.labels(stage="retrieved").observe(n_cands)
+        with self._stage("hydrate", timings):
+            item_cols = self._hydrate(cands, models, watermark, degraded, splits)
+            if item_cols is None:
+                item_cols = {"item_views_1d": self.catalog.snapshot.popularity.of(cands.ids()),
+                             "item_ctr_1d": np.full(n_cands, 0.01)}
+                user_row = {}
+        context = {"item_id": item_col, "author_id": author_col, "topic": topic_col,
+                   "user_id": CodedColumn.repeat(req.user_id, n_cands), "sequence": seq_items}
+        scores_l1, keep, scores_l2, order = self._rank(models, item_cols, user_row, context,
+                                                       degraded, timings)
         with self._stage("rules", timings):
-            # the author cap over author codes (the table's code of '' is no author)
-            per_author: Counter = Counter()
-            page = []
-            no_author = int(author_col.table.codes_of([""])[0])
-            author_code = author_col.codes[order].tolist()
-            for idx, code in zip(order.tolist(), author_code):
-                if code != no_author and per_author[code] >= self.config.author_cap:
-                    continue
-                per_author[code] += 1
-                page.append(idx)
-                if len(page) >= req.limit:
-                    break
+            page = self._author_capped(order, author_col, req.limit)
         n0 = max(1, n_cands)
         self.metrics.survival.labels(stage="l1").set(len(keep) / n0)
         self.metrics.survival.labels(stage="page").set(len(page) / n0)
-        versions = models.versions
-        now = int(time.time() * 1000)
-        items = []
-        feat_names = list(item_cols)
+        rank_in_keep = np.empty(n_cands, dtype=np.intp)
+        rank_in_keep[keep] = np.arange(len(keep))
+        page_idx = np.asarray(page, dtype=np.intp)
+        shown = _Page(request_id, req, cands, page_idx, author_col.take(page_idx),
+                      topic_col.take(page_idx), scores_l1[page_idx],
+                      scores_l2[rank_in_keep[page_idx]] if len(page_idx) else np.zeros(0),
+                      models.versions, int(time.time() * 1000), int(watermark))
+        items = shown.items()
+        with self._stage("log", timings):
+            self._log_page(shown, item_cols, user_row, splits, models, degraded)
+        return FeedResult(request_id, items, shown.versions, int(watermark), degraded, timings)
+
+    def _log_page(self, shown: _Page, item_cols: dict[str, np.ndarray],
+                  user_row: dict[str, Any], splits: set[str], models: ModelBundle,
+                  degraded: list[str]) -> None:
+        """Hand the page's impressions (with every logged feature value) to the forward
+        log, and feed the dashboard's CTR and drift trackers."""
         # what is logged is what belongs to the logged end: not a split family's values
-        unlogged = (set(item_names) if "item" in splits else set()) | \
-            (set(author_names) if "author" in splits else set())
-        logged_names = [n for n in feat_names if n not in unlogged]
+        unlogged = (set(models.item_feature_names()) if "item" in splits else set()) | \
+            (set(models.author_feature_names()) if "author" in splits else set())
+        logged_names = [n for n in item_cols if n not in unlogged]
         # the user's values, once per request: numbers as they are, lists by fingerprint
         user_logged = {} if "user" in splits else {
             f"user:{k}": float(v) for k, v in user_row.items() if isinstance(v, float) and v == v}
@@ -384,20 +430,7 @@ class FeedPipeline:
             user_logged.update({f"user:{fingerprint_name(k)}": list_fingerprint(v)
                                 for k, v in user_row.items()
                                 if v is None or isinstance(v, list)})
-        page_idx = np.asarray(page, dtype=np.intp)
-        n_page = len(page_idx)
-        page_ids = frame.ids_at(cands.pos[page_idx])
-        page_authors = author_col.take(page_idx).values().tolist()
-        page_topics = topic_col.take(page_idx).values().tolist()
-        page_sources = [SOURCES[c] for c in cands.source[page_idx].tolist()]
-        rank_in_keep = np.empty(n_cands, dtype=np.intp)
-        rank_in_keep[keep] = np.arange(len(keep))
-        page_l2 = scores_l2[rank_in_keep[page_idx]] if n_page else np.zeros(0)
-        imp_ids = impression_ids(n_page)
-        for pos, (item_id, author, source, score, imp_id) in enumerate(zip(
-                page_ids, page_authors, page_sources, page_l2.tolist(), imp_ids)):
-            items.append({"item_id": item_id, "author_id": author, "score": score,
-                          "source": source, "position": pos, "impression_id": imp_id})
+        page_idx, n_page = shown.idx, len(shown.idx)
         # the logged rows as columns: one matrix of the page's item values (NaN: not
         # logged) beside the user's values, which every row shares
         item_vals = (np.column_stack([np.asarray(item_cols[n], dtype=np.float64)[page_idx]
@@ -410,27 +443,50 @@ class FeedPipeline:
             np.hstack([item_vals == item_vals, np.ones((n_page, len(user_vals)), bool)]))
         try:
             impressions = columns_of("impressions", n_page, {
-                "impression_id": imp_ids, "event_id": imp_ids, "event_ts": now,
-                "request_id": request_id, "user_id": req.user_id, "item_id": page_ids,
-                "author_id": page_authors, "topic": page_topics,
-                "position": np.arange(n_page, dtype=np.int64), "feed_type": req.feed_type,
-                "source": page_sources, "model_versions": versions,
-                "scores": MapMatrix(("l1", "l2"),
-                                    np.column_stack([scores_l1[page_idx], page_l2]),
+                "impression_id": shown.imp_ids, "event_id": shown.imp_ids,
+                "event_ts": shown.now, "request_id": shown.request_id,
+                "user_id": shown.req.user_id, "item_id": shown.ids,
+                "author_id": shown.authors, "topic": shown.topics,
+                "position": np.arange(n_page, dtype=np.int64),
+                "feed_type": shown.req.feed_type, "source": shown.sources,
+                "model_versions": shown.versions,
+                "scores": MapMatrix(("l1", "l2"), np.column_stack([shown.l1, shown.l2]),
                                     np.ones((n_page, 2), bool)),
-                "features": features, "feature_watermark": int(watermark),
+                "features": features, "feature_watermark": shown.watermark,
             })
         except EncodeError as exc:  # a value the schema refuses: the page is still served
-            log.error("impressions_not_logged", request_id=request_id, error=str(exc)[:300])
+            log.error("impressions_not_logged", request_id=shown.request_id,
+                      error=str(exc)[:300])
             impressions = None
-        with self._stage("log", timings):
-            if impressions is not None:
-                self.logger.log(impressions)
-            if self.ctr is not None:
-                from serving.tracking import version_label
+        if impressions is not None:
+            self.logger.log(impressions)
+        if self.ctr is not None:
+            from serving.tracking import version_label
 
-                self.ctr.record_impressions(version_label(versions), imp_ids, now)
-            if self.drift is not None and page and not degraded:
-                for n in feat_names:
-                    self.drift.observe(n, item_cols[n][page])
-        return FeedResult(request_id, items, versions, int(watermark), degraded, timings)
+            self.ctr.record_impressions(version_label(shown.versions), shown.imp_ids, shown.now)
+        if self.drift is not None and n_page and not degraded:
+            for n in item_cols:
+                self.drift.observe(n, item_cols[n][page_idx])
+
+
+class _Page:
+    """The items one request shows, as columns (indexes into its candidates)."""
+
+    def __init__(self, request_id: str, req: FeedRequest, cands: Candidates, idx: np.ndarray,
+                 authors: CodedColumn, topics: CodedColumn, l1: np.ndarray, l2: np.ndarray,
+                 versions: dict[str, str], now: int, watermark: int):
+        self.request_id, self.req, self.idx = request_id, req, idx
+        self.ids = cands.frame.ids_at(cands.pos[idx])
+        self.authors = authors.values().tolist()
+        self.topics = topics.values().tolist()
+        self.sources = [SOURCES[c] for c in cands.source[idx].tolist()]
+        self.l1, self.l2 = l1, l2
+        self.versions, self.now, self.watermark = versions, now, watermark
+        self.imp_ids = impression_ids(len(idx))
+
+    def items(self) -> list[dict]:
+        """The page as the response lists it."""
+        return [{"item_id": item_id, "author_id": author, "score": score, "source": source,
+                 "position": pos, "impression_id": imp_id}
+                for pos, (item_id, author, source, score, imp_id) in enumerate(zip(
+                    self.ids, self.authors, self.sources, self.l2.tolist(), self.imp_ids))]
