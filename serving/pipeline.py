@@ -284,13 +284,14 @@ class FeedPipeline:
         the logged watermark. A store failure degrades the request (no user values).
         """
         item_names = models.item_feature_names()
+        author_names = models.author_feature_names()
         user_names = models.user_feature_names()
         watermark = 0
         try:
             watermark = self._request_end(
                 self.client.snapshot_end([("user", user_names), ("item", item_names),
-                                          ("author", models.author_feature_names())]),
-                item_names + models.author_feature_names())
+                                          ("author", author_names)]),
+                item_names + author_names)
             user_row: dict[str, Any] = {}
             if user_names:
                 user_row = self._read("user", [req.user_id], user_names, watermark,
