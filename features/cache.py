@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
@@ -59,26 +60,37 @@ class FeatureCache:
             st = self.stats[entity_type] = CacheStats()
         return st
 
+    # Request threads share one cache. Each OrderedDict call is atomic under the GIL, but
+    # another thread may remove a key between two of them (an expired entry seen by two
+    # lookups at once): every removal and reordering tolerates a key already gone.
+
     def get(self, entity_type: str, key: Hashable) -> Any | None:
-        """Return the cached value, or None when absent or expired."""
+        """Return the cached value, or None when absent or expired. Safe to call from
+        several threads at once."""
         st = self._stats(entity_type)
         item = self._data.get((entity_type, key))
         if item is None or item[0] < self.clock():
             if item is not None:
-                del self._data[(entity_type, key)]
+                self._data.pop((entity_type, key), None)
             st.misses += 1
             return None
-        self._data.move_to_end((entity_type, key))
+        with contextlib.suppress(KeyError):  # removed meanwhile: still a valid hit
+            self._data.move_to_end((entity_type, key))
         st.hits += 1
         return item[1]
 
     def put(self, entity_type: str, key: Hashable, value: Any) -> None:
-        """Store ``value`` for the entity type's TTL, evicting the least recently used."""
+        """Store ``value`` for the entity type's TTL, evicting the least recently used.
+        Safe to call from several threads at once."""
         ttl = self.ttl_ms.get(entity_type, self.default_ttl_ms)
         self._data[(entity_type, key)] = (self.clock() + ttl, value)
-        self._data.move_to_end((entity_type, key))
+        with contextlib.suppress(KeyError):
+            self._data.move_to_end((entity_type, key))
         while len(self._data) > self.max_entries:
-            (et, _), _ = self._data.popitem(last=False)
+            try:
+                (et, _), _ = self._data.popitem(last=False)
+            except KeyError:  # emptied by another thread
+                break
             self._stats(et).evictions += 1
 
     def __len__(self) -> int:

@@ -314,3 +314,22 @@ def test_watermarks_are_reused_only_for_their_ttl(filled):
     assert cached.snapshot_end(reads) == end and len(calls) == 1
     now[0] += 1
     assert cached.snapshot_end(reads) == end and len(calls) == 2
+
+
+def test_the_cache_tolerates_an_entry_removed_by_another_thread_mid_lookup():
+    """Two request threads can see the same expired entry; the one that removes it second
+    must get a miss, not a KeyError (seen as a 500 from /v1/feed under ``tessera up``).
+    The clock, read inside ``get``, removes the entry here as the other thread would."""
+    now = [0.0]
+    cache = FeatureCache(ttl_ms={"item": 10}, max_entries=2)
+
+    def clock() -> float:
+        if now[0] > 100:  # the other thread's lookup of the expired entry removes it first
+            cache._data.pop(("item", "k"), None)
+        return now[0]
+
+    cache.clock = clock
+    cache.put("item", "k", 1.0)
+    now[0] = 1_000.0
+    assert cache.get("item", "k") is None
+    assert cache.stats["item"].misses == 1
