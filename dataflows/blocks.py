@@ -34,7 +34,7 @@ from dataflows.kafka_source import (
     utc_now,
 )
 from dataflows.progress import FlowProgress
-from dataflows.sinks import DeadLetterSink, LateEventSink, ShardOutput, StoreSink
+from dataflows.sinks import DeadLetterSink, ShardOutput, StoreSink, output_late_events
 from features.blockstate import BlockShard, BlockShardConfig, BlockShardState
 from features.spec import FeatureSet
 from features.tiling import retention
@@ -330,7 +330,7 @@ def build_blocks_flow(config: BlocksFlowConfig, progress: FlowProgress | None = 
         # batches with late events, and a reset log's first batch (its offsets restart)
         late = op.filter_map("late", batches,
                              lambda b: b if b.late.any() or b.log_reset else None)
-        op.output("late_out", late, LateEventSink(late_warehouse, config.late_writer))
+        output_late_events("late_out", late, late_warehouse, config.late_writer)
     keyed = op.flat_map("route", batches, lambda b: route(config, b))
     blocks = op.stateful("blocks", keyed, _KeyedBuilder(builder_for))
     op.output("store_out", blocks, StoreSink(config.store_url, config.warehouse,

@@ -45,7 +45,7 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from dataflows.blocks import shard_of
 from dataflows.kafka_source import KafkaBatchSource, SourceBatch
 from dataflows.progress import FlowProgress
-from dataflows.sinks import DeadLetterSink, LateEventSink
+from dataflows.sinks import DeadLetterSink, output_late_events
 from features.labeljoin import LabelJoin, LabelJoinConfig
 from features.offline.training import BASE_VERSION, TrainingTables
 from schemas.columnar import EventColumns
@@ -273,7 +273,7 @@ def build_label_flow(config: LabelFlowConfig, progress: FlowProgress | None = No
     op.output("deadletter_out", dead, DeadLetterSink(config.bootstrap, config.deadletter_topic))
     # batches with late events, and a reset log's first batch (its offsets restart)
     late = op.filter_map("late", batches, lambda b: b if b.late.any() or b.log_reset else None)
-    op.output("late_out", late, LateEventSink(config.warehouse, "labels"))  # type: ignore[arg-type]
+    output_late_events("late_out", late, config.warehouse, "labels")  # type: ignore[arg-type]
     keyed = op.flat_map("route", batches, lambda b: route(config, b))
     examples = op.stateful(
         "join", keyed, lambda state: LabelShardLogic(join_config.build(state), parts)

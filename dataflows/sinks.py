@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.outputs import (
+    DynamicSink,
+    FixedPartitionedSink,
+    StatefulSinkPartition,
+    StatelessSinkPartition,
+)
 
 from dataflows.memory import release_free_memory
 from features.blockstate import ShardFlush
@@ -308,19 +313,40 @@ class DeadLetterSink(DynamicSink[Any]):
         return _DeadLetterPartition(self.bootstrap, self.topic)
 
 
-class _LatePartition(StatelessSinkPartition[Any]):
+LATE_PART = "late"
+"""The late-event sink's one partition: every worker's late events reach one writer, so a
+flow makes one Iceberg commit an epoch whatever its worker count."""
+
+LATE_FLUSH_ROWS = 50_000
+"""Late rows buffered before a commit within an epoch (memory bound under a flood)."""
+
+LATE_FLUSH_S = 5.0
+"""Age of the oldest buffered late row after which the next batch commits (a flow without
+recovery has 10-minute epochs)."""
+
+
+def output_late_events(step_id: str, batches: Any, warehouse: Path, writer: str) -> None:
+    """Send the late events of ``batches`` (``SourceBatch``es) to ``LateEventSink``."""
+    import bytewax.operators as op
+
+    keyed = op.map(f"{step_id}_key", batches, lambda b: (LATE_PART, b))
+    op.output(step_id, keyed, LateEventSink(warehouse, writer))
+
+
+class _LatePartition(StatefulSinkPartition[Any, None]):
     def __init__(self, warehouse: Path, writer: str):
         self.warehouse = warehouse
         self.writer = writer
         self.tables = None
         #: partitions whose Kafka log was reset under the source while this worker ran
         self.reset: set[str] = set()
+        self.rows: list[tuple] = []
+        self.first_at = 0.0
 
     def write_batch(self, items: list[Any]) -> None:
         from schemas.codec import encode
         from schemas.columnar import columns_to_records
 
-        rows = []
         now = int(time.time() * 1000)
         for batch in items:
             if batch.log_reset:
@@ -331,29 +357,54 @@ class _LatePartition(StatelessSinkPartition[Any]):
             late_cols, ok = batch.full_columns(idx)
             idx = idx[ok]
             offsets = batch.offsets[idx] if batch.offsets is not None else [-1] * len(idx)
+            if not self.rows:
+                self.first_at = time.monotonic()
             for rec, off in zip(columns_to_records(late_cols), list(offsets)):
-                rows.append((batch.topic, batch.partition, int(off), int(rec["event_ts"]),
-                             str(rec.get("event_id", "")), encode(batch.topic, rec), now))
-        if not rows:
+                self.rows.append((batch.topic, batch.partition, int(off), int(rec["event_ts"]),
+                                  str(rec.get("event_id", "")), encode(batch.topic, rec), now))
+        if len(self.rows) >= LATE_FLUSH_ROWS or (
+                self.rows and time.monotonic() - self.first_at >= LATE_FLUSH_S):
+            self._commit()
+
+    def _commit(self) -> None:
+        if not self.rows:
             return
         if self.tables is None:
             from features.offline.tables import OfflineTables
 
             self.tables = OfflineTables.open(self.warehouse)
+        rows, self.rows = self.rows, []
         written = self.tables.append_late_events(rows, writer=self.writer, reset=self.reset)
-        log.info("late_events_kept", rows=written,
-                 skipped_as_committed=len(rows) - written)
+        log.info("late_events_kept", rows=written, skipped_as_committed=len(rows) - written)
+
+    def snapshot(self) -> None:
+        # The epoch's offsets are committed only after every step's snapshot: committing
+        # the buffered rows here means no epoch ever passes a late event not yet kept.
+        self._commit()
+        return None
+
+    def close(self) -> None:
+        self._commit()
 
 
-class LateEventSink(DynamicSink[Any]):
+class LateEventSink(FixedPartitionedSink[Any, None]):
     """Keep late events in the Iceberg ``late_events`` table for batch correction, exactly
     once: ``writer`` names the flow (``blocks``, ``labels``), whose highest committed offset
     per partition each commit records; a replay after a crash skips what is at or below it
-    (a worker's partitions reach its sink in offset order)."""
+    (a source partition's events reach the sink in offset order).
+
+    Rows are buffered and committed when the epoch ends (``snapshot``, before Bytewax
+    commits the epoch's source offsets), at the end of a bounded run, and within an epoch
+    after ``LATE_FLUSH_ROWS`` rows or ``LATE_FLUSH_S`` seconds: a commit an epoch, not one
+    per batch. Items are ``(LATE_PART, batch)``: use ``output_late_events``.
+    """
 
     def __init__(self, warehouse: Path, writer: str):
         self.warehouse = warehouse
         self.writer = writer
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _LatePartition:
+    def list_parts(self) -> list[str]:
+        return [LATE_PART]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _LatePartition:
         return _LatePartition(self.warehouse, self.writer)
