@@ -62,3 +62,23 @@ def test_a_shard_s_blocks_sealed_again_after_a_crash_are_on_disk_once(tmp_path):
     replay.write_batch([("k", flush(first, 300_000))])
     replay.close()
     assert OfflineTables.open(wh).table("blocks").scan().to_arrow().num_rows == 5
+
+
+def test_sealed_table_gathers_the_kept_blocks_as_the_rows_say():
+    """The sealed blocks' columns, gathered by Arrow, are each kept row's own id, key, start,
+    size and rep bytes (reps of every length, empty ones included), in row order."""
+    rng = np.random.default_rng(7)
+    for n in (0, 1, 7, 500):
+        rows = [(f"u{rng.integers(50)}", f"f{rng.integers(4)}:x", int(rng.integers(1e6)),
+                 int(rng.choice([300_000, 3_600_000])), bytes(rng.integers(0, 256, rng.integers(0, 40),
+                                                                          dtype=np.uint8)))
+                for _ in range(n)]
+        batch = BlockBatch.from_rows(rows)
+        keep = rng.random(len(batch)) < 0.6
+        got = sinks.sealed_table("user", batch, keep)
+        want = [("user", batch.entity_ids[batch.entity_idx[i]],
+                 batch.feature_keys[batch.feature_idx[i]], int(batch.starts[i]),
+                 int(batch.sizes[i]), bytes(batch.blob[batch.offsets[i]:batch.offsets[i + 1]]))
+                for i in np.flatnonzero(keep)]
+        assert list(zip(*(got.column(c).to_pylist() for c in got.column_names))) == want
+        assert want == [("user", *r) for r, k in zip(rows, keep) if k]  # the input's rows
