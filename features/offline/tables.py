@@ -254,10 +254,11 @@ def _merged_marks(table: Table, prefix: str, writer: str, newest: Mapping[str, i
     return {k: str(v) for k, v in sorted(merged.items())}
 
 
-def _as_array(values: Any, typ: pa.DataType) -> pa.Array:
-    """``values`` (a Python sequence or an Arrow column) as one Arrow array of ``typ``."""
+def _as_array(values: Any, typ: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """``values`` (a Python sequence or an Arrow column) as an Arrow array of ``typ`` (a
+    column stays chunked: its chunks are not copied into one)."""
     if isinstance(values, pa.ChunkedArray):
-        return values.combine_chunks().cast(typ)
+        return values if values.type == typ else values.cast(typ)
     if isinstance(values, pa.Array):
         return values.cast(typ)
     return pa.array(values, typ)
