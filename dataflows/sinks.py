@@ -30,6 +30,11 @@ WRITE_CHUNK_ENTITIES = 20_000
 """Entities per write chunk, one record merge each (a store groups chunks into its own
 transactions)."""
 
+SWEEP_INTERVAL_S = 60.0
+"""Seconds between sweeps of expired blocks, where the store sweeps (Aerospike; a sweep
+starts only once the last one ended). A block past retention is never read
+(``features.tiling.retention``): a record keeps those that expired since the last sweep."""
+
 RELEASE_AFTER_ROWS = 1_000_000
 """Rows in a store write after which the worker hands freed memory back to the system: a
 catch-up flush's millions of rows, not the small writes of a live flow (the next large
@@ -120,6 +125,10 @@ class _StorePartition(StatelessSinkPartition[Any]):
         self.sealed_through: dict[str, int] | None = None
         self.blocks_written = 0
         self.retention = retention
+        #: a store that sweeps (``OnlineStore.sweeps_expired``): {(entity_type, family):
+        #: (newest keep_after, the features written since the last sweep)}
+        self.to_sweep: dict[tuple[str, str], tuple[dict[int, int], set[str]]] = {}
+        self.swept_at = time.monotonic()
 
     def write_batch(self, items: list[tuple[str, ShardOutput]]) -> None:
         by_record: dict[tuple[str, str], list[BlockBatch]] = {}
@@ -142,6 +151,11 @@ class _StorePartition(StatelessSinkPartition[Any]):
             keep = self.retention.get((entity_type, family))
             keep_after = ({size: wm - ms for size, ms in keep.items()}
                           if keep and wm > -(2**61) else None)
+            if keep_after and self.store.sweeps_expired:
+                feats = self.to_sweep.get((entity_type, family), ({}, set()))[1]
+                feats.update(k for b in batches for k in b.feature_keys)
+                self.to_sweep[(entity_type, family)] = (keep_after, feats)
+                keep_after = None  # dropped by the next sweep, not by every record's write
             families.append((entity_type, family, batches, keep_after))
 
         def writes() -> Iterator[BlockBatchWrite]:
@@ -169,6 +183,35 @@ class _StorePartition(StatelessSinkPartition[Any]):
         if sealed:
             self._commit_sealed(sealed, {out.shard: out.watermark for _k, out in items
                                          if out.shard}, stamp)
+        if self.to_sweep and time.monotonic() - self.swept_at >= SWEEP_INTERVAL_S \
+                and not self._still_sweeping():
+            self._sweep()
+
+    def _still_sweeping(self) -> bool:
+        from features.store.errors import StoreError
+
+        try:
+            return self.store.sweeping()
+        except StoreError:  # the job's state is unknown: start again (or log why not)
+            return False
+
+    def _sweep(self) -> None:
+        """Start dropping the blocks retention expires from the records of every family
+        written since the last sweep (a store that ``sweeps_expired``: server-side jobs the
+        flow does not wait for; the next starts once they ended)."""
+        from features.store.errors import StoreError
+
+        self.swept_at = time.monotonic()
+        for (entity_type, family), (keep_after, feats) in list(self.to_sweep.items()):
+            try:
+                self.store.drop_expired(entity_type, family, feats, keep_after, wait=False)
+            except StoreError as exc:  # maintenance: never stops the flow; tried again later
+                log.warning("store.sweep_failed", entity_type=entity_type, family=family,
+                            error=str(exc)[:300], retry_in_s=SWEEP_INTERVAL_S)
+                continue
+            del self.to_sweep[(entity_type, family)]
+            log.info("store.sweep_started", entity_type=entity_type, family=family,
+                     features=len(feats))
 
     def _not_committed(self, out: ShardOutput) -> np.ndarray:
         """Which blocks of ``out`` seal now and are not in the table yet (a replay after a
@@ -207,6 +250,8 @@ class _StorePartition(StatelessSinkPartition[Any]):
         log.info("sealed_blocks_committed", rows=rows.num_rows, shards=len(through))
 
     def close(self) -> None:
+        if self.to_sweep:
+            self._sweep()  # a bounded run's last expired blocks: dropped after it ends
         self.store.close()
 
 

@@ -233,6 +233,23 @@ class OnlineStore(abc.ABC):
         """
         self.put_blocks(entity_type, family, batch.to_rows(), keep_after=keep_after)
 
+    #: True where dropping expired blocks in a write costs a server-side operation per
+    #: record and retention per block size (Aerospike): the blocks flow then writes without
+    #: ``keep_after`` and calls ``drop_expired`` every ``SWEEP_INTERVAL_S`` instead
+    sweeps_expired: bool = False
+
+    def drop_expired(self, entity_type: str, family: str, feature_keys: Iterable[str],
+                     keep_after: Mapping[int, int], *, wait: bool = True) -> None:
+        """Drop from every record of ``family`` the blocks of ``feature_keys`` that
+        ``keep_after`` expires (the rule of a write's ``keep_after``; other features' blocks
+        are untouched); with ``wait``, return once done, else once started (``sweeping``).
+        Only stores with ``sweeps_expired`` have it."""
+        raise NotImplementedError(f"{type(self).__name__} drops expired blocks on write")
+
+    def sweeping(self) -> bool:
+        """Whether a ``drop_expired`` started without ``wait`` still runs."""
+        return False
+
     def put_block_batches(
         self,
         writes: Iterable[BlockBatchWrite],

@@ -82,3 +82,54 @@ def test_sealed_table_gathers_the_kept_blocks_as_the_rows_say():
                 for i in np.flatnonzero(keep)]
         assert list(zip(*(got.column(c).to_pylist() for c in got.column_names))) == want
         assert want == [("user", *r) for r, k in zip(rows, keep) if k]  # the input's rows
+
+
+def test_on_a_store_that_sweeps_writes_keep_expired_blocks_until_the_sweep(monkeypatch):
+    """Aerospike: the sink's writes carry no retention (a range removal per feature and size
+    on every record); expired blocks go in the sweep, every ``SWEEP_INTERVAL_S`` and at the
+    end of the run, for the features the sink wrote."""
+    import os
+    import time
+    import uuid
+
+    import pytest
+
+    from features.store import open_store
+
+    hosts = os.environ.get("TESSERA_AEROSPIKE_HOSTS")
+    if not hosts:
+        pytest.skip("no Aerospike server (TESSERA_AEROSPIKE_HOSTS)")
+    url = f"aerospike://{hosts}/{os.environ.get('TESSERA_AEROSPIKE_NAMESPACE', 'test')}"
+    et, m5 = f"t{uuid.uuid4().hex[:10]}", 300_000
+    rep = np.int64(1).tobytes()
+
+    def out(start, wm):
+        batch = BlockBatch.from_rows([("u1", "f:count", start, m5, rep)])
+        return ShardOutput(entity_type=et, family="views",
+                           flush=ShardFlush(batch, np.zeros(1, dtype=bool)),
+                           watermark_key=f"blocks/views/{et}/0", watermark=wm)
+
+    def stored():
+        with open_store(url) as store:
+            (table,) = store.get_block_tables(et, "views", ["u1"])
+        return [row[1] for row in table.to_rows()]
+
+    def swept(want):  # a sweep is a server-side job the sink does not wait for
+        for _ in range(600):
+            if stored() == want:
+                return want
+            time.sleep(0.05)
+        return stored()
+
+    sink = StoreSink(url, None, retention={(et, "views"): {m5: m5}}).build("store_out", 0, 1)
+    sink.write_batch([("k", out(0, m5))])
+    sink.write_batch([("k", out(2 * m5, 3 * m5))])  # [0, 5m) has expired: kept until a sweep
+    assert stored() == [0, 2 * m5]
+    monkeypatch.setattr(sinks, "SWEEP_INTERVAL_S", 0.0)
+    sink.write_batch([("k", out(3 * m5, 4 * m5))])  # the sweep drops every block ending <= 3m
+    assert swept([3 * m5]) == [3 * m5]
+    monkeypatch.setattr(sinks, "SWEEP_INTERVAL_S", 3600.0)
+    sink.write_batch([("k", out(5 * m5, 6 * m5))])
+    assert stored() == [3 * m5, 5 * m5]
+    sink.close()  # the end of a run sweeps what is left
+    assert swept([5 * m5]) == [5 * m5]

@@ -142,6 +142,27 @@ def test_upsert_applies_per_size_retention(store, et):
     assert rows_of(u1) == [("views@v1", 2 * M5, M5, b"c"), ("views@v1", 0, H1, b"d")]
 
 
+def test_a_sweep_drops_what_a_write_s_retention_would_and_nothing_else(store, et):
+    """``drop_expired`` (stores that sweep instead of trimming on write) applies the same
+    per-size rule to every record of the family, for the features named only."""
+    if not store.sweeps_expired:
+        pytest.skip(f"{type(store).__name__} drops expired blocks on write")
+    store.put_blocks(et, "views", [("u1", "views@v1", 0, M5, b"a"),
+                                   ("u1", "views@v1", M5, M5, b"b"),
+                                   ("u1", "views@v1", 2 * M5, M5, b"c"),
+                                   ("u1", "views@v1", 0, H1, b"d"),
+                                   ("u1", "other@v1", 0, M5, b"e"),
+                                   ("u2", "views@v1", 0, M5, b"f")])
+    store.put_blocks(et, "clicks", [("u3", "views@v1", 0, M5, b"g")])  # another family
+    store.drop_expired(et, "views", ["views@v1"], {M5: 2 * M5, H1: 0})
+    u1, u2 = store.get_block_tables(et, "views", ["u1", "u2"])
+    assert rows_of(u1) == [("other@v1", 0, M5, b"e"), ("views@v1", 2 * M5, M5, b"c"),
+                           ("views@v1", 0, H1, b"d")]
+    assert rows_of(u2) == []
+    (u3,) = store.get_block_tables(et, "clicks", ["u3"])
+    assert rows_of(u3) == [("views@v1", 0, M5, b"g")]
+
+
 # ---------------------------------------------------------------------- sequences
 
 
