@@ -558,11 +558,18 @@ class AerospikeStore(OnlineStore):
             time.sleep(self.SWEEP_POLL_S)
 
     def sweeping(self) -> bool:
-        """Whether a sweep this store started (``drop_expired``) still runs on the server."""
-        with self._errors("drop_expired"):
-            self._sweeps = [job for job in self._sweeps if self.client.job_info(
-                job, aerospike.JOB_QUERY)["status"] != aerospike.JOB_STATUS_COMPLETED]
-        return bool(self._sweeps)
+        """Whether a sweep this store started (``drop_expired``) still runs on the server (a
+        job the server no longer knows, or cannot tell about, is counted as ended)."""
+        running = []
+        for job in self._sweeps:
+            try:
+                info = self.client.job_info(job, aerospike.JOB_QUERY)
+            except aerospike_exception.AerospikeError:
+                continue
+            if info["status"] != aerospike.JOB_STATUS_COMPLETED:
+                running.append(job)
+        self._sweeps = running
+        return bool(running)
 
     def get_block_tables(
         self, entity_type: str, family: str, entity_ids: Sequence[str]
