@@ -21,6 +21,7 @@ from dataflows.memory import release_free_memory
 from features.blockstate import ShardFlush
 from features.store.base import BlockBatchWrite
 from features.store.blockbatch import BlockBatch, chunks_by_key
+from features.store.errors import StoreError, StoreUnavailableError
 from tessera.logs import get_logger
 
 log = get_logger("dataflows.sinks")
@@ -55,8 +56,6 @@ def write_until_stored(what: str, write: Callable[[], None]) -> None:
     id, watermarks only rise), so a write that was partly applied is safe to repeat. Each
     failed try is logged (``store.unavailable``) with the attempt and the error.
     """
-    from features.store.errors import StoreUnavailableError
-
     attempt = 0
     down_since = None
     while True:
@@ -188,8 +187,6 @@ class _StorePartition(StatelessSinkPartition[Any]):
             self._sweep()
 
     def _still_sweeping(self) -> bool:
-        from features.store.errors import StoreError
-
         try:
             return self.store.sweeping()
         except StoreError:  # the job's state is unknown: start again (or log why not)
@@ -199,8 +196,6 @@ class _StorePartition(StatelessSinkPartition[Any]):
         """Start dropping the blocks retention expires from the records of every family
         written since the last sweep (a store that ``sweeps_expired``: server-side jobs the
         flow does not wait for; the next starts once they ended)."""
-        from features.store.errors import StoreError
-
         self.swept_at = time.monotonic()
         for (entity_type, family), (keep_after, feats) in list(self.to_sweep.items()):
             try:
